@@ -1,0 +1,186 @@
+//! Command-line definition and dispatch of `replog`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{ArgAction, Parser, Subcommand};
+
+use crate::{demo, inspect};
+
+/// replog: a replicated log and scheduler-state store (Raft on RocksDB).
+///
+/// Every replica keeps its data in one directory (`--path`). Start with
+/// `replog initialize` on each replica's empty directory, like
+/// `mesos-log initialize`.
+#[derive(Debug, Parser)]
+#[command(name = "replog", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Log filter, e.g. `info` or `replog=debug,raft=info` (env: REPLOG_LOG).
+    #[arg(long, global = true, env = "REPLOG_LOG", default_value = "warn")]
+    pub log: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Turn an EMPTY (new, empty) directory into a VOTING replica.
+    ///
+    /// Refuses a directory that holds anything: a replica is initialized
+    /// once, never over existing data.
+    ///
+    /// Example: replog initialize --path /var/lib/replog --cluster-id prod-1 --replica-id 1
+    Initialize(InitializeArgs),
+    /// Print the committed entries of a stopped (or running) replica, read-only.
+    ///
+    /// With --strict=false it also reads a damaged replica, up to the damage.
+    ///
+    /// Example: replog read --path /var/lib/replog --from 100 --to 200
+    Read(ReadArgs),
+    /// Show a replica's status, identity, positions and size on disk.
+    ///
+    /// Example: replog status --path /var/lib/replog --json
+    Status(StatusArgs),
+    /// Measure appends/s and latency with a trace of entry sizes (mesos-log benchmark).
+    ///
+    /// Creates a fresh single-replica log in --path (which must be empty or
+    /// missing, or a previous benchmark's log) and prints the disk's raw
+    /// fdatasync rate next to replog's figures.
+    ///
+    /// Example: replog benchmark --path /tmp/bench --input trace.txt --concurrency 64
+    Benchmark(BenchmarkArgs),
+    /// Run a local demo on an embedded replica: initialize, append, read,
+    /// truncate, restart, verify.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InitializeArgs {
+    /// The replica's data directory (must be empty or missing).
+    #[arg(long)]
+    pub path: PathBuf,
+    /// Cluster id shared by all replicas of the log (letters, digits, . _ -).
+    #[arg(long)]
+    pub cluster_id: String,
+    /// This replica's id (non-zero, unique in the cluster).
+    #[arg(long)]
+    pub replica_id: u64,
+    /// Initial voting members: `1,2,3` or `1=host:port,2=host:port,...`.
+    /// Defaults to this replica alone.
+    #[arg(long, value_delimiter = ',')]
+    pub members: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReadArgs {
+    /// The replica's data directory.
+    #[arg(long)]
+    pub path: PathBuf,
+    /// First position to print (default: the beginning of the log).
+    #[arg(long)]
+    pub from: Option<u64>,
+    /// Last position to print (default: the last committed position).
+    #[arg(long)]
+    pub to: Option<u64>,
+    /// Fail on any corruption (true), or print the intact prefix (false).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub strict: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: ReadFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ReadFormat {
+    /// position, size and a printable preview per line
+    Text,
+    /// one JSON object per line with the data in hex
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The replica's data directory.
+    #[arg(long)]
+    pub path: PathBuf,
+    /// Fail on any corruption (true), or report it (false).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub strict: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchmarkArgs {
+    /// Directory for the benchmark's own log (empty or missing).
+    #[arg(long)]
+    pub path: PathBuf,
+    /// Trace file: one entry size per line, e.g. `256B`, `4KB`, `2MB`.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Concurrent appenders (1 = sequential, as mesos-log's benchmark).
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Run the trace this many times.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// fsync each batch before acknowledging (turning it off risks data on OS crash).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub sync: bool,
+    /// Iterations of the raw fdatasync probe (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    pub probe_iterations: usize,
+    /// Print the reports as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Data directory of the demo replica
+    /// (default: $XDG_DATA_HOME/replog/demo or ~/.local/share/replog/demo).
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+    /// Entries to append.
+    #[arg(long, default_value_t = 2000)]
+    pub entries: usize,
+    /// Wipe the demo directory first.
+    #[arg(long)]
+    pub fresh: bool,
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs the tool with the process's arguments.
+pub fn main_entry() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Initialize(a) => inspect::initialize(a),
+        Command::Read(a) => inspect::read(a),
+        Command::Status(a) => inspect::status(a),
+        Command::Benchmark(a) => demo::benchmark(a),
+        Command::Demo(a) => demo::demo(a),
+    }
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    replog_cli::main_entry()
+}

@@ -1,0 +1,400 @@
+//! The embedded replicated log of replog, in the style of the Mesos
+//! `Log::Reader` / `Log::Writer`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), replog_log::LogError> {
+//! use replog_log::{Log, LogOptions};
+//! let log = Log::open("/var/lib/replog", LogOptions::default())?;
+//! let mut writer = log.writer();
+//! let ending = writer.start().await?;          // once this replica leads
+//! let p = writer.append(&b"hello"[..]).await?; // committed and fsynced
+//! let entries = log.reader().read(p, p)?;       // committed entries only
+//! # let _ = (ending, entries); Ok(()) }
+//! ```
+//!
+//! Semantics:
+//! - `append` returns once the entry is committed and durable (fsynced,
+//!   unless [`LogOptions::sync`] is off); appends from many tasks share
+//!   fsyncs (group commit).
+//! - `read(from, to)` (inclusive) returns committed application entries
+//!   only: leader no-ops, truncations and membership entries are filtered.
+//!   A range that reaches before `beginning()`, past the committed `ending()`
+//!   or past the last written position fails with [`LogError::Truncated`],
+//!   [`LogError::Pending`] or [`LogError::PastEnd`].
+//! - A [`Writer`] is bound to the leadership term it started in. Once that
+//!   term ends every call fails with [`LogError::LeadershipLost`]: the
+//!   embedding scheduler must fail over.
+
+mod error;
+mod position;
+mod runtime;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use raft::eraftpb::Entry;
+use replog_core::{classify, Command, CoreConfig, EntryContent, Progress};
+use replog_storage::{OpenOptions, RecoveryReport, ReplicaMeta, RocksStorage, StorageError};
+use tokio::sync::{oneshot, watch};
+
+pub use error::{LogError, Result};
+pub use position::Position;
+pub use replog_storage::ReplicaStatus;
+
+use runtime::{Control, Request, RuntimeConfig, Shared, Threads};
+
+/// Default largest application entry (8 MiB).
+pub const DEFAULT_MAX_ENTRY_BYTES: usize = 8 * 1024 * 1024;
+/// Most entries one `read` returns.
+pub const MAX_READ_ENTRIES: u64 = 100_000;
+
+/// How to open the log.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// Strict recovery (see [`OpenOptions::strict`]).
+    pub strict: bool,
+    /// fsync before acknowledging (default). Turning it off is like running
+    /// Mesos without checkpointing: a process crash loses nothing, but an OS
+    /// crash or power loss may lose acknowledged appends.
+    pub sync: bool,
+    /// Refuse a data directory of any other cluster.
+    pub expected_cluster_id: Option<String>,
+    /// Largest application entry accepted by `append`.
+    pub max_entry_bytes: usize,
+    /// Raft's logical clock.
+    pub tick_interval: Duration,
+    /// Most appends and truncates in flight at once; callers beyond it wait.
+    pub max_in_flight: usize,
+    /// Most proposals grouped into one batch (one write, one fsync).
+    pub max_batch: usize,
+    /// How long `Writer::start` waits for this replica to lead.
+    pub start_timeout: Duration,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            strict: true,
+            sync: true,
+            expected_cluster_id: None,
+            max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
+            tick_interval: Duration::from_millis(100),
+            max_in_flight: 16 * 1024,
+            max_batch: 4096,
+            start_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Leadership as seen by this replica (see [`Log::watch_leadership`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leadership {
+    pub term: u64,
+    pub leader: Option<u64>,
+    /// True when this replica leads and may write.
+    pub is_writer: bool,
+}
+
+/// An open replica of the log. Dropping it (or [`Log::close`]) stops the
+/// replica's threads.
+pub struct Log {
+    storage: RocksStorage,
+    shared: Arc<Shared>,
+    threads: Threads,
+    opts: LogOptions,
+    recovery: RecoveryReport,
+}
+
+impl Log {
+    /// Opens the replica in `path` (initialized by `replog initialize`).
+    pub fn open(path: impl AsRef<Path>, opts: LogOptions) -> Result<Log> {
+        let open = OpenOptions {
+            strict: opts.strict,
+            sync: opts.sync,
+            expected_cluster_id: opts.expected_cluster_id.clone(),
+            ..Default::default()
+        };
+        let (storage, recovery) = RocksStorage::open(path.as_ref(), &open)?;
+        let status = replog_storage::LogStorage::meta(&storage).status;
+        if status != ReplicaStatus::Voting {
+            return Err(LogError::NotVoting(status));
+        }
+        let cfg = RuntimeConfig {
+            tick_interval: opts.tick_interval,
+            max_in_flight: opts.max_in_flight,
+            max_batch: opts.max_batch,
+            core: CoreConfig::default(),
+        };
+        let (shared, threads) = runtime::start(storage.clone(), cfg)?;
+        Ok(Log {
+            storage,
+            shared,
+            threads,
+            opts,
+            recovery,
+        })
+    }
+
+    /// A writer handle; call [`Writer::start`] before writing.
+    pub fn writer(&self) -> Writer {
+        Writer {
+            shared: self.shared.clone(),
+            term: None,
+            max_entry_bytes: self.opts.max_entry_bytes,
+            start_timeout: self.opts.start_timeout,
+        }
+    }
+
+    /// A reader handle.
+    pub fn reader(&self) -> Reader {
+        Reader {
+            storage: self.storage.clone(),
+            progress: self.shared.progress.subscribe(),
+        }
+    }
+
+    /// Watches leadership changes of this replica.
+    pub fn watch_leadership(&self) -> watch::Receiver<Progress> {
+        self.shared.progress.subscribe()
+    }
+
+    /// Leadership as seen now.
+    pub fn leadership(&self) -> Leadership {
+        let p = *self.shared.progress.borrow();
+        Leadership {
+            term: p.term,
+            leader: p.leader,
+            is_writer: p.leader_ready,
+        }
+    }
+
+    /// Progress of the log now (term, commit, first and last position).
+    pub fn progress(&self) -> Progress {
+        *self.shared.progress.borrow()
+    }
+
+    /// The replica's metadata record.
+    pub fn meta(&self) -> ReplicaMeta {
+        replog_storage::LogStorage::meta(&self.storage)
+    }
+
+    /// What open found (damage repaired in non-strict mode).
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// The replica's data directory.
+    pub fn path(&self) -> &Path {
+        self.storage.dir()
+    }
+
+    /// Stops the replica: waiting calls fail with [`LogError::Closed`].
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.shared.requests.send(Control::Shutdown);
+        if let Some(d) = self.threads.driver.take() {
+            let _ = d.join();
+        }
+        // The driver owned the senders of the helper threads; they end now.
+        if let Some(s) = self.threads.syncer.take() {
+            let _ = s.join();
+        }
+        if let Some(c) = self.threads.compactor.take() {
+            let _ = c.join();
+        }
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Writes to the log while this replica leads. See the crate docs.
+pub struct Writer {
+    shared: Arc<Shared>,
+    term: Option<u64>,
+    max_entry_bytes: usize,
+    start_timeout: Duration,
+}
+
+impl Writer {
+    /// Waits until this replica is the leader and its first entry of the
+    /// term is committed, binds the writer to that term, and returns the
+    /// last committed position.
+    pub async fn start(&mut self) -> Result<Position> {
+        let mut rx = self.shared.progress.subscribe();
+        let wait = async {
+            loop {
+                let p = *rx.borrow_and_update();
+                if p.leader_ready {
+                    return Ok(p);
+                }
+                if self.shared.permits.is_closed() {
+                    return Err(self.shared.closed_error());
+                }
+                if rx.changed().await.is_err() {
+                    return Err(self.shared.closed_error());
+                }
+            }
+        };
+        let p = tokio::time::timeout(self.start_timeout, wait)
+            .await
+            .map_err(|_| LogError::Timeout(self.start_timeout))??;
+        self.term = Some(p.term);
+        Ok(Position::new(p.commit))
+    }
+
+    /// The term this writer was started in.
+    pub fn term(&self) -> Option<u64> {
+        self.term
+    }
+
+    /// Appends `data`; returns its position once committed and durable.
+    pub async fn append(&self, data: impl Into<Bytes>) -> Result<Position> {
+        let data = data.into();
+        if data.len() > self.max_entry_bytes {
+            return Err(LogError::EntryTooLarge {
+                size: data.len(),
+                max: self.max_entry_bytes,
+            });
+        }
+        self.propose(Command::Append(data)).await
+    }
+
+    /// Removes every position before `to` on every replica; returns the
+    /// position of the truncation entry.
+    pub async fn truncate(&self, to: Position) -> Result<Position> {
+        let p = *self.shared.progress.borrow();
+        if to.value() > p.commit + 1 {
+            return Err(LogError::PastEnd {
+                requested: to,
+                last: Position::new(p.commit),
+            });
+        }
+        self.propose(Command::Truncate(to.value())).await
+    }
+
+    async fn propose(&self, command: Command) -> Result<Position> {
+        let term = self.term.ok_or(LogError::WriterNotStarted)?;
+        let permit = self
+            .shared
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| self.shared.closed_error())?;
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .requests
+            .send(Control::Request(Request {
+                command,
+                writer_term: Some(term),
+                reply: tx,
+                permit,
+            }))
+            .map_err(|_| self.shared.closed_error())?;
+        rx.await.map_err(|_| self.shared.closed_error())?
+    }
+}
+
+/// One application entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    pub position: Position,
+    pub data: Bytes,
+}
+
+/// Reads committed entries of the local replica.
+#[derive(Clone)]
+pub struct Reader {
+    storage: RocksStorage,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Reader {
+    /// The first position that has not been truncated.
+    pub fn beginning(&self) -> Position {
+        Position::new(self.storage.first_index_now())
+    }
+
+    /// The last committed position.
+    pub fn ending(&self) -> Position {
+        Position::new(self.progress.borrow().commit)
+    }
+
+    /// Committed application entries in `from..=to`.
+    pub fn read(&self, from: Position, to: Position) -> Result<Vec<LogEntry>> {
+        if from > to {
+            return Err(LogError::Invalid(format!(
+                "read from {from} to {to}: 'from' is after 'to'"
+            )));
+        }
+        if to.value() - from.value() >= MAX_READ_ENTRIES {
+            return Err(LogError::Invalid(format!(
+                "read of {} positions exceeds the limit of {MAX_READ_ENTRIES}; read in pages",
+                to.value() - from.value() + 1
+            )));
+        }
+        let ending = self.ending();
+        let beginning = self.beginning();
+        if from < beginning {
+            return Err(LogError::Truncated {
+                requested: from,
+                beginning,
+            });
+        }
+        if to > ending {
+            let last = Position::new(self.storage.last_index());
+            return Err(if to <= last {
+                LogError::Pending {
+                    requested: to,
+                    ending,
+                }
+            } else {
+                LogError::PastEnd {
+                    requested: to,
+                    last,
+                }
+            });
+        }
+        let entries = self
+            .storage
+            .read_entries(from.value(), to.value() + 1, None)
+            .map_err(|e| match e {
+                StorageError::Compacted { index, .. } => LogError::Truncated {
+                    requested: Position::new(index),
+                    beginning: self.beginning(),
+                },
+                other => LogError::Storage(other),
+            })?;
+        Ok(application_entries(entries))
+    }
+}
+
+/// Keeps the application entries of `entries`, in order.
+pub fn application_entries(entries: Vec<Entry>) -> Vec<LogEntry> {
+    entries
+        .into_iter()
+        .filter_map(|e| match classify(&e) {
+            Ok(EntryContent::Command(Command::Append(data))) => Some(LogEntry {
+                position: Position::new(e.index),
+                data,
+            }),
+            Ok(_) => None,
+            Err(bad) => {
+                tracing::warn!(%bad, "skipping an entry that holds no valid command");
+                None
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,199 @@
+use super::*;
+use replog_storage::{InitOptions, Member};
+
+fn init(dir: &Path) {
+    RocksStorage::initialize(
+        dir,
+        &InitOptions {
+            cluster_id: "test-cluster".into(),
+            replica_id: 1,
+            members: vec![Member {
+                id: 1,
+                address: String::new(),
+            }],
+        },
+    )
+    .unwrap();
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn append_read_truncate_and_reopen() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("r1");
+    init(&path);
+    rt().block_on(async {
+        let log = Log::open(&path, LogOptions::default()).unwrap();
+        let mut w = log.writer();
+        assert!(matches!(
+            w.append(&b"x"[..]).await,
+            Err(LogError::WriterNotStarted)
+        ));
+        let start = w.start().await.unwrap();
+        let mut positions = Vec::new();
+        for i in 0..20u32 {
+            positions.push(w.append(i.to_be_bytes().to_vec()).await.unwrap());
+        }
+        assert!(positions.windows(2).all(|p| p[0] < p[1]), "positions grow");
+        assert!(positions[0] > start);
+        let r = log.reader();
+        assert_eq!(r.ending(), *positions.last().unwrap());
+        let got = r.read(r.beginning(), r.ending()).unwrap();
+        assert_eq!(got.len(), 20, "no-ops are filtered out");
+        for (i, e) in got.iter().enumerate() {
+            assert_eq!(e.position, positions[i]);
+            assert_eq!(&e.data[..], &(i as u32).to_be_bytes());
+        }
+        // Truncate before the 11th entry.
+        let tpos = w.truncate(positions[10]).await.unwrap();
+        assert!(tpos > positions[19]);
+        assert_eq!(r.beginning(), positions[10]);
+        assert!(matches!(
+            r.read(positions[0], positions[12]),
+            Err(LogError::Truncated { .. })
+        ));
+        let after = r.read(positions[10], r.ending()).unwrap();
+        assert_eq!(after.len(), 10, "truncation entries are filtered out");
+        assert!(matches!(
+            r.read(positions[10], Position::new(r.ending().value() + 5)),
+            Err(LogError::PastEnd { .. })
+        ));
+        assert!(matches!(r.read(positions[12], positions[11]), Err(LogError::Invalid(_))));
+        log.close();
+
+        let log = Log::open(&path, LogOptions::default()).unwrap();
+        let r = log.reader();
+        assert_eq!(r.beginning(), positions[10], "truncation is durable");
+        let mut w = log.writer();
+        let ending = w.start().await.unwrap();
+        assert!(ending >= positions[19]);
+        let again = r.read(positions[10], positions[19]).unwrap();
+        assert_eq!(again, after, "entries survive reopen byte for byte");
+        let p = w.append(&b"after-restart"[..]).await.unwrap();
+        assert!(p > ending);
+    });
+}
+
+#[test]
+fn oversized_entry_is_refused_and_changes_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("r1");
+    init(&path);
+    rt().block_on(async {
+        let opts = LogOptions {
+            max_entry_bytes: 1024,
+            ..Default::default()
+        };
+        let log = Log::open(&path, opts).unwrap();
+        let mut w = log.writer();
+        w.start().await.unwrap();
+        let before = log.progress();
+        let err = w.append(vec![0u8; 1025]).await.unwrap_err();
+        assert!(matches!(err, LogError::EntryTooLarge { size: 1025, max: 1024 }), "{err}");
+        assert!(err.to_string().contains("1025"));
+        assert_eq!(log.progress().last_index, before.last_index, "nothing was written");
+        w.append(vec![0u8; 1024]).await.unwrap();
+    });
+}
+
+#[test]
+fn concurrent_appends_share_fsyncs_and_all_commit() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("r1");
+    init(&path);
+    rt().block_on(async {
+        let log = Log::open(&path, LogOptions::default()).unwrap();
+        let mut w = log.writer();
+        w.start().await.unwrap();
+        let w = Arc::new(w);
+        let mut tasks = Vec::new();
+        for t in 0..32u32 {
+            let w = w.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                for i in 0..50u32 {
+                    let mut d = t.to_be_bytes().to_vec();
+                    d.extend_from_slice(&i.to_be_bytes());
+                    out.push((w.append(d.clone()).await.unwrap(), d));
+                }
+                out
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort();
+        let r = log.reader();
+        let got = r.read(all[0].0, all.last().unwrap().0).unwrap();
+        assert_eq!(got.len(), all.len());
+        for (e, (p, d)) in got.iter().zip(&all) {
+            assert_eq!(e.position, *p);
+            assert_eq!(&e.data[..], &d[..]);
+        }
+    });
+}
+
+#[test]
+fn pending_positions_are_not_readable() {
+    // A read past the committed ending but within the written log is
+    // "pending", never returned.
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("r1");
+    init(&path);
+    let (storage, _) = RocksStorage::open(&path, &OpenOptions::default()).unwrap();
+    // Write entries 2..=4 directly without committing them.
+    replog_storage::LogStorage::write(
+        &storage,
+        replog_storage::LogUpdate {
+            entries: replog_storage::conformance::entries(2..=4, 1, 4),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (tx, rx) = watch::channel(Progress {
+        commit: 1,
+        ..Default::default()
+    });
+    let r = Reader {
+        storage,
+        progress: rx,
+    };
+    assert!(matches!(
+        r.read(Position::new(2), Position::new(3)),
+        Err(LogError::Pending { .. })
+    ));
+    assert!(matches!(
+        r.read(Position::new(2), Position::new(9)),
+        Err(LogError::PastEnd { .. })
+    ));
+    drop(tx);
+}
+
+#[test]
+fn opening_a_recovering_replica_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("r1");
+    init(&path);
+    {
+        let (s, _) = RocksStorage::open(&path, &OpenOptions::default()).unwrap();
+        replog_storage::LogStorage::write(
+            &s,
+            replog_storage::LogUpdate {
+                status: Some(ReplicaStatus::Recovering),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        replog_storage::LogStorage::sync(&s).unwrap();
+    }
+    let err = Log::open(&path, LogOptions::default()).err().unwrap();
+    assert!(matches!(err, LogError::NotVoting(ReplicaStatus::Recovering)), "{err}");
+}

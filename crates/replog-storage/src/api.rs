@@ -1,0 +1,64 @@
+//! The write-side contract every replica storage implements, on top of
+//! raft-rs's read-side [`raft::Storage`].
+
+use raft::eraftpb::{ConfState, Entry, HardState};
+
+use crate::error::Result;
+use crate::model::{ReplicaMeta, ReplicaStatus};
+
+/// One atomic change to a replica's storage. Everything in it lands in a
+/// single write batch: all of it is visible after a crash, or none of it.
+#[derive(Debug, Default, Clone)]
+pub struct LogUpdate {
+    /// Entries to append. They must be contiguous; the first one may overwrite
+    /// a conflicting tail, which is then removed.
+    pub entries: Vec<Entry>,
+    /// New hard state.
+    pub hard_state: Option<HardState>,
+    /// New membership.
+    pub conf_state: Option<ConfState>,
+    /// Install a snapshot mark at (index, term): every entry at or before
+    /// `index` is removed, and the log continues after it.
+    pub snapshot: Option<(u64, u64)>,
+    /// Remove every entry before this position (truncate / compact).
+    pub compact_to: Option<u64>,
+    /// New applied position; written with the state it produced.
+    pub applied: Option<u64>,
+    /// New replica status.
+    pub status: Option<ReplicaStatus>,
+}
+
+impl LogUpdate {
+    /// True if the update changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+            && self.hard_state.is_none()
+            && self.conf_state.is_none()
+            && self.snapshot.is_none()
+            && self.compact_to.is_none()
+            && self.applied.is_none()
+            && self.status.is_none()
+    }
+}
+
+/// A replica's durable log: raft-rs [`raft::Storage`] for reads, plus writes.
+///
+/// Contract:
+/// - [`LogStorage::write`] makes the update visible to reads at once and
+///   durable no later than the next [`LogStorage::sync`] that starts after it
+///   returned. Updates are durable in order: after a crash the storage holds a
+///   prefix of the updates written.
+/// - Reads never return an entry whose checksum does not match.
+/// - `first_index() == snapshot_index + 1` and `last_index() >= snapshot_index`.
+pub trait LogStorage: raft::Storage + Clone + Send + Sync + 'static {
+    /// Applies `update` atomically (visible now, durable after `sync`).
+    fn write(&self, update: LogUpdate) -> Result<()>;
+    /// Makes every completed write durable (fsync), unless durability was
+    /// explicitly turned off.
+    fn sync(&self) -> Result<()>;
+    /// A copy of the metadata record as it is now.
+    fn meta(&self) -> ReplicaMeta;
+    /// Gives the space of removed entries back to the filesystem (a no-op for
+    /// storage that holds none).
+    fn reclaim_space(&self) -> Result<()>;
+}

@@ -1,0 +1,268 @@
+//! The typed records of a replica and their conversions to and from raft-rs
+//! and protobuf types. raft-rs and prost types stop here: the rest of the
+//! crate speaks these.
+
+use std::fmt;
+
+use bytes::Bytes;
+use prost::Message as _;
+use raft::eraftpb::{ConfState, Entry, EntryType, HardState};
+use replog_proto::storage as pb;
+
+use crate::error::{Result, StorageError};
+
+/// The on-disk format version this binary writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Replica status (the Mesos replica states), persisted in the metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReplicaStatus {
+    /// A new or wiped data directory: never votes, never acknowledges.
+    Empty,
+    /// Auto-initialize in progress (two-phase rule).
+    Starting,
+    /// Catching up as a learner; local data may be incomplete.
+    Recovering,
+    /// A full member.
+    Voting,
+}
+
+impl ReplicaStatus {
+    /// The name operators see (`EMPTY`, `STARTING`, `RECOVERING`, `VOTING`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaStatus::Empty => "EMPTY",
+            ReplicaStatus::Starting => "STARTING",
+            ReplicaStatus::Recovering => "RECOVERING",
+            ReplicaStatus::Voting => "VOTING",
+        }
+    }
+
+    pub(crate) fn to_pb(self) -> pb::ReplicaStatus {
+        match self {
+            ReplicaStatus::Empty => pb::ReplicaStatus::Empty,
+            ReplicaStatus::Starting => pb::ReplicaStatus::Starting,
+            ReplicaStatus::Recovering => pb::ReplicaStatus::Recovering,
+            ReplicaStatus::Voting => pb::ReplicaStatus::Voting,
+        }
+    }
+
+    pub(crate) fn from_pb(v: i32) -> Option<Self> {
+        match pb::ReplicaStatus::try_from(v).ok()? {
+            pb::ReplicaStatus::Empty => Some(ReplicaStatus::Empty),
+            pb::ReplicaStatus::Starting => Some(ReplicaStatus::Starting),
+            pb::ReplicaStatus::Recovering => Some(ReplicaStatus::Recovering),
+            pb::ReplicaStatus::Voting => Some(ReplicaStatus::Voting),
+            pb::ReplicaStatus::Unspecified => None,
+        }
+    }
+}
+
+impl fmt::Display for ReplicaStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A configured member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Raft id of the member (non-zero).
+    pub id: u64,
+    /// `host:port` of its replica server; empty for an embedded replica.
+    pub address: String,
+}
+
+/// The metadata record of a replica, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaMeta {
+    pub format_version: u32,
+    pub cluster_id: String,
+    pub replica_id: u64,
+    pub status: ReplicaStatus,
+    pub hard_state: HardState,
+    pub conf_state: ConfState,
+    /// Position and term of the last compacted entry (0, 0 for none).
+    pub snapshot_index: u64,
+    pub snapshot_term: u64,
+    /// The last position whose effects are in this replica's state.
+    pub applied_index: u64,
+    pub members: Vec<Member>,
+    pub created_at_unix_ms: u64,
+}
+
+impl ReplicaMeta {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let hs = &self.hard_state;
+        let cs = &self.conf_state;
+        pb::ReplicaMetadata {
+            format_version: self.format_version,
+            cluster_id: self.cluster_id.clone(),
+            replica_id: self.replica_id,
+            status: self.status.to_pb() as i32,
+            hard_state: Some(pb::HardState {
+                term: hs.term,
+                vote: hs.vote,
+                commit: hs.commit,
+            }),
+            conf_state: Some(pb::ConfState {
+                voters: cs.voters.clone(),
+                learners: cs.learners.clone(),
+                voters_outgoing: cs.voters_outgoing.clone(),
+                learners_next: cs.learners_next.clone(),
+                auto_leave: cs.auto_leave,
+            }),
+            snapshot_index: self.snapshot_index,
+            snapshot_term: self.snapshot_term,
+            applied_index: self.applied_index,
+            members: self
+                .members
+                .iter()
+                .map(|m| pb::Member {
+                    id: m.id,
+                    address: m.address.clone(),
+                })
+                .collect(),
+            created_at_unix_ms: self.created_at_unix_ms,
+        }
+        .encode_to_vec()
+    }
+
+    pub(crate) fn decode(bytes: &[u8], location: &str) -> Result<Self> {
+        let m = pb::ReplicaMetadata::decode(bytes)
+            .map_err(|e| StorageError::corrupt(location, format!("undecodable metadata: {e}")))?;
+        let status = ReplicaStatus::from_pb(m.status).ok_or_else(|| {
+            StorageError::corrupt(location, format!("unknown replica status {}", m.status))
+        })?;
+        let hs = m.hard_state.unwrap_or_default();
+        let cs = m.conf_state.unwrap_or_default();
+        let mut hard_state = HardState::default();
+        hard_state.term = hs.term;
+        hard_state.vote = hs.vote;
+        hard_state.commit = hs.commit;
+        let mut conf_state = ConfState::default();
+        conf_state.voters = cs.voters;
+        conf_state.learners = cs.learners;
+        conf_state.voters_outgoing = cs.voters_outgoing;
+        conf_state.learners_next = cs.learners_next;
+        conf_state.auto_leave = cs.auto_leave;
+        Ok(ReplicaMeta {
+            format_version: m.format_version,
+            cluster_id: m.cluster_id,
+            replica_id: m.replica_id,
+            status,
+            hard_state,
+            conf_state,
+            snapshot_index: m.snapshot_index,
+            snapshot_term: m.snapshot_term,
+            applied_index: m.applied_index,
+            members: m
+                .members
+                .into_iter()
+                .map(|x| Member {
+                    id: x.id,
+                    address: x.address,
+                })
+                .collect(),
+            created_at_unix_ms: m.created_at_unix_ms,
+        })
+    }
+
+    /// First position that may be present in the log.
+    pub fn first_index(&self) -> u64 {
+        self.snapshot_index + 1
+    }
+}
+
+/// Identity of a replica, as kept in the IDENTITY file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaIdentity {
+    pub format_version: u32,
+    pub cluster_id: String,
+    pub replica_id: u64,
+    pub created_at_unix_ms: u64,
+}
+
+impl ReplicaIdentity {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        pb::ReplicaIdentity {
+            format_version: self.format_version,
+            cluster_id: self.cluster_id.clone(),
+            replica_id: self.replica_id,
+            created_at_unix_ms: self.created_at_unix_ms,
+        }
+        .encode_to_vec()
+    }
+
+    pub(crate) fn decode(bytes: &[u8], location: &str) -> Result<Self> {
+        let m = pb::ReplicaIdentity::decode(bytes)
+            .map_err(|e| StorageError::corrupt(location, format!("undecodable identity: {e}")))?;
+        Ok(ReplicaIdentity {
+            format_version: m.format_version,
+            cluster_id: m.cluster_id,
+            replica_id: m.replica_id,
+            created_at_unix_ms: m.created_at_unix_ms,
+        })
+    }
+}
+
+/// Encodes a Raft entry for the log column family (index lives in the key).
+pub(crate) fn encode_entry(e: &Entry) -> Vec<u8> {
+    let kind = match e.get_entry_type() {
+        EntryType::EntryNormal => pb::EntryKind::Normal,
+        EntryType::EntryConfChange => pb::EntryKind::ConfChange,
+        EntryType::EntryConfChangeV2 => pb::EntryKind::ConfChangeV2,
+    };
+    pb::StoredEntry {
+        term: e.term,
+        kind: kind as i32,
+        data: e.data.clone(),
+        context: e.context.clone(),
+    }
+    .encode_to_vec()
+}
+
+/// Decodes a log entry stored at `index`.
+pub(crate) fn decode_entry(index: u64, bytes: Bytes, location: &str) -> Result<Entry> {
+    let s = pb::StoredEntry::decode(bytes)
+        .map_err(|e| StorageError::corrupt(location, format!("undecodable log entry: {e}")))?;
+    let entry_type = match pb::EntryKind::try_from(s.kind) {
+        Ok(pb::EntryKind::Normal) => EntryType::EntryNormal,
+        Ok(pb::EntryKind::ConfChange) => EntryType::EntryConfChange,
+        Ok(pb::EntryKind::ConfChangeV2) => EntryType::EntryConfChangeV2,
+        Err(_) => {
+            return Err(StorageError::corrupt(
+                location,
+                format!("unknown entry kind {}", s.kind),
+            ))
+        }
+    };
+    if s.term == 0 {
+        return Err(StorageError::corrupt(location, "log entry with term 0"));
+    }
+    let mut e = Entry::default();
+    e.index = index;
+    e.term = s.term;
+    e.set_entry_type(entry_type);
+    e.data = s.data;
+    e.context = s.context;
+    Ok(e)
+}
+
+/// Key of a log position: 8 bytes big-endian, so RocksDB orders keys by position.
+pub fn position_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+/// Inverse of [`position_key`]; `None` for a key of the wrong length.
+pub fn key_position(key: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(key).ok().map(u64::from_be_bytes)
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

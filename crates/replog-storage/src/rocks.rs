@@ -1,0 +1,978 @@
+//! [`RocksStorage`]: a replica's durable log on RocksDB.
+//!
+//! Layout (column families):
+//! - `meta`: one record under key `replica`, the [`ReplicaMeta`].
+//! - `log`: one record per position, key = position as 8 bytes big-endian.
+//!
+//! Every value is framed with a crc32c over key and payload
+//! ([`crate::frame`]) and checked on every read.
+//!
+//! Invariants:
+//! - Each [`LogUpdate`] is one RocksDB write batch: the metadata (hard state,
+//!   applied position, snapshot mark) always matches the log it describes.
+//! - The log holds exactly the positions `snapshot_index + 1 ..= last_index`,
+//!   without gaps; open verifies this.
+//! - `hard_state.commit <= last_index` after open; a commit beyond the intact
+//!   log means acknowledged data is missing, which strict open refuses.
+//! - A non-strict open that found damage persists status RECOVERING before it
+//!   returns, so the replica never votes or acknowledges on damaged data.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DBRecoveryMode, IteratorMode, Options, ReadOptions,
+    WriteBatch, WriteOptions, DB,
+};
+use tracing::{info, warn};
+
+use crate::api::{LogStorage, LogUpdate};
+use crate::error::{Result, StorageError};
+use crate::frame;
+use crate::identity;
+use crate::model::{
+    decode_entry, encode_entry, key_position, now_unix_ms, position_key, Member, ReplicaIdentity,
+    ReplicaMeta, ReplicaStatus, FORMAT_VERSION,
+};
+
+const CF_META: &str = "meta";
+const CF_LOG: &str = "log";
+const META_KEY: &[u8] = b"replica";
+const META_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Default upper bound of one stored record (a framed log entry).
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 256 * 1024 * 1024;
+
+/// How to open an existing replica.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// `true` (default): any corruption is fatal, with an error naming the
+    /// file or key. `false`: keep the intact prefix, drop the rest, and mark
+    /// the replica RECOVERING.
+    pub strict: bool,
+    /// `true` (default): [`LogStorage::sync`] fsyncs. `false` trades
+    /// durability for speed: an OS crash or power loss may lose acknowledged
+    /// entries (a process crash does not).
+    pub sync: bool,
+    /// Refuse data of any other cluster.
+    pub expected_cluster_id: Option<String>,
+    /// Open without writing anything (operator tools on a stopped replica).
+    /// Damage found in non-strict mode is then only reported, not repaired.
+    pub read_only: bool,
+    /// Largest record accepted from disk.
+    pub max_record_bytes: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            strict: true,
+            sync: true,
+            expected_cluster_id: None,
+            read_only: false,
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+        }
+    }
+}
+
+/// How to initialize a new replica (`replog initialize`).
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub cluster_id: String,
+    pub replica_id: u64,
+    /// The initial voting members; must contain `replica_id`.
+    pub members: Vec<Member>,
+}
+
+/// What open found and did.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// Damage found, one line each (empty for a clean open).
+    pub damage: Vec<String>,
+    /// Last intact position after recovery.
+    pub last_index: u64,
+}
+
+impl RecoveryReport {
+    /// True if open found nothing wrong.
+    pub fn is_clean(&self) -> bool {
+        self.damage.is_empty()
+    }
+}
+
+struct State {
+    meta: ReplicaMeta,
+    last_index: u64,
+}
+
+struct Inner {
+    db: DB,
+    dir: PathBuf,
+    sync: bool,
+    read_only: bool,
+    max_record_bytes: usize,
+    state: RwLock<State>,
+}
+
+/// A replica's log on RocksDB. Cheap to clone (shared handle); safe to read
+/// from many threads while one thread writes.
+#[derive(Clone)]
+pub struct RocksStorage {
+    inner: Arc<Inner>,
+}
+
+fn db_options(strict: bool) -> Options {
+    let mut o = Options::default();
+    o.set_paranoid_checks(true);
+    o.set_keep_log_file_num(4);
+    o.set_max_total_wal_size(256 * 1024 * 1024);
+    o.set_wal_recovery_mode(if strict {
+        DBRecoveryMode::TolerateCorruptedTailRecords
+    } else {
+        DBRecoveryMode::PointInTime
+    });
+    o
+}
+
+fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
+    let mut log = Options::default();
+    log.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    log.set_write_buffer_size(64 * 1024 * 1024);
+    vec![
+        ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ColumnFamilyDescriptor::new(CF_LOG, log),
+    ]
+}
+
+fn rocks_err(dir: &Path) -> impl Fn(rocksdb::Error) -> StorageError + '_ {
+    move |source| StorageError::Rocks {
+        path: dir.to_path_buf(),
+        source,
+    }
+}
+
+fn log_location(dir: &Path, index: u64) -> String {
+    format!("{} column family '{CF_LOG}' position {index}", dir.display())
+}
+
+fn meta_location(dir: &Path) -> String {
+    format!(
+        "{} column family '{CF_META}' key '{}'",
+        dir.display(),
+        String::from_utf8_lossy(META_KEY)
+    )
+}
+
+/// Validates a cluster id: 1 to 128 characters of `[A-Za-z0-9._-]`.
+pub fn validate_cluster_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::Invalid(format!(
+            "cluster id '{id}' must be 1 to 128 characters of letters, digits, '.', '_' or '-'"
+        )))
+    }
+}
+
+/// Sum of the sizes of all files below `dir`.
+pub fn disk_usage(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    let rd = fs::read_dir(dir).map_err(|source| StorageError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for e in rd.flatten() {
+        let md = match e.metadata() {
+            Ok(m) => m,
+            Err(_) => continue, // removed while we looked
+        };
+        if md.is_dir() {
+            total += disk_usage(&e.path())?;
+        } else {
+            total += md.len();
+        }
+    }
+    Ok(total)
+}
+
+impl RocksStorage {
+    /// Turns an empty (or missing) directory into an initialized VOTING
+    /// replica. Refuses a directory that holds anything, without touching it.
+    pub fn initialize(dir: &Path, init: &InitOptions) -> Result<Self> {
+        validate_cluster_id(&init.cluster_id)?;
+        if init.replica_id == 0 {
+            return Err(StorageError::Invalid("replica id must be non-zero".into()));
+        }
+        let mut ids: Vec<u64> = init.members.iter().map(|m| m.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != init.members.len() || ids.contains(&0) {
+            return Err(StorageError::Invalid(
+                "member ids must be unique and non-zero".into(),
+            ));
+        }
+        if !ids.contains(&init.replica_id) {
+            return Err(StorageError::Invalid(format!(
+                "replica id {} is not among the members {ids:?}",
+                init.replica_id
+            )));
+        }
+        match fs::read_dir(dir) {
+            Ok(rd) => {
+                let names: Vec<String> = rd
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                if !names.is_empty() {
+                    let mut shown = names.clone();
+                    shown.sort();
+                    shown.truncate(5);
+                    return Err(StorageError::NotEmpty {
+                        path: dir.to_path_buf(),
+                        found: format!("{} entries, e.g. {}", names.len(), shown.join(", ")),
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::create_dir_all(dir).map_err(|source| StorageError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+            }
+            Err(source) => {
+                return Err(StorageError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })
+            }
+        }
+
+        let created = now_unix_ms();
+        let mut opts = db_options(true);
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let db = DB::open_cf_descriptors(&opts, dir, cf_descriptors()).map_err(rocks_err(dir))?;
+        let mut hard_state = HardState::default();
+        hard_state.term = 1;
+        hard_state.commit = 1;
+        let mut conf_state = ConfState::default();
+        conf_state.voters = ids;
+        // Like raft-rs's MemStorage::initialize_with_conf_state: the initial
+        // membership is a snapshot at (1, 1), so every member starts from the
+        // same state and the first real entry is at position 2.
+        let meta = ReplicaMeta {
+            format_version: FORMAT_VERSION,
+            cluster_id: init.cluster_id.clone(),
+            replica_id: init.replica_id,
+            status: ReplicaStatus::Voting,
+            hard_state,
+            conf_state,
+            snapshot_index: 1,
+            snapshot_term: 1,
+            applied_index: 1,
+            members: init.members.clone(),
+            created_at_unix_ms: created,
+        };
+        {
+            let cf = db.cf_handle(CF_META).expect("created above");
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            db.put_cf_opt(cf, META_KEY, frame::encode(META_KEY, &meta.encode()), &wo)
+                .map_err(rocks_err(dir))?;
+        }
+        drop(db);
+        // The identity is written last: a directory without it never opens,
+        // so an interrupted initialize is never mistaken for a replica.
+        identity::write(
+            dir,
+            &ReplicaIdentity {
+                format_version: FORMAT_VERSION,
+                cluster_id: init.cluster_id.clone(),
+                replica_id: init.replica_id,
+                created_at_unix_ms: created,
+            },
+        )?;
+        info!(dir = %dir.display(), cluster = %init.cluster_id, replica = init.replica_id,
+              "initialized replica in VOTING status");
+        Self::open(dir, &OpenOptions::default()).map(|(s, _)| s)
+    }
+
+    /// Opens an initialized replica, verifying every record (see
+    /// [`OpenOptions::strict`] for what happens on damage).
+    pub fn open(dir: &Path, opts: &OpenOptions) -> Result<(Self, RecoveryReport)> {
+        let mut damage: Vec<String> = Vec::new();
+        let strict = opts.strict;
+        let dir_exists = dir.is_dir();
+        if !dir_exists {
+            return Err(StorageError::NotInitialized {
+                path: dir.to_path_buf(),
+                reason: "the directory does not exist".into(),
+            });
+        }
+
+        // 1. Identity, before RocksDB touches anything.
+        let ident = match identity::read(dir) {
+            Ok(Some(i)) => Some(i),
+            Ok(None) => {
+                if !dir.join("CURRENT").exists() {
+                    return Err(StorageError::NotInitialized {
+                        path: dir.to_path_buf(),
+                        reason: "no IDENTITY file".into(),
+                    });
+                }
+                let msg = format!(
+                    "{} is missing (initialization incomplete or file lost)",
+                    identity::path(dir).display()
+                );
+                if strict {
+                    return Err(StorageError::corrupt(identity::path(dir).display().to_string(), "file is missing"));
+                }
+                damage.push(msg);
+                None
+            }
+            Err(e) if !strict && e.is_corruption() => {
+                damage.push(e.to_string());
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(i) = &ident {
+            check_identity(dir, i.format_version, &i.cluster_id, opts)?;
+        }
+
+        // 2. RocksDB (its own WAL, MANIFEST and block checksums).
+        let db_opts = db_options(strict);
+        let names = [CF_META, CF_LOG];
+        let db = if opts.read_only {
+            DB::open_cf_for_read_only(&db_opts, dir, names, false).map_err(rocks_err(dir))?
+        } else {
+            match DB::open_cf_descriptors(&db_opts, dir, cf_descriptors()) {
+                Ok(db) => db,
+                Err(e) if !strict => {
+                    damage.push(format!("RocksDB could not open the data ({e}); repaired it"));
+                    warn!(dir = %dir.display(), error = %e, "RocksDB open failed; running repair (non-strict)");
+                    DB::repair(&db_opts, dir).map_err(rocks_err(dir))?;
+                    let mut o = db_opts.clone();
+                    o.create_missing_column_families(true);
+                    DB::open_cf_descriptors(&o, dir, cf_descriptors()).map_err(rocks_err(dir))?
+                }
+                Err(e) => return Err(rocks_err(dir)(e)),
+            }
+        };
+
+        // 3. The metadata record.
+        let meta_loc = meta_location(dir);
+        let meta_read = {
+            let cf = db.cf_handle(CF_META).ok_or_else(|| {
+                StorageError::corrupt(dir.display().to_string(), "column family 'meta' is missing")
+            })?;
+            match db.get_pinned_cf(cf, META_KEY) {
+                Ok(Some(v)) => frame::decode(META_KEY, &v, META_LIMIT, || meta_loc.clone())
+                    .and_then(|p| ReplicaMeta::decode(p, &meta_loc)),
+                Ok(None) => Err(StorageError::corrupt(meta_loc.clone(), "metadata record is missing")),
+                Err(e) => Err(rocks_err(dir)(e)),
+            }
+        };
+        let mut meta = match meta_read {
+            Ok(m) => m,
+            Err(e) if !strict => {
+                let Some(i) = &ident else {
+                    return Err(StorageError::corrupt(
+                        dir.display().to_string(),
+                        format!(
+                            "both the IDENTITY file and the metadata record are unreadable ({e}); \
+                             the replica's identity is lost: wipe the directory and add it back \
+                             as a new replica"
+                        ),
+                    ));
+                };
+                damage.push(e.to_string());
+                ReplicaMeta {
+                    format_version: i.format_version,
+                    cluster_id: i.cluster_id.clone(),
+                    replica_id: i.replica_id,
+                    status: ReplicaStatus::Recovering,
+                    hard_state: HardState::default(),
+                    conf_state: ConfState::default(),
+                    snapshot_index: 0,
+                    snapshot_term: 0,
+                    applied_index: 0,
+                    members: Vec::new(),
+                    created_at_unix_ms: i.created_at_unix_ms,
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        check_identity(dir, meta.format_version, &meta.cluster_id, opts)?;
+        if let Some(i) = &ident {
+            if i.cluster_id != meta.cluster_id || i.replica_id != meta.replica_id {
+                return Err(StorageError::corrupt(
+                    meta_loc,
+                    format!(
+                        "metadata says cluster '{}' replica {}, IDENTITY says cluster '{}' replica {}",
+                        meta.cluster_id, meta.replica_id, i.cluster_id, i.replica_id
+                    ),
+                ));
+            }
+        }
+
+        // 4. Every log record: checksum, decoding, contiguity, terms.
+        let mut last_index = meta.snapshot_index;
+        let mut bad: Option<(u64, String)> = None;
+        {
+            let cf = db.cf_handle(CF_LOG).ok_or_else(|| {
+                StorageError::corrupt(dir.display().to_string(), "column family 'log' is missing")
+            })?;
+            let mut prev_term = meta.snapshot_term;
+            let mut expected = meta.snapshot_index + 1;
+            for item in db.iterator_cf(cf, IteratorMode::Start) {
+                let (k, v) = match item {
+                    Ok(kv) => kv,
+                    Err(e) => {
+                        bad = Some((expected, format!("{}: {e}", log_location(dir, expected))));
+                        break;
+                    }
+                };
+                let Some(idx) = key_position(&k) else {
+                    bad = Some((expected, format!("{}: malformed key {:?}", log_location(dir, expected), k)));
+                    break;
+                };
+                if idx != expected {
+                    let why = if idx < expected {
+                        format!("entry {idx} is at or before the compaction point {}", meta.snapshot_index)
+                    } else {
+                        format!("gap: position {expected} is missing, next present is {idx}")
+                    };
+                    bad = Some((expected, format!("{}: {why}", log_location(dir, expected))));
+                    break;
+                }
+                let loc = log_location(dir, idx);
+                let checked = frame::decode(&k, &v, opts.max_record_bytes, || loc.clone())
+                    .and_then(|p| decode_entry(idx, Bytes::copy_from_slice(p), &loc));
+                match checked {
+                    Ok(e) if e.term < prev_term => {
+                        bad = Some((idx, format!("{loc}: term {} is below the previous term {prev_term}", e.term)));
+                        break;
+                    }
+                    Ok(e) => {
+                        prev_term = e.term;
+                        last_index = idx;
+                        expected += 1;
+                    }
+                    Err(e) => {
+                        bad = Some((idx, e.to_string()));
+                        break;
+                    }
+                }
+            }
+        }
+        let mut repair = LogUpdate::default();
+        if let Some((from, why)) = bad {
+            if strict {
+                return Err(StorageError::corrupt(log_location(dir, from), why));
+            }
+            damage.push(format!("{why}; dropped the log from position {from} on"));
+        }
+        if meta.hard_state.commit > last_index {
+            let why = format!(
+                "commit position {} is beyond the last intact position {last_index}: committed entries are missing",
+                meta.hard_state.commit
+            );
+            if strict {
+                return Err(StorageError::corrupt(log_location(dir, last_index + 1), why));
+            }
+            damage.push(why);
+            meta.hard_state.commit = last_index;
+        }
+        meta.applied_index = meta.applied_index.min(meta.hard_state.commit);
+
+        if !damage.is_empty() {
+            warn!(dir = %dir.display(), ?damage, "non-strict recovery kept the intact prefix up to position {last_index}; replica is RECOVERING");
+            meta.status = ReplicaStatus::Recovering;
+            repair.status = Some(ReplicaStatus::Recovering);
+        }
+        let storage = RocksStorage {
+            inner: Arc::new(Inner {
+                db,
+                dir: dir.to_path_buf(),
+                sync: opts.sync,
+                read_only: opts.read_only,
+                max_record_bytes: opts.max_record_bytes,
+                state: RwLock::new(State {
+                    meta: meta.clone(),
+                    last_index,
+                }),
+            }),
+        };
+        if !damage.is_empty() && !opts.read_only {
+            // Persist the repaired view: drop the damaged tail, store the
+            // clamped metadata and RECOVERING, durably, before anyone reads.
+            storage.rewrite_after_recovery(last_index)?;
+            if ident.is_none() {
+                identity::write(
+                    dir,
+                    &ReplicaIdentity {
+                        format_version: meta.format_version,
+                        cluster_id: meta.cluster_id.clone(),
+                        replica_id: meta.replica_id,
+                        created_at_unix_ms: meta.created_at_unix_ms,
+                    },
+                )?;
+            }
+        }
+        Ok((storage, RecoveryReport { damage, last_index }))
+    }
+
+    fn rewrite_after_recovery(&self, last_index: u64) -> Result<()> {
+        let inner = &self.inner;
+        let st = inner.state.read();
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.log_cf(), position_key(last_index + 1), position_key(u64::MAX));
+        batch.put_cf(self.meta_cf(), META_KEY, frame::encode(META_KEY, &st.meta.encode()));
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        inner.db.write_opt(batch, &wo).map_err(rocks_err(&inner.dir))
+    }
+
+    fn log_cf(&self) -> &ColumnFamily {
+        self.inner.db.cf_handle(CF_LOG).expect("checked at open")
+    }
+
+    fn meta_cf(&self) -> &ColumnFamily {
+        self.inner.db.cf_handle(CF_META).expect("checked at open")
+    }
+
+    /// The replica's data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// First position present in the log (one past the compaction point).
+    pub fn first_index_now(&self) -> u64 {
+        self.inner.state.read().meta.snapshot_index + 1
+    }
+
+    /// Last position present in the log.
+    pub fn last_index(&self) -> u64 {
+        self.inner.state.read().last_index
+    }
+
+    /// Flushes memtables to SST files (the WAL is then no longer needed for
+    /// the data written so far).
+    pub fn flush(&self) -> Result<()> {
+        if self.inner.read_only {
+            return Err(StorageError::ReadOnly(self.inner.dir.clone()));
+        }
+        let db = &self.inner.db;
+        db.flush_cf(self.meta_cf()).map_err(rocks_err(&self.inner.dir))?;
+        db.flush_cf(self.log_cf()).map_err(rocks_err(&self.inner.dir))
+    }
+
+    /// Bytes the replica occupies on disk.
+    pub fn disk_usage(&self) -> Result<u64> {
+        disk_usage(&self.inner.dir)
+    }
+
+    fn read_entry(&self, index: u64) -> Result<Option<Entry>> {
+        let key = position_key(index);
+        let got = self
+            .inner
+            .db
+            .get_pinned_cf(self.log_cf(), key)
+            .map_err(rocks_err(&self.inner.dir))?;
+        let Some(v) = got else { return Ok(None) };
+        let loc = || log_location(&self.inner.dir, index);
+        let p = frame::decode(&key, &v, self.inner.max_record_bytes, loc)?;
+        decode_entry(index, Bytes::copy_from_slice(p), &loc()).map(Some)
+    }
+
+    /// The error for an entry that should be present but is not: compacted
+    /// meanwhile, or corruption.
+    fn missing(&self, index: u64) -> StorageError {
+        let st = self.inner.state.read();
+        if index <= st.meta.snapshot_index {
+            StorageError::Compacted {
+                index,
+                first: st.meta.snapshot_index + 1,
+            }
+        } else if index > st.last_index {
+            StorageError::Unavailable {
+                index,
+                last: st.last_index,
+            }
+        } else {
+            StorageError::corrupt(log_location(&self.inner.dir, index), "entry is missing")
+        }
+    }
+
+    /// Entries `[low, high)`, at most `max_size` bytes (always at least one).
+    pub fn read_entries(&self, low: u64, high: u64, max_size: Option<u64>) -> Result<Vec<Entry>> {
+        {
+            let st = self.inner.state.read();
+            if low <= st.meta.snapshot_index {
+                return Err(StorageError::Compacted {
+                    index: low,
+                    first: st.meta.snapshot_index + 1,
+                });
+            }
+            if high > st.last_index + 1 {
+                return Err(StorageError::Unavailable {
+                    index: high - 1,
+                    last: st.last_index,
+                });
+            }
+        }
+        if low >= high {
+            return Ok(Vec::new());
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(position_key(high).to_vec());
+        let mut out = Vec::with_capacity(((high - low) as usize).min(1024));
+        let mut approx: u64 = 0;
+        let iter = self.inner.db.iterator_cf_opt(
+            self.log_cf(),
+            ro,
+            IteratorMode::From(&position_key(low), rocksdb::Direction::Forward),
+        );
+        let mut expected = low;
+        for item in iter {
+            let (k, v) = item.map_err(rocks_err(&self.inner.dir))?;
+            let idx = key_position(&k).ok_or_else(|| {
+                StorageError::corrupt(log_location(&self.inner.dir, expected), "malformed key")
+            })?;
+            if idx != expected {
+                return Err(self.missing(expected));
+            }
+            let loc = || log_location(&self.inner.dir, idx);
+            let p = frame::decode(&k, &v, self.inner.max_record_bytes, loc)?;
+            let e = decode_entry(idx, Bytes::copy_from_slice(p), &loc())?;
+            approx += (e.data.len() + e.context.len()) as u64;
+            out.push(e);
+            expected += 1;
+            if let Some(max) = max_size {
+                if approx > max {
+                    break;
+                }
+            }
+        }
+        let stopped_by_size = max_size.is_some_and(|m| approx > m);
+        if !stopped_by_size && expected < high {
+            return Err(self.missing(expected));
+        }
+        if let Some(max) = max_size {
+            raft::util::limit_size(&mut out, Some(max));
+        }
+        Ok(out)
+    }
+
+    /// Term of the entry at `index` (including the compaction point).
+    pub fn entry_term(&self, index: u64) -> Result<u64> {
+        {
+            let st = self.inner.state.read();
+            if index == st.meta.snapshot_index {
+                return Ok(st.meta.snapshot_term);
+            }
+            if index < st.meta.snapshot_index {
+                return Err(StorageError::Compacted {
+                    index,
+                    first: st.meta.snapshot_index + 1,
+                });
+            }
+            if index > st.last_index {
+                return Err(StorageError::Unavailable {
+                    index,
+                    last: st.last_index,
+                });
+            }
+        }
+        match self.read_entry(index)? {
+            Some(e) => Ok(e.term),
+            None => Err(self.missing(index)),
+        }
+    }
+}
+
+fn check_identity(dir: &Path, format_version: u32, cluster_id: &str, opts: &OpenOptions) -> Result<()> {
+    if format_version != FORMAT_VERSION {
+        return Err(StorageError::UnsupportedFormat {
+            path: dir.to_path_buf(),
+            found: format_version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    if let Some(expected) = &opts.expected_cluster_id {
+        if expected != cluster_id {
+            return Err(StorageError::ClusterMismatch {
+                path: dir.to_path_buf(),
+                expected: expected.clone(),
+                found: cluster_id.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl raft::Storage for RocksStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let st = self.inner.state.read();
+        Ok(RaftState::new(
+            st.meta.hard_state.clone(),
+            st.meta.conf_state.clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        Ok(self.read_entries(low, high, max_size.into())?)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        Ok(self.entry_term(idx)?)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.inner.state.read().meta.snapshot_index + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.inner.state.read().last_index)
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let st = self.inner.state.read();
+        if request_index > st.meta.snapshot_index {
+            return Err(raft::Error::Store(
+                raft::StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let mut s = Snapshot::default();
+        let md = s.mut_metadata();
+        md.index = st.meta.snapshot_index;
+        md.term = st.meta.snapshot_term;
+        md.set_conf_state(st.meta.conf_state.clone());
+        Ok(s)
+    }
+}
+
+impl LogStorage for RocksStorage {
+    fn write(&self, u: LogUpdate) -> Result<()> {
+        let inner = &self.inner;
+        if inner.read_only {
+            return Err(StorageError::ReadOnly(inner.dir.clone()));
+        }
+        if u.is_empty() {
+            return Ok(());
+        }
+        // Holding the write lock keeps readers' view (first/last index)
+        // in step with what the batch makes visible.
+        let mut st = inner.state.write();
+        let mut meta = st.meta.clone();
+        let mut last = st.last_index;
+        let mut batch = WriteBatch::default();
+        let log = self.log_cf();
+
+        if let Some((index, term)) = u.snapshot {
+            if index < meta.snapshot_index {
+                return Err(StorageError::Invalid(format!(
+                    "snapshot at {index} is older than the current one at {}",
+                    meta.snapshot_index
+                )));
+            }
+            batch.delete_range_cf(log, position_key(0), position_key(u64::MAX));
+            meta.snapshot_index = index;
+            meta.snapshot_term = term;
+            meta.hard_state.commit = meta.hard_state.commit.max(index);
+            meta.hard_state.term = meta.hard_state.term.max(term);
+            meta.applied_index = meta.applied_index.max(index);
+            last = index;
+        }
+
+        if let (Some(first), Some(end)) = (u.entries.first(), u.entries.last()) {
+            let (first, end) = (first.index, end.index);
+            if first <= meta.snapshot_index {
+                return Err(StorageError::Invalid(format!(
+                    "append at {first} is at or before the compaction point {}",
+                    meta.snapshot_index
+                )));
+            }
+            if first > last + 1 {
+                return Err(StorageError::Invalid(format!(
+                    "append at {first} leaves a gap after the last position {last}"
+                )));
+            }
+            if end + 1 - first != u.entries.len() as u64 {
+                return Err(StorageError::Invalid("appended entries are not contiguous".into()));
+            }
+            if first <= last {
+                batch.delete_range_cf(log, position_key(first), position_key(last + 1));
+            }
+            for e in &u.entries {
+                let key = position_key(e.index);
+                let framed = frame::encode(&key, &encode_entry(e));
+                if framed.len() > inner.max_record_bytes {
+                    return Err(StorageError::TooLarge {
+                        what: "log entry",
+                        size: framed.len() as u64,
+                        limit: inner.max_record_bytes as u64,
+                    });
+                }
+                batch.put_cf(log, key, framed);
+            }
+            last = end;
+        }
+
+        if let Some(to) = u.compact_to {
+            if to > meta.snapshot_index + 1 {
+                if to > last + 1 {
+                    return Err(StorageError::Invalid(format!(
+                        "cannot compact to {to}: the last position is {last}"
+                    )));
+                }
+                let mark = to - 1;
+                let term = match u.entries.iter().find(|e| e.index == mark) {
+                    Some(e) => e.term,
+                    None => self.entry_term(mark)?,
+                };
+                batch.delete_range_cf(log, position_key(meta.snapshot_index + 1), position_key(to));
+                meta.snapshot_index = mark;
+                meta.snapshot_term = term;
+            }
+        }
+        if let Some(hs) = u.hard_state {
+            meta.hard_state = hs;
+        }
+        if let Some(cs) = u.conf_state {
+            meta.conf_state = cs;
+        }
+        if let Some(a) = u.applied {
+            meta.applied_index = a;
+        }
+        if let Some(s) = u.status {
+            meta.status = s;
+        }
+        debug_assert!(meta.snapshot_index <= last);
+        batch.put_cf(self.meta_cf(), META_KEY, frame::encode(META_KEY, &meta.encode()));
+        let wo = WriteOptions::default();
+        inner.db.write_opt(batch, &wo).map_err(rocks_err(&inner.dir))?;
+        st.meta = meta;
+        st.last_index = last;
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        if self.inner.sync && !self.inner.read_only {
+            self.inner
+                .db
+                .flush_wal(true)
+                .map_err(rocks_err(&self.inner.dir))?;
+        }
+        Ok(())
+    }
+
+    fn meta(&self) -> ReplicaMeta {
+        self.inner.state.read().meta.clone()
+    }
+
+    fn reclaim_space(&self) -> Result<()> {
+        if self.inner.read_only {
+            return Ok(());
+        }
+        let first = self.inner.state.read().meta.snapshot_index + 1;
+        self.inner
+            .db
+            .compact_range_cf(self.log_cf(), None::<&[u8]>, Some(&position_key(first)[..]));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance;
+
+    struct Rocks {
+        dirs: Vec<tempfile::TempDir>,
+    }
+
+    impl conformance::Harness for Rocks {
+        type S = RocksStorage;
+        fn fresh(&mut self) -> RocksStorage {
+            let d = tempfile::tempdir().unwrap();
+            let s = RocksStorage::initialize(
+                &d.path().join("r"),
+                &InitOptions {
+                    cluster_id: "test".into(),
+                    replica_id: 1,
+                    members: vec![Member { id: 1, address: String::new() }],
+                },
+            )
+            .unwrap();
+            self.dirs.push(d);
+            s
+        }
+        fn reopen(&mut self, s: RocksStorage) -> RocksStorage {
+            let dir = s.dir().to_path_buf();
+            drop(s);
+            RocksStorage::open(&dir, &OpenOptions::default()).unwrap().0
+        }
+    }
+
+    #[test]
+    fn rocks_storage_conformance() {
+        conformance::run_all(&mut Rocks { dirs: Vec::new() });
+    }
+
+    #[test]
+    fn truncation_gives_disk_space_back() {
+        let mut h = Rocks { dirs: Vec::new() };
+        let s = conformance::Harness::fresh(&mut h);
+        let payload = vec![7u8; 4096];
+        // Incompressible-ish data: vary it per entry.
+        for chunk in 0..40u64 {
+            let entries: Vec<Entry> = (0..500u64)
+                .map(|i| {
+                    let idx = 2 + chunk * 500 + i;
+                    let mut e = Entry::default();
+                    e.index = idx;
+                    e.term = 2;
+                    let mut d = payload.clone();
+                    for (j, b) in d.iter_mut().enumerate() {
+                        *b = (idx.wrapping_mul(2654435761).wrapping_add(j as u64 * 40503) >> 7) as u8;
+                    }
+                    e.data = d.into();
+                    e
+                })
+                .collect();
+            s.write(LogUpdate { entries, ..Default::default() }).unwrap();
+        }
+        s.sync().unwrap();
+        s.inner.db.flush_cf(s.log_cf()).unwrap();
+        let before = s.disk_usage().unwrap();
+        assert!(before > 60 * 1024 * 1024, "expected >60MiB on disk, got {before}");
+        let last = s.last_index();
+        s.write(LogUpdate { compact_to: Some(last - 10), ..Default::default() }).unwrap();
+        s.reclaim_space().unwrap();
+        s.inner.db.flush_wal(true).unwrap();
+        let after = s.disk_usage().unwrap();
+        assert!(
+            after < before / 4,
+            "truncation must give space back: {before} bytes before, {after} after"
+        );
+        assert_eq!(s.read_entries(last - 10, last + 1, None).unwrap().len(), 11);
+    }
+}

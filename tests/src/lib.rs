@@ -1,0 +1,91 @@
+//! Helpers shared by replog's process-level integration tests: the payload
+//! scheme of the crash writer and data-directory utilities.
+
+use std::path::Path;
+
+/// The payload the crash writer appends for sequence number `seq`: the
+/// sequence number (8 bytes big-endian) followed by a deterministic body of
+/// a length that varies with `seq`. Every byte is a function of `seq`, so a
+/// reader can tell a whole entry from a torn or foreign one.
+pub fn payload(seq: u64) -> Vec<u8> {
+    let len = 16 + (seq.wrapping_mul(7919) % 3000) as usize;
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&seq.to_be_bytes());
+    let mut x = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.push(x as u8);
+    }
+    out
+}
+
+/// The sequence number a payload claims, if it is a whole, valid payload.
+pub fn check_payload(data: &[u8]) -> Option<u64> {
+    let seq = u64::from_be_bytes(data.get(..8)?.try_into().ok()?);
+    (payload(seq) == data).then_some(seq)
+}
+
+/// Copies a directory tree (files only, as a replica directory is).
+pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+/// A fingerprint of every file's name and content below `dir`, to show that
+/// a refused operation changed nothing on disk.
+pub fn dir_fingerprint(dir: &Path) -> Vec<(String, u32, u64)> {
+    let mut out = Vec::new();
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, u32, u64)>) {
+        for e in std::fs::read_dir(dir).expect("readable dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                let data = std::fs::read(&p).expect("readable file");
+                let name = p.strip_prefix(base).unwrap().display().to_string();
+                out.push((name, fnv1a(&data), data.len() as u64));
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+fn fnv1a(data: &[u8]) -> u32 {
+    // A simple, dependency-free FNV-style hash is enough for a fingerprint.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in data {
+        h ^= *b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_check() {
+        for seq in [0, 1, 77, 1_000_000_007] {
+            assert_eq!(check_payload(&payload(seq)), Some(seq));
+            let mut p = payload(seq);
+            let last = p.len() - 1;
+            p[last] ^= 1;
+            assert_eq!(check_payload(&p), None);
+            assert_eq!(check_payload(&payload(seq)[..10]), None);
+        }
+    }
+}
