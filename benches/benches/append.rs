@@ -33,8 +33,9 @@ fn appends(c: &mut Criterion) {
 
     g.bench_function("raw_append_fdatasync", |b| {
         b.iter_custom(|iters| {
-            let r = replog_cli::benchmark::fsync_probe(&dir.path().join("probe"), 256, iters as usize)
-                .unwrap();
+            let r =
+                replog_cli::benchmark::fsync_probe(&dir.path().join("probe"), 256, iters as usize)
+                    .unwrap();
             Duration::from_secs_f64(r.seconds)
         })
     });
@@ -66,7 +67,9 @@ fn appends(c: &mut Criterion) {
                         t.await.unwrap();
                     }
                     // Report time per append actually made.
-                    start.elapsed().mul_f64(iters as f64 / (per * concurrency) as f64)
+                    start
+                        .elapsed()
+                        .mul_f64(iters as f64 / (per * concurrency) as f64)
                 })
             })
         });

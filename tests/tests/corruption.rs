@@ -21,11 +21,17 @@ fn build_template(path: &Path) {
         &replog_storage::InitOptions {
             cluster_id: "sweep".into(),
             replica_id: 1,
-            members: vec![replog_storage::Member { id: 1, address: String::new() }],
+            members: vec![replog_storage::Member {
+                id: 1,
+                address: String::new(),
+            }],
         },
     )
     .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let append = |from: u64, n: u64| {
         rt.block_on(async {
             let log = Log::open(path, LogOptions::default()).unwrap();
@@ -115,7 +121,14 @@ fn byte_flips_in_every_file_are_caught_or_harmless() {
     let template = root.path().join("template");
     build_template(&template);
     let original = {
-        let (s, _) = RocksStorage::open(&template, &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+        let (s, _) = RocksStorage::open(
+            &template,
+            &OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         committed(&s).unwrap()
     };
     assert_eq!(original.len(), 210);
@@ -157,11 +170,17 @@ fn byte_flips_in_every_file_are_caught_or_harmless() {
                     t.strict_refused += 1;
                 }
                 Ok(Ok(Err(e))) => {
-                    assert!(e.is_corruption(), "read after a flip in {what} failed with a non-corruption error: {e}");
+                    assert!(
+                        e.is_corruption(),
+                        "read after a flip in {what} failed with a non-corruption error: {e}"
+                    );
                     t.strict_refused += 1;
                 }
                 Ok(Ok(Ok(data))) => {
-                    assert!(data == original, "SILENTLY WRONG DATA after a flip in {what}");
+                    assert!(
+                        data == original,
+                        "SILENTLY WRONG DATA after a flip in {what}"
+                    );
                     t.strict_clean += 1;
                 }
             }
@@ -171,31 +190,66 @@ fn byte_flips_in_every_file_are_caught_or_harmless() {
             let dir = root.path().join(format!("lenient-{case}"));
             copy_dir(&template, &dir).unwrap();
             flip(&dir.join(&name), off);
-            let opts = OpenOptions { strict: false, ..Default::default() };
+            let opts = OpenOptions {
+                strict: false,
+                ..Default::default()
+            };
             let r = catch_unwind(AssertUnwindSafe(|| {
-                RocksStorage::open(&dir, &opts).map(|(s, rep)| (committed(&s), rep, replog_storage::LogStorage::meta(&s).status))
+                RocksStorage::open(&dir, &opts).map(|(s, rep)| {
+                    (
+                        committed(&s),
+                        rep,
+                        replog_storage::LogStorage::meta(&s).status,
+                    )
+                })
             }));
             match r {
                 Err(_) => panic!("non-strict open panicked on a flip in {what}"),
                 Ok(Err(e)) => panic!("non-strict open failed on a flip in {what}: {e}"),
                 Ok(Ok((data, report, status))) => {
-                    let data = data.unwrap_or_else(|e| panic!("non-strict read failed after a flip in {what}: {e}"));
+                    let data = data.unwrap_or_else(|e| {
+                        panic!("non-strict read failed after a flip in {what}: {e}")
+                    });
                     for (p, d) in &data {
-                        assert_eq!(original.get(p), Some(d), "non-strict open served wrong data at {p} after a flip in {what}");
+                        assert_eq!(
+                            original.get(p),
+                            Some(d),
+                            "non-strict open served wrong data at {p} after a flip in {what}"
+                        );
                     }
                     // What it serves is a prefix of the original.
                     let served: Vec<&u64> = data.keys().collect();
                     let prefix: Vec<&u64> = original.keys().take(served.len()).collect();
-                    assert_eq!(served, prefix, "non-strict open served a non-prefix after a flip in {what}");
+                    assert_eq!(
+                        served, prefix,
+                        "non-strict open served a non-prefix after a flip in {what}"
+                    );
                     if report.is_clean() {
                         assert_eq!(status, ReplicaStatus::Voting);
-                        assert_eq!(data, original, "a clean non-strict open must serve everything ({what})");
+                        assert_eq!(
+                            data, original,
+                            "a clean non-strict open must serve everything ({what})"
+                        );
                     } else {
-                        assert_eq!(status, ReplicaStatus::Recovering, "damage found but not RECOVERING ({what})");
+                        assert_eq!(
+                            status,
+                            ReplicaStatus::Recovering,
+                            "damage found but not RECOVERING ({what})"
+                        );
                         t.lenient_recovering += 1;
                         // And the embedded log refuses to serve it.
-                        let err = Log::open(&dir, LogOptions { strict: false, ..Default::default() }).err();
-                        assert!(err.is_some(), "a RECOVERING replica must not serve ({what})");
+                        let err = Log::open(
+                            &dir,
+                            LogOptions {
+                                strict: false,
+                                ..Default::default()
+                            },
+                        )
+                        .err();
+                        assert!(
+                            err.is_some(),
+                            "a RECOVERING replica must not serve ({what})"
+                        );
                     }
                 }
             }
@@ -205,6 +259,9 @@ fn byte_flips_in_every_file_are_caught_or_harmless() {
     eprintln!("corruption sweep ({case} flips): {tallies:#?}");
     for k in ["WAL", "SST", "MANIFEST", "CURRENT", "IDENTITY"] {
         let t = &tallies[k];
-        assert!(t.strict_refused > 0, "no flip in any {k} file was detected: {t:?}");
+        assert!(
+            t.strict_refused > 0,
+            "no flip in any {k} file was detected: {t:?}"
+        );
     }
 }

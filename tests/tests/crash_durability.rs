@@ -80,7 +80,9 @@ fn acknowledged_appends_survive_sigkill() {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut lines = Vec::new();
         loop {
-            let l = rx.recv_timeout(Duration::from_secs(60)).expect("child started");
+            let l = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("child started");
             let started = l == "STARTED";
             lines.push(l);
             if started {
@@ -107,8 +109,12 @@ fn acknowledged_appends_survive_sigkill() {
                 continue;
             }
             // A line torn by the kill does not parse and was not seen whole.
-            let (Some(p), Some(s)) = (parts.next(), parts.next()) else { continue };
-            let (Ok(p), Ok(s)) = (p.parse::<u64>(), s.parse::<u64>()) else { continue };
+            let (Some(p), Some(s)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let (Ok(p), Ok(s)) = (p.parse::<u64>(), s.parse::<u64>()) else {
+                continue;
+            };
             if let Some(prev) = acked.insert(p, s) {
                 panic!("position {p} acknowledged twice (seq {prev} and {s})");
             }
@@ -117,9 +123,9 @@ fn acknowledged_appends_survive_sigkill() {
 
         let log = read_all(&path);
         for (p, seq) in &acked {
-            let got = log
-                .get(p)
-                .unwrap_or_else(|| panic!("round {round}: acknowledged position {p} (seq {seq}) is lost"));
+            let got = log.get(p).unwrap_or_else(|| {
+                panic!("round {round}: acknowledged position {p} (seq {seq}) is lost")
+            });
             assert_eq!(got, &payload(*seq), "round {round}: position {p} changed");
         }
         for (p, data) in &log {
@@ -135,5 +141,8 @@ fn acknowledged_appends_survive_sigkill() {
             log.len()
         );
     }
-    assert!(acked.len() as u64 > ROUNDS * 5, "the children acknowledged too little to test anything");
+    assert!(
+        acked.len() as u64 > ROUNDS * 5,
+        "the children acknowledged too little to test anything"
+    );
 }

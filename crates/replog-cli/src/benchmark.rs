@@ -20,9 +20,7 @@ use serde::Serialize;
 /// mesos-log's trace files use); a bare number is bytes.
 pub fn parse_size(s: &str) -> Result<usize> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: usize = num
         .parse()

@@ -60,9 +60,13 @@ fn default_demo_path() -> PathBuf {
 pub fn demo(a: DemoArgs) -> Result<()> {
     let path = a.path.unwrap_or_else(default_demo_path);
     if a.fresh && path.exists() {
-        std::fs::remove_dir_all(&path).with_context(|| format!("cannot wipe {}", path.display()))?;
+        std::fs::remove_dir_all(&path)
+            .with_context(|| format!("cannot wipe {}", path.display()))?;
     }
-    println!("== replog demo: an embedded single-replica log in {}", path.display());
+    println!(
+        "== replog demo: an embedded single-replica log in {}",
+        path.display()
+    );
     match identity::read(&path) {
         Ok(Some(id)) => println!(
             "-- found replica {} of cluster '{}' from an earlier run; reopening it",

@@ -5,9 +5,7 @@ use std::io::Write;
 
 use anyhow::{bail, Context, Result};
 use replog_log::application_entries;
-use replog_storage::{
-    InitOptions, LogStorage, Member, OpenOptions, RecoveryReport, RocksStorage,
-};
+use replog_storage::{InitOptions, LogStorage, Member, OpenOptions, RecoveryReport, RocksStorage};
 use serde::Serialize;
 
 use crate::cli::{InitializeArgs, ReadArgs, ReadFormat, StatusArgs};
@@ -169,7 +167,11 @@ pub fn status(a: StatusArgs) -> Result<()> {
         cluster_id: m.cluster_id.clone(),
         replica_id: m.replica_id,
         format_version: m.format_version,
-        members: m.members.iter().map(|x| (x.id, x.address.clone())).collect(),
+        members: m
+            .members
+            .iter()
+            .map(|x| (x.id, x.address.clone()))
+            .collect(),
         voters: m.conf_state.voters.clone(),
         learners: m.conf_state.learners.clone(),
         term: m.hard_state.term,

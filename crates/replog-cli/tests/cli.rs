@@ -25,13 +25,29 @@ fn p(path: &Path) -> &str {
 fn initialize_status_benchmark_read() {
     let d = tempfile::tempdir().unwrap();
     let r = d.path().join("r1");
-    let o = replog(&["initialize", "--path", p(&r), "--cluster-id", "prod-1", "--replica-id", "1"]);
+    let o = replog(&[
+        "initialize",
+        "--path",
+        p(&r),
+        "--cluster-id",
+        "prod-1",
+        "--replica-id",
+        "1",
+    ]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}{err}");
     assert!(out.contains("VOTING"), "{out}");
 
     // Initializing again is refused with a clear message.
-    let o = replog(&["initialize", "--path", p(&r), "--cluster-id", "prod-1", "--replica-id", "1"]);
+    let o = replog(&[
+        "initialize",
+        "--path",
+        p(&r),
+        "--cluster-id",
+        "prod-1",
+        "--replica-id",
+        "1",
+    ]);
     let (_, err) = text(&o);
     assert!(!o.status.success());
     assert!(err.contains("not empty"), "{err}");
@@ -54,8 +70,18 @@ fn initialize_status_benchmark_read() {
 
     let b = d.path().join("bench");
     let o = replog(&[
-        "benchmark", "--path", p(&b), "--input", p(&trace), "--repeat", "20", "--concurrency", "4",
-        "--probe-iterations", "20", "--json",
+        "benchmark",
+        "--path",
+        p(&b),
+        "--input",
+        p(&trace),
+        "--repeat",
+        "20",
+        "--concurrency",
+        "4",
+        "--probe-iterations",
+        "20",
+        "--json",
     ]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}{err}");
@@ -67,8 +93,10 @@ fn initialize_status_benchmark_read() {
     let o = replog(&["read", "--path", p(&b), "--format", "json"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
-    let lines: Vec<serde_json::Value> =
-        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 60);
     let total: u64 = lines.iter().map(|l| l["size"].as_u64().unwrap()).sum();
     assert_eq!(total, 20 * (100 + 1024 + 256));
@@ -97,7 +125,10 @@ fn demo_runs_and_survives_a_rerun() {
         let o = replog(&["demo", "--path", p(&path), "--entries", "300"]);
         let (out, err) = text(&o);
         assert!(o.status.success(), "{out}{err}");
-        assert!(out.contains("every acknowledged entry, byte for byte"), "{out}");
+        assert!(
+            out.contains("every acknowledged entry, byte for byte"),
+            "{out}"
+        );
         assert!(out.contains("done"), "{out}");
     }
 }

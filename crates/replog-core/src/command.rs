@@ -63,7 +63,9 @@ pub fn classify(e: &Entry) -> Result<EntryContent, BadEntry> {
                 reason: err.to_string(),
             })?;
             match cmd.command {
-                Some(log_command::Command::Append(b)) => Ok(EntryContent::Command(Command::Append(b))),
+                Some(log_command::Command::Append(b)) => {
+                    Ok(EntryContent::Command(Command::Append(b)))
+                }
                 Some(log_command::Command::Truncate(to)) => {
                     Ok(EntryContent::Command(Command::Truncate(to)))
                 }
@@ -82,12 +84,24 @@ mod tests {
 
     #[test]
     fn round_trip_and_classify() {
-        for c in [Command::Append(Bytes::from_static(b"abc")), Command::Truncate(42), Command::Append(Bytes::new())] {
-            let mut e = Entry::default();
-            e.index = 7;
-            e.data = c.encode().into();
+        for c in [
+            Command::Append(Bytes::from_static(b"abc")),
+            Command::Truncate(42),
+            Command::Append(Bytes::new()),
+        ] {
+            let e = Entry {
+                index: 7,
+                data: c.encode().into(),
+                ..Default::default()
+            };
             assert_eq!(classify(&e).unwrap(), EntryContent::Command(c.clone()));
-            assert!(e.data.len() <= match &c { Command::Append(b) => b.len(), _ => 0 } + Command::MAX_OVERHEAD);
+            assert!(
+                e.data.len()
+                    <= match &c {
+                        Command::Append(b) => b.len(),
+                        _ => 0,
+                    } + Command::MAX_OVERHEAD
+            );
         }
         let e = Entry::default();
         assert_eq!(classify(&e).unwrap(), EntryContent::LeaderNoop);
@@ -95,9 +109,11 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error() {
-        let mut e = Entry::default();
-        e.index = 3;
-        e.data = vec![0xff, 0xff, 0xff].into();
+        let e = Entry {
+            index: 3,
+            data: vec![0xff, 0xff, 0xff].into(),
+            ..Default::default()
+        };
         let err = classify(&e).unwrap_err();
         assert!(err.to_string().contains("position 3"));
     }

@@ -121,7 +121,10 @@ pub enum Output {
     /// The proposal is committed at `position` and applied.
     Committed { id: ProposalId, position: u64 },
     /// The proposal failed.
-    Failed { id: ProposalId, error: ProposalError },
+    Failed {
+        id: ProposalId,
+        error: ProposalError,
+    },
     /// Entries before `first_index` were removed; their space can be reclaimed.
     Truncated { first_index: u64 },
 }
@@ -382,17 +385,21 @@ impl<S: LogStorage> ReplicaCore<S> {
         out: &mut Vec<Output>,
     ) -> Result<(), CoreError> {
         for e in committed {
-            assert!(e.index > self.applied || self.applied == 0, "entry {} applied twice", e.index);
+            assert!(
+                e.index > self.applied || self.applied == 0,
+                "entry {} applied twice",
+                e.index
+            );
             match e.get_entry_type() {
                 EntryType::EntryConfChange => {
                     let cc: ConfChange = protobuf::Message::parse_from_bytes(&e.data)
-                        .map_err(|err| raft::Error::CodecError(err))?;
+                        .map_err(raft::Error::CodecError)?;
                     let cs = self.node.apply_conf_change(&cc)?;
                     update.conf_state = Some(cs);
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc: ConfChangeV2 = protobuf::Message::parse_from_bytes(&e.data)
-                        .map_err(|err| raft::Error::CodecError(err))?;
+                        .map_err(raft::Error::CodecError)?;
                     let cs = self.node.apply_conf_change(&cc)?;
                     update.conf_state = Some(cs);
                 }
@@ -402,8 +409,12 @@ impl<S: LogStorage> ReplicaCore<S> {
                             && e.term == self.node.raft.term
                         {
                             self.leader_ready = true;
-                            info!(replica = self.id, term = e.term, position = e.index,
-                                  "leader's entry of its term is committed; writer may start");
+                            info!(
+                                replica = self.id,
+                                term = e.term,
+                                position = e.index,
+                                "leader's entry of its term is committed; writer may start"
+                            );
                         }
                     }
                     Ok(EntryContent::Command(Command::Truncate(to))) => {
@@ -411,7 +422,8 @@ impl<S: LogStorage> ReplicaCore<S> {
                         let cur = update.compact_to.unwrap_or(0);
                         update.compact_to = Some(cur.max(to));
                     }
-                    Ok(EntryContent::Command(Command::Append(_))) | Ok(EntryContent::Membership) => {}
+                    Ok(EntryContent::Command(Command::Append(_)))
+                    | Ok(EntryContent::Membership) => {}
                     Err(bad) => warn!(%bad, "skipping an entry that holds no valid command"),
                 },
             }
@@ -452,7 +464,9 @@ impl<S: LogStorage> ReplicaCore<S> {
             for (_, p) in std::mem::take(&mut self.pending) {
                 out.push(Output::Failed {
                     id: p.id,
-                    error: ProposalError::LeadershipLost { term: p.term.max(term) },
+                    error: ProposalError::LeadershipLost {
+                        term: p.term.max(term),
+                    },
                 });
             }
         }

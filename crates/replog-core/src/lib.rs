@@ -8,4 +8,6 @@ mod core;
 pub mod slog_bridge;
 
 pub use command::{classify, BadEntry, Command, EntryContent};
-pub use core::{CoreConfig, CoreError, Input, Output, Progress, ProposalError, ProposalId, ReplicaCore};
+pub use core::{
+    CoreConfig, CoreError, Input, Output, Progress, ProposalError, ProposalId, ReplicaCore,
+};

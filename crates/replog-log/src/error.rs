@@ -27,7 +27,9 @@ pub enum LogError {
     /// The writer's leadership ended. Its pending writes may or may not be
     /// committed; the embedding scheduler must fail over (start a new writer
     /// and re-read the log).
-    #[error("writer lost leadership (it was started in term {term}); fail over and start a new writer")]
+    #[error(
+        "writer lost leadership (it was started in term {term}); fail over and start a new writer"
+    )]
     LeadershipLost { term: u64 },
 
     /// `append` or `truncate` before `start`.
@@ -47,7 +49,10 @@ pub enum LogError {
 
     /// Part of the range is written but not yet committed.
     #[error("position {requested} is not committed yet (the log ends at {ending})")]
-    Pending { requested: Position, ending: Position },
+    Pending {
+        requested: Position,
+        ending: Position,
+    },
 
     /// Part of the range was never written.
     #[error("position {requested} is past the end of the log (last written position {last})")]

@@ -26,7 +26,9 @@ impl Position {
 
     /// Parses an identity; `None` unless it is exactly 8 bytes.
     pub fn from_identity(bytes: &[u8]) -> Option<Self> {
-        <[u8; 8]>::try_from(bytes).ok().map(|b| Position(u64::from_be_bytes(b)))
+        <[u8; 8]>::try_from(bytes)
+            .ok()
+            .map(|b| Position(u64::from_be_bytes(b)))
     }
 }
 

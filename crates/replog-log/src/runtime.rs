@@ -69,10 +69,7 @@ pub(crate) struct Threads {
     pub compactor: Option<JoinHandle<()>>,
 }
 
-pub(crate) fn start(
-    storage: RocksStorage,
-    cfg: RuntimeConfig,
-) -> Result<(Arc<Shared>, Threads)> {
+pub(crate) fn start(storage: RocksStorage, cfg: RuntimeConfig) -> Result<(Arc<Shared>, Threads)> {
     let mut core = ReplicaCore::new(storage.clone(), &cfg.core)?;
     let mut outs = Vec::new();
     let initial = core.drive(&mut outs)?;
@@ -220,7 +217,9 @@ impl Driver {
             }
             let mut outs = Vec::new();
             for input in inputs.drain(..) {
-                self.core.step(input, &mut outs).map_err(|e| e.to_string())?;
+                self.core
+                    .step(input, &mut outs)
+                    .map_err(|e| e.to_string())?;
             }
             let progress = self.core.drive(&mut outs).map_err(|e| e.to_string())?;
             self.execute(outs)?;

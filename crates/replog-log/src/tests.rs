@@ -65,7 +65,10 @@ fn append_read_truncate_and_reopen() {
             r.read(positions[10], Position::new(r.ending().value() + 5)),
             Err(LogError::PastEnd { .. })
         ));
-        assert!(matches!(r.read(positions[12], positions[11]), Err(LogError::Invalid(_))));
+        assert!(matches!(
+            r.read(positions[12], positions[11]),
+            Err(LogError::Invalid(_))
+        ));
         log.close();
 
         let log = Log::open(&path, LogOptions::default()).unwrap();
@@ -96,9 +99,22 @@ fn oversized_entry_is_refused_and_changes_nothing() {
         w.start().await.unwrap();
         let before = log.progress();
         let err = w.append(vec![0u8; 1025]).await.unwrap_err();
-        assert!(matches!(err, LogError::EntryTooLarge { size: 1025, max: 1024 }), "{err}");
+        assert!(
+            matches!(
+                err,
+                LogError::EntryTooLarge {
+                    size: 1025,
+                    max: 1024
+                }
+            ),
+            "{err}"
+        );
         assert!(err.to_string().contains("1025"));
-        assert_eq!(log.progress().last_index, before.last_index, "nothing was written");
+        assert_eq!(
+            log.progress().last_index,
+            before.last_index,
+            "nothing was written"
+        );
         w.append(vec![0u8; 1024]).await.unwrap();
     });
 }
@@ -195,5 +211,8 @@ fn opening_a_recovering_replica_is_refused() {
         replog_storage::LogStorage::sync(&s).unwrap();
     }
     let err = Log::open(&path, LogOptions::default()).err().unwrap();
-    assert!(matches!(err, LogError::NotVoting(ReplicaStatus::Recovering)), "{err}");
+    assert!(
+        matches!(err, LogError::NotVoting(ReplicaStatus::Recovering)),
+        "{err}"
+    );
 }

@@ -24,12 +24,11 @@ pub trait Harness {
 /// Entries at `range` with `term` and `size` bytes of data each.
 pub fn entries(range: RangeInclusive<u64>, term: u64, size: usize) -> Vec<Entry> {
     range
-        .map(|i| {
-            let mut e = Entry::default();
-            e.index = i;
-            e.term = term;
-            e.data = vec![(i % 251) as u8; size].into();
-            e
+        .map(|i| Entry {
+            index: i,
+            term,
+            data: vec![(i % 251) as u8; size].into(),
+            ..Default::default()
         })
         .collect()
 }
@@ -73,7 +72,10 @@ fn fresh_bounds<H: Harness>(h: &mut H) {
     assert_eq!(s.first_index().unwrap(), 2, "fresh: first index");
     assert_eq!(s.last_index().unwrap(), 1, "fresh: last index");
     assert_eq!(s.term(1).unwrap(), 1, "fresh: term at the compaction point");
-    assert!(is_compacted(s.term(0)), "fresh: term before the compaction point");
+    assert!(
+        is_compacted(s.term(0)),
+        "fresh: term before the compaction point"
+    );
     assert!(is_unavailable(s.term(2)), "fresh: term past the end");
     let st = s.initial_state().unwrap();
     assert_eq!(st.conf_state.voters, vec![1], "fresh: voters");
@@ -84,31 +86,53 @@ fn append_and_read<H: Harness>(h: &mut H) {
     let s = h.fresh();
     append(&s, entries(2..=10, 2, 16));
     assert_eq!(s.last_index().unwrap(), 10);
-    let all = s.entries(2, 11, None, ctx()).unwrap();
+    let all = s.entries(2, 11, None::<u64>, ctx()).unwrap();
     assert_eq!(all.len(), 9, "entries(2, 11)");
     for (i, e) in all.iter().enumerate() {
         assert_eq!(e.index, 2 + i as u64, "entries come in position order");
         assert_eq!(e.term, 2);
-        assert_eq!(&e.data[..], &vec![(e.index % 251) as u8; 16][..], "data round trip");
+        assert_eq!(
+            &e.data[..],
+            &vec![(e.index % 251) as u8; 16][..],
+            "data round trip"
+        );
     }
-    assert_eq!(s.entries(5, 8, None, ctx()).unwrap().len(), 3, "entries(5, 8)");
+    assert_eq!(
+        s.entries(5, 8, None::<u64>, ctx()).unwrap().len(),
+        3,
+        "entries(5, 8)"
+    );
     assert_eq!(s.term(5).unwrap(), 2);
     assert!(is_unavailable(s.term(11)), "term past the end");
-    assert!(is_unavailable(s.entries(2, 12, None, ctx())), "entries past the end is an error, not a panic");
-    assert!(is_compacted(s.entries(1, 3, None, ctx())), "entries at the compaction point");
+    assert!(
+        is_unavailable(s.entries(2, 12, None::<u64>, ctx())),
+        "entries past the end is an error, not a panic"
+    );
+    assert!(
+        is_compacted(s.entries(1, 3, None::<u64>, ctx())),
+        "entries at the compaction point"
+    );
 }
 
 fn entries_size_limit<H: Harness>(h: &mut H) {
     let s = h.fresh();
     append(&s, entries(2..=11, 2, 100));
-    let one = s.entries(2, 12, Some(0), ctx()).unwrap();
+    let one = s.entries(2, 12, Some(0u64), ctx()).unwrap();
     assert_eq!(one.len(), 1, "a size limit of 0 still returns one entry");
-    let mut expect = s.entries(2, 12, None, ctx()).unwrap();
+    let mut expect = s.entries(2, 12, None::<u64>, ctx()).unwrap();
     let limit = (expect[0].data.len() * 3 + 30) as u64;
     raft::util::limit_size(&mut expect, Some(limit));
     let got = s.entries(2, 12, Some(limit), ctx()).unwrap();
-    assert_eq!(got.len(), expect.len(), "size limit follows raft-rs limit_size");
-    assert!(got.len() > 1 && got.len() < 10, "limit {limit} returned {}", got.len());
+    assert_eq!(
+        got.len(),
+        expect.len(),
+        "size limit follows raft-rs limit_size"
+    );
+    assert!(
+        got.len() > 1 && got.len() < 10,
+        "limit {limit} returned {}",
+        got.len()
+    );
     let big = s.entries(2, 12, Some(u64::MAX), ctx()).unwrap();
     assert_eq!(big.len(), 10, "unbounded limit returns the whole range");
 }
@@ -117,7 +141,11 @@ fn overwrite_conflicting_tail<H: Harness>(h: &mut H) {
     let s = h.fresh();
     append(&s, entries(2..=10, 2, 8));
     append(&s, entries(6..=7, 3, 8));
-    assert_eq!(s.last_index().unwrap(), 7, "a conflicting append drops the old tail");
+    assert_eq!(
+        s.last_index().unwrap(),
+        7,
+        "a conflicting append drops the old tail"
+    );
     assert_eq!(s.term(6).unwrap(), 3);
     assert_eq!(s.term(5).unwrap(), 2);
     assert!(is_unavailable(s.term(8)), "old tail is gone");
@@ -135,19 +163,34 @@ fn compaction_boundary<H: Harness>(h: &mut H) {
         ..Default::default()
     })
     .unwrap();
-    assert_eq!(s.first_index().unwrap(), 7, "first index after compact_to(7)");
+    assert_eq!(
+        s.first_index().unwrap(),
+        7,
+        "first index after compact_to(7)"
+    );
     assert_eq!(s.last_index().unwrap(), 10);
-    assert_eq!(s.term(6).unwrap(), 3, "term at the compaction boundary is kept");
+    assert_eq!(
+        s.term(6).unwrap(),
+        3,
+        "term at the compaction boundary is kept"
+    );
     assert!(is_compacted(s.term(5)), "term before the boundary");
-    assert!(is_compacted(s.entries(6, 8, None, ctx())), "entries before the boundary");
-    assert_eq!(s.entries(7, 11, None, ctx()).unwrap().len(), 4);
+    assert!(
+        is_compacted(s.entries(6, 8, None::<u64>, ctx())),
+        "entries before the boundary"
+    );
+    assert_eq!(s.entries(7, 11, None::<u64>, ctx()).unwrap().len(), 4);
     // Compacting to or before the boundary is a no-op.
     s.write(LogUpdate {
         compact_to: Some(3),
         ..Default::default()
     })
     .unwrap();
-    assert_eq!(s.first_index().unwrap(), 7, "compaction never goes backwards");
+    assert_eq!(
+        s.first_index().unwrap(),
+        7,
+        "compaction never goes backwards"
+    );
     assert!(
         s.write(LogUpdate {
             compact_to: Some(12),
@@ -159,7 +202,11 @@ fn compaction_boundary<H: Harness>(h: &mut H) {
     let s = h.reopen(s);
     assert_eq!(s.first_index().unwrap(), 7, "compaction is durable");
     assert_eq!(s.term(6).unwrap(), 3);
-    assert_eq!(s.meta().applied_index, 8, "applied is stored with the compaction");
+    assert_eq!(
+        s.meta().applied_index,
+        8,
+        "applied is stored with the compaction"
+    );
 }
 
 fn snapshot_metadata<H: Harness>(h: &mut H) {
@@ -171,22 +218,33 @@ fn snapshot_metadata<H: Harness>(h: &mut H) {
     })
     .unwrap();
     let snap = s.snapshot(0, 2).unwrap();
-    assert_eq!(snap.get_metadata().index, 5, "snapshot index is the compaction point");
+    assert_eq!(
+        snap.get_metadata().index,
+        5,
+        "snapshot index is the compaction point"
+    );
     assert_eq!(snap.get_metadata().term, 4);
     assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1]);
-    assert!(s.snapshot(9, 2).is_err(), "a snapshot newer than the compaction point is not ready");
+    assert!(
+        s.snapshot(9, 2).is_err(),
+        "a snapshot newer than the compaction point is not ready"
+    );
 }
 
 fn hard_and_conf_state_round_trip<H: Harness>(h: &mut H) {
     let s = h.fresh();
     append(&s, entries(2..=4, 5, 8));
-    let mut hs = HardState::default();
-    hs.term = 5;
-    hs.vote = 1;
-    hs.commit = 3;
-    let mut cs = ConfState::default();
-    cs.voters = vec![1, 2, 3];
-    cs.learners = vec![4];
+    let hs = HardState {
+        term: 5,
+        vote: 1,
+        commit: 3,
+        ..Default::default()
+    };
+    let cs = ConfState {
+        voters: vec![1, 2, 3],
+        learners: vec![4],
+        ..Default::default()
+    };
     s.write(LogUpdate {
         hard_state: Some(hs.clone()),
         conf_state: Some(cs.clone()),
@@ -216,7 +274,11 @@ fn install_snapshot<H: Harness>(h: &mut H) {
     assert_eq!(s.term(20).unwrap(), 4);
     assert!(s.initial_state().unwrap().hard_state.commit >= 20);
     append(&s, entries(21..=22, 4, 8));
-    assert_eq!(s.last_index().unwrap(), 22, "the log continues after a snapshot");
+    assert_eq!(
+        s.last_index().unwrap(),
+        22,
+        "the log continues after a snapshot"
+    );
 }
 
 fn rejects_bad_appends<H: Harness>(h: &mut H) {
@@ -248,7 +310,11 @@ fn rejects_bad_appends<H: Harness>(h: &mut H) {
         .is_err(),
         "non-contiguous entries are refused"
     );
-    assert_eq!(s.last_index().unwrap(), 5, "a refused update changes nothing");
+    assert_eq!(
+        s.last_index().unwrap(),
+        5,
+        "a refused update changes nothing"
+    );
 }
 
 fn synced_writes_survive_reopen<H: Harness>(h: &mut H) {
@@ -257,6 +323,10 @@ fn synced_writes_survive_reopen<H: Harness>(h: &mut H) {
     s.sync().unwrap();
     let s = h.reopen(s);
     assert_eq!(s.last_index().unwrap(), 50);
-    let got = s.entries(2, 51, None, ctx()).unwrap();
-    assert_eq!(got, entries(2..=50, 2, 64), "entries survive reopen byte for byte");
+    let got = s.entries(2, 51, None::<u64>, ctx()).unwrap();
+    assert_eq!(
+        got,
+        entries(2..=50, 2, 64),
+        "entries survive reopen byte for byte"
+    );
 }

@@ -103,9 +103,7 @@ impl StorageError {
     pub fn is_corruption(&self) -> bool {
         match self {
             StorageError::Corrupt { .. } => true,
-            StorageError::Rocks { source, .. } => {
-                source.kind() == rocksdb::ErrorKind::Corruption
-            }
+            StorageError::Rocks { source, .. } => source.kind() == rocksdb::ErrorKind::Corruption,
             _ => false,
         }
     }
@@ -115,9 +113,7 @@ impl From<StorageError> for raft::Error {
     fn from(e: StorageError) -> Self {
         match e {
             StorageError::Compacted { .. } => raft::Error::Store(raft::StorageError::Compacted),
-            StorageError::Unavailable { .. } => {
-                raft::Error::Store(raft::StorageError::Unavailable)
-            }
+            StorageError::Unavailable { .. } => raft::Error::Store(raft::StorageError::Unavailable),
             other => raft::Error::Store(raft::StorageError::Other(Box::new(other))),
         }
     }

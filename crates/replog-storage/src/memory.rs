@@ -42,11 +42,15 @@ pub struct MemoryStorage {
 impl MemoryStorage {
     /// An initialized VOTING replica with `voters`, like `replog initialize`.
     pub fn new_initialized(cluster_id: &str, replica_id: u64, voters: Vec<u64>) -> Self {
-        let mut hard_state = HardState::default();
-        hard_state.term = 1;
-        hard_state.commit = 1;
-        let mut conf_state = ConfState::default();
-        conf_state.voters = voters;
+        let hard_state = HardState {
+            term: 1,
+            commit: 1,
+            ..Default::default()
+        };
+        let conf_state = ConfState {
+            voters,
+            ..Default::default()
+        };
         let meta = ReplicaMeta {
             format_version: FORMAT_VERSION,
             cluster_id: cluster_id.to_string(),
@@ -124,9 +128,7 @@ impl MemoryStorage {
 
 impl raft::Storage for MemoryStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(self.with(|st| {
-            RaftState::new(st.meta.hard_state.clone(), st.meta.conf_state.clone())
-        }))
+        Ok(self.with(|st| RaftState::new(st.meta.hard_state.clone(), st.meta.conf_state.clone())))
     }
 
     fn entries(
@@ -207,7 +209,8 @@ impl LogStorage for MemoryStorage {
                     ));
                 }
             }
-            st.entries.truncate((first - st.meta.snapshot_index - 1) as usize);
+            st.entries
+                .truncate((first - st.meta.snapshot_index - 1) as usize);
             st.entries.extend(u.entries.iter().cloned());
         }
         if let Some(to) = u.compact_to {
@@ -282,9 +285,17 @@ mod tests {
     #[test]
     fn crash_loses_unsynced_writes_only() {
         let s = MemoryStorage::new_initialized("t", 1, vec![1]);
-        s.write(LogUpdate { entries: conformance::entries(2..=5, 2, 8), ..Default::default() }).unwrap();
+        s.write(LogUpdate {
+            entries: conformance::entries(2..=5, 2, 8),
+            ..Default::default()
+        })
+        .unwrap();
         s.sync().unwrap();
-        s.write(LogUpdate { entries: conformance::entries(6..=9, 2, 8), ..Default::default() }).unwrap();
+        s.write(LogUpdate {
+            entries: conformance::entries(6..=9, 2, 8),
+            ..Default::default()
+        })
+        .unwrap();
         s.crash();
         assert_eq!(raft::Storage::last_index(&s).unwrap(), 5);
     }

@@ -136,16 +136,20 @@ impl ReplicaMeta {
         })?;
         let hs = m.hard_state.unwrap_or_default();
         let cs = m.conf_state.unwrap_or_default();
-        let mut hard_state = HardState::default();
-        hard_state.term = hs.term;
-        hard_state.vote = hs.vote;
-        hard_state.commit = hs.commit;
-        let mut conf_state = ConfState::default();
-        conf_state.voters = cs.voters;
-        conf_state.learners = cs.learners;
-        conf_state.voters_outgoing = cs.voters_outgoing;
-        conf_state.learners_next = cs.learners_next;
-        conf_state.auto_leave = cs.auto_leave;
+        let hard_state = HardState {
+            term: hs.term,
+            vote: hs.vote,
+            commit: hs.commit,
+            ..Default::default()
+        };
+        let conf_state = ConfState {
+            voters: cs.voters,
+            learners: cs.learners,
+            voters_outgoing: cs.voters_outgoing,
+            learners_next: cs.learners_next,
+            auto_leave: cs.auto_leave,
+            ..Default::default()
+        };
         Ok(ReplicaMeta {
             format_version: m.format_version,
             cluster_id: m.cluster_id,
@@ -240,13 +244,14 @@ pub(crate) fn decode_entry(index: u64, bytes: Bytes, location: &str) -> Result<E
     if s.term == 0 {
         return Err(StorageError::corrupt(location, "log entry with term 0"));
     }
-    let mut e = Entry::default();
-    e.index = index;
-    e.term = s.term;
-    e.set_entry_type(entry_type);
-    e.data = s.data;
-    e.context = s.context;
-    Ok(e)
+    Ok(Entry {
+        index,
+        term: s.term,
+        entry_type,
+        data: s.data,
+        context: s.context,
+        ..Default::default()
+    })
 }
 
 /// Key of a log position: 8 bytes big-endian, so RocksDB orders keys by position.

@@ -157,7 +157,10 @@ fn rocks_err(dir: &Path) -> impl Fn(rocksdb::Error) -> StorageError + '_ {
 }
 
 fn log_location(dir: &Path, index: u64) -> String {
-    format!("{} column family '{CF_LOG}' position {index}", dir.display())
+    format!(
+        "{} column family '{CF_LOG}' position {index}",
+        dir.display()
+    )
 }
 
 fn meta_location(dir: &Path) -> String {
@@ -262,11 +265,15 @@ impl RocksStorage {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         let db = DB::open_cf_descriptors(&opts, dir, cf_descriptors()).map_err(rocks_err(dir))?;
-        let mut hard_state = HardState::default();
-        hard_state.term = 1;
-        hard_state.commit = 1;
-        let mut conf_state = ConfState::default();
-        conf_state.voters = ids;
+        let hard_state = HardState {
+            term: 1,
+            commit: 1,
+            ..Default::default()
+        };
+        let conf_state = ConfState {
+            voters: ids,
+            ..Default::default()
+        };
         // Like raft-rs's MemStorage::initialize_with_conf_state: the initial
         // membership is a snapshot at (1, 1), so every member starts from the
         // same state and the first real entry is at position 2.
@@ -335,7 +342,10 @@ impl RocksStorage {
                     identity::path(dir).display()
                 );
                 if strict {
-                    return Err(StorageError::corrupt(identity::path(dir).display().to_string(), "file is missing"));
+                    return Err(StorageError::corrupt(
+                        identity::path(dir).display().to_string(),
+                        "file is missing",
+                    ));
                 }
                 damage.push(msg);
                 None
@@ -350,23 +360,39 @@ impl RocksStorage {
             check_identity(dir, i.format_version, &i.cluster_id, opts)?;
         }
 
-        // 2. RocksDB (its own WAL, MANIFEST and block checksums).
-        let db_opts = db_options(strict);
+        // 2. RocksDB (its own WAL, MANIFEST and block checksums). Always
+        // tried strictly first: a lenient WAL mode on its own would cut the
+        // log at a damaged record without telling anyone, and a replica that
+        // silently forgot acknowledged entries must never stay VOTING.
         let names = [CF_META, CF_LOG];
-        let db = if opts.read_only {
-            DB::open_cf_for_read_only(&db_opts, dir, names, false).map_err(rocks_err(dir))?
-        } else {
-            match DB::open_cf_descriptors(&db_opts, dir, cf_descriptors()) {
-                Ok(db) => db,
-                Err(e) if !strict => {
-                    damage.push(format!("RocksDB could not open the data ({e}); repaired it"));
-                    warn!(dir = %dir.display(), error = %e, "RocksDB open failed; running repair (non-strict)");
-                    DB::repair(&db_opts, dir).map_err(rocks_err(dir))?;
-                    let mut o = db_opts.clone();
-                    o.create_missing_column_families(true);
-                    DB::open_cf_descriptors(&o, dir, cf_descriptors()).map_err(rocks_err(dir))?
+        let open_with = |o: &Options| {
+            if opts.read_only {
+                DB::open_cf_for_read_only(o, dir, names, false)
+            } else {
+                DB::open_cf_descriptors(o, dir, cf_descriptors())
+            }
+        };
+        let db = match open_with(&db_options(true)) {
+            Ok(db) => db,
+            Err(e) if strict => return Err(rocks_err(dir)(e)),
+            Err(e) => {
+                damage.push(format!("RocksDB refused the data as it is: {e}"));
+                warn!(dir = %dir.display(), error = %e, "strict RocksDB recovery failed; recovering leniently (non-strict)");
+                match open_with(&db_options(false)) {
+                    Ok(db) => db,
+                    Err(e) if opts.read_only => return Err(rocks_err(dir)(e)),
+                    Err(e) => {
+                        damage.push(format!(
+                            "point-in-time recovery failed too ({e}); repaired the database"
+                        ));
+                        let o = db_options(false);
+                        DB::repair(&o, dir).map_err(rocks_err(dir))?;
+                        let mut o = db_options(false);
+                        o.create_missing_column_families(true);
+                        DB::open_cf_descriptors(&o, dir, cf_descriptors())
+                            .map_err(rocks_err(dir))?
+                    }
                 }
-                Err(e) => return Err(rocks_err(dir)(e)),
             }
         };
 
@@ -379,7 +405,10 @@ impl RocksStorage {
             match db.get_pinned_cf(cf, META_KEY) {
                 Ok(Some(v)) => frame::decode(META_KEY, &v, META_LIMIT, || meta_loc.clone())
                     .and_then(|p| ReplicaMeta::decode(p, &meta_loc)),
-                Ok(None) => Err(StorageError::corrupt(meta_loc.clone(), "metadata record is missing")),
+                Ok(None) => Err(StorageError::corrupt(
+                    meta_loc.clone(),
+                    "metadata record is missing",
+                )),
                 Err(e) => Err(rocks_err(dir)(e)),
             }
         };
@@ -444,12 +473,18 @@ impl RocksStorage {
                     }
                 };
                 let Some(idx) = key_position(&k) else {
-                    bad = Some((expected, format!("{}: malformed key {:?}", log_location(dir, expected), k)));
+                    bad = Some((
+                        expected,
+                        format!("{}: malformed key {:?}", log_location(dir, expected), k),
+                    ));
                     break;
                 };
                 if idx != expected {
                     let why = if idx < expected {
-                        format!("entry {idx} is at or before the compaction point {}", meta.snapshot_index)
+                        format!(
+                            "entry {idx} is at or before the compaction point {}",
+                            meta.snapshot_index
+                        )
                     } else {
                         format!("gap: position {expected} is missing, next present is {idx}")
                     };
@@ -461,7 +496,13 @@ impl RocksStorage {
                     .and_then(|p| decode_entry(idx, Bytes::copy_from_slice(p), &loc));
                 match checked {
                     Ok(e) if e.term < prev_term => {
-                        bad = Some((idx, format!("{loc}: term {} is below the previous term {prev_term}", e.term)));
+                        bad = Some((
+                            idx,
+                            format!(
+                                "{loc}: term {} is below the previous term {prev_term}",
+                                e.term
+                            ),
+                        ));
                         break;
                     }
                     Ok(e) => {
@@ -476,7 +517,6 @@ impl RocksStorage {
                 }
             }
         }
-        let mut repair = LogUpdate::default();
         if let Some((from, why)) = bad {
             if strict {
                 return Err(StorageError::corrupt(log_location(dir, from), why));
@@ -489,7 +529,10 @@ impl RocksStorage {
                 meta.hard_state.commit
             );
             if strict {
-                return Err(StorageError::corrupt(log_location(dir, last_index + 1), why));
+                return Err(StorageError::corrupt(
+                    log_location(dir, last_index + 1),
+                    why,
+                ));
             }
             damage.push(why);
             meta.hard_state.commit = last_index;
@@ -499,7 +542,6 @@ impl RocksStorage {
         if !damage.is_empty() {
             warn!(dir = %dir.display(), ?damage, "non-strict recovery kept the intact prefix up to position {last_index}; replica is RECOVERING");
             meta.status = ReplicaStatus::Recovering;
-            repair.status = Some(ReplicaStatus::Recovering);
         }
         let storage = RocksStorage {
             inner: Arc::new(Inner {
@@ -537,11 +579,22 @@ impl RocksStorage {
         let inner = &self.inner;
         let st = inner.state.read();
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.log_cf(), position_key(last_index + 1), position_key(u64::MAX));
-        batch.put_cf(self.meta_cf(), META_KEY, frame::encode(META_KEY, &st.meta.encode()));
+        batch.delete_range_cf(
+            self.log_cf(),
+            position_key(last_index + 1),
+            position_key(u64::MAX),
+        );
+        batch.put_cf(
+            self.meta_cf(),
+            META_KEY,
+            frame::encode(META_KEY, &st.meta.encode()),
+        );
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        inner.db.write_opt(batch, &wo).map_err(rocks_err(&inner.dir))
+        inner
+            .db
+            .write_opt(batch, &wo)
+            .map_err(rocks_err(&inner.dir))
     }
 
     fn log_cf(&self) -> &ColumnFamily {
@@ -574,8 +627,10 @@ impl RocksStorage {
             return Err(StorageError::ReadOnly(self.inner.dir.clone()));
         }
         let db = &self.inner.db;
-        db.flush_cf(self.meta_cf()).map_err(rocks_err(&self.inner.dir))?;
-        db.flush_cf(self.log_cf()).map_err(rocks_err(&self.inner.dir))
+        db.flush_cf(self.meta_cf())
+            .map_err(rocks_err(&self.inner.dir))?;
+        db.flush_cf(self.log_cf())
+            .map_err(rocks_err(&self.inner.dir))
     }
 
     /// Bytes the replica occupies on disk.
@@ -702,7 +757,12 @@ impl RocksStorage {
     }
 }
 
-fn check_identity(dir: &Path, format_version: u32, cluster_id: &str, opts: &OpenOptions) -> Result<()> {
+fn check_identity(
+    dir: &Path,
+    format_version: u32,
+    cluster_id: &str,
+    opts: &OpenOptions,
+) -> Result<()> {
     if format_version != FORMAT_VERSION {
         return Err(StorageError::UnsupportedFormat {
             path: dir.to_path_buf(),
@@ -816,7 +876,9 @@ impl LogStorage for RocksStorage {
                 )));
             }
             if end + 1 - first != u.entries.len() as u64 {
-                return Err(StorageError::Invalid("appended entries are not contiguous".into()));
+                return Err(StorageError::Invalid(
+                    "appended entries are not contiguous".into(),
+                ));
             }
             if first <= last {
                 batch.delete_range_cf(log, position_key(first), position_key(last + 1));
@@ -844,9 +906,19 @@ impl LogStorage for RocksStorage {
                     )));
                 }
                 let mark = to - 1;
+                // Not entry_term(): it takes the state lock we hold.
                 let term = match u.entries.iter().find(|e| e.index == mark) {
                     Some(e) => e.term,
-                    None => self.entry_term(mark)?,
+                    None => {
+                        self.read_entry(mark)?
+                            .ok_or_else(|| {
+                                StorageError::corrupt(
+                                    log_location(&inner.dir, mark),
+                                    "entry is missing",
+                                )
+                            })?
+                            .term
+                    }
                 };
                 batch.delete_range_cf(log, position_key(meta.snapshot_index + 1), position_key(to));
                 meta.snapshot_index = mark;
@@ -866,9 +938,16 @@ impl LogStorage for RocksStorage {
             meta.status = s;
         }
         debug_assert!(meta.snapshot_index <= last);
-        batch.put_cf(self.meta_cf(), META_KEY, frame::encode(META_KEY, &meta.encode()));
+        batch.put_cf(
+            self.meta_cf(),
+            META_KEY,
+            frame::encode(META_KEY, &meta.encode()),
+        );
         let wo = WriteOptions::default();
-        inner.db.write_opt(batch, &wo).map_err(rocks_err(&inner.dir))?;
+        inner
+            .db
+            .write_opt(batch, &wo)
+            .map_err(rocks_err(&inner.dir))?;
         st.meta = meta;
         st.last_index = last;
         Ok(())
@@ -893,9 +972,11 @@ impl LogStorage for RocksStorage {
             return Ok(());
         }
         let first = self.inner.state.read().meta.snapshot_index + 1;
-        self.inner
-            .db
-            .compact_range_cf(self.log_cf(), None::<&[u8]>, Some(&position_key(first)[..]));
+        self.inner.db.compact_range_cf(
+            self.log_cf(),
+            None::<&[u8]>,
+            Some(&position_key(first)[..]),
+        );
         Ok(())
     }
 }
@@ -918,7 +999,10 @@ mod tests {
                 &InitOptions {
                     cluster_id: "test".into(),
                     replica_id: 1,
-                    members: vec![Member { id: 1, address: String::new() }],
+                    members: vec![Member {
+                        id: 1,
+                        address: String::new(),
+                    }],
                 },
             )
             .unwrap();
@@ -947,25 +1031,38 @@ mod tests {
             let entries: Vec<Entry> = (0..500u64)
                 .map(|i| {
                     let idx = 2 + chunk * 500 + i;
-                    let mut e = Entry::default();
-                    e.index = idx;
-                    e.term = 2;
                     let mut d = payload.clone();
                     for (j, b) in d.iter_mut().enumerate() {
-                        *b = (idx.wrapping_mul(2654435761).wrapping_add(j as u64 * 40503) >> 7) as u8;
+                        *b = (idx.wrapping_mul(2654435761).wrapping_add(j as u64 * 40503) >> 7)
+                            as u8;
                     }
-                    e.data = d.into();
-                    e
+                    Entry {
+                        index: idx,
+                        term: 2,
+                        data: d.into(),
+                        ..Default::default()
+                    }
                 })
                 .collect();
-            s.write(LogUpdate { entries, ..Default::default() }).unwrap();
+            s.write(LogUpdate {
+                entries,
+                ..Default::default()
+            })
+            .unwrap();
         }
         s.sync().unwrap();
         s.inner.db.flush_cf(s.log_cf()).unwrap();
         let before = s.disk_usage().unwrap();
-        assert!(before > 60 * 1024 * 1024, "expected >60MiB on disk, got {before}");
+        assert!(
+            before > 60 * 1024 * 1024,
+            "expected >60MiB on disk, got {before}"
+        );
         let last = s.last_index();
-        s.write(LogUpdate { compact_to: Some(last - 10), ..Default::default() }).unwrap();
+        s.write(LogUpdate {
+            compact_to: Some(last - 10),
+            ..Default::default()
+        })
+        .unwrap();
         s.reclaim_space().unwrap();
         s.inner.db.flush_wal(true).unwrap();
         let after = s.disk_usage().unwrap();

@@ -15,7 +15,10 @@ fn init(dir: &Path, cluster: &str) -> RocksStorage {
         &InitOptions {
             cluster_id: cluster.into(),
             replica_id: 1,
-            members: vec![Member { id: 1, address: String::new() }],
+            members: vec![Member {
+                id: 1,
+                address: String::new(),
+            }],
         },
     )
     .unwrap()
@@ -49,7 +52,10 @@ fn initialize_refuses_a_non_empty_directory() {
         &InitOptions {
             cluster_id: "c".into(),
             replica_id: 1,
-            members: vec![Member { id: 1, address: String::new() }],
+            members: vec![Member {
+                id: 1,
+                address: String::new(),
+            }],
         },
     )
     .err()
@@ -70,7 +76,10 @@ fn initialize_twice_is_refused() {
         &InitOptions {
             cluster_id: "c".into(),
             replica_id: 1,
-            members: vec![Member { id: 1, address: String::new() }],
+            members: vec![Member {
+                id: 1,
+                address: String::new(),
+            }],
         },
     )
     .err()
@@ -96,7 +105,13 @@ fn initialize_validates_its_arguments() {
             &InitOptions {
                 cluster_id: cluster.into(),
                 replica_id: id,
-                members: members.into_iter().map(|id| Member { id, address: String::new() }).collect(),
+                members: members
+                    .into_iter()
+                    .map(|id| Member {
+                        id,
+                        address: String::new(),
+                    })
+                    .collect(),
             },
         )
         .err()
@@ -144,7 +159,9 @@ fn a_future_format_version_is_refused_untouched() {
     )
     .unwrap();
     let before = fingerprint(&p);
-    let err = RocksStorage::open(&p, &OpenOptions::default()).err().unwrap();
+    let err = RocksStorage::open(&p, &OpenOptions::default())
+        .err()
+        .unwrap();
     assert!(
         matches!(err, StorageError::UnsupportedFormat { found, .. } if found == FORMAT_VERSION + 1),
         "{err}"
@@ -155,9 +172,13 @@ fn a_future_format_version_is_refused_untouched() {
 #[test]
 fn an_uninitialized_directory_is_refused() {
     let d = tempfile::tempdir().unwrap();
-    let err = RocksStorage::open(&d.path().join("missing"), &OpenOptions::default()).err().unwrap();
+    let err = RocksStorage::open(&d.path().join("missing"), &OpenOptions::default())
+        .err()
+        .unwrap();
     assert!(matches!(err, StorageError::NotInitialized { .. }), "{err}");
-    let err = RocksStorage::open(d.path(), &OpenOptions::default()).err().unwrap();
+    let err = RocksStorage::open(d.path(), &OpenOptions::default())
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("replog initialize"), "{err}");
 }
 

@@ -23,7 +23,10 @@ fn main() -> Result<()> {
             &InitOptions {
                 cluster_id: "crash-test".into(),
                 replica_id: 1,
-                members: vec![Member { id: 1, address: String::new() }],
+                members: vec![Member {
+                    id: 1,
+                    address: String::new(),
+                }],
             },
         )?;
     }
