@@ -1,5 +1,5 @@
 //! Corruption sweep: flip bytes at many offsets of every file of a replica's
-//! data directory (WAL, SST, MANIFEST, CURRENT, OPTIONS, IDENTITY). For every
+//! data directory (WAL, SST, MANIFEST, CURRENT, OPTIONS, REPLICA-IDENTITY, RocksDB IDENTITY). For every
 //! flip:
 //! - strict open fails with a clear error, or opens and every read returns
 //!   exactly the original data (or a clear corruption error) — never a panic,
@@ -94,8 +94,10 @@ fn kind(name: &str) -> &'static str {
         "CURRENT"
     } else if name.starts_with("OPTIONS") {
         "OPTIONS"
+    } else if name == "REPLICA-IDENTITY" {
+        "REPLICA-IDENTITY"
     } else if name == "IDENTITY" {
-        "IDENTITY"
+        "ROCKSDB-IDENTITY"
     } else {
         "other"
     }
@@ -136,7 +138,7 @@ fn byte_flips_in_every_file_are_caught_or_harmless() {
         .iter()
         .map(|p| kind(&p.file_name().unwrap().to_string_lossy()))
         .collect();
-    for k in ["WAL", "SST", "MANIFEST", "CURRENT", "IDENTITY"] {
+    for k in ["WAL", "SST", "MANIFEST", "CURRENT", "REPLICA-IDENTITY"] {
         assert!(kinds.contains(&k), "template lacks a {k} file: {kinds:?}");
     }
 
@@ -257,7 +259,7 @@ fn byte_flips_in_every_file_are_caught_or_harmless() {
         }
     }
     eprintln!("corruption sweep ({case} flips): {tallies:#?}");
-    for k in ["WAL", "SST", "MANIFEST", "CURRENT", "IDENTITY"] {
+    for k in ["WAL", "SST", "MANIFEST", "CURRENT", "REPLICA-IDENTITY"] {
         let t = &tallies[k];
         assert!(
             t.strict_refused > 0,

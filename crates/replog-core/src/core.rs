@@ -489,3 +489,225 @@ impl<S: LogStorage> ReplicaCore<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use replog_storage::MemoryStorage;
+
+    /// Runs the core like the runtime does, with `sync` deciding whether a
+    /// requested fsync happens; returns the outputs that are not syncs.
+    fn pump(c: &mut ReplicaCore<MemoryStorage>, sync: bool) -> Vec<Output> {
+        let mut done = Vec::new();
+        for _ in 0..100 {
+            let mut out = Vec::new();
+            c.drive(&mut out).unwrap();
+            let mut synced = None;
+            for o in out {
+                match o {
+                    Output::Sync { ready_number } if sync => {
+                        c.storage().sync().unwrap();
+                        synced = Some(ready_number);
+                    }
+                    Output::Sync { .. } => {}
+                    other => done.push(other),
+                }
+            }
+            match synced {
+                Some(n) => {
+                    let mut out = Vec::new();
+                    c.step(Input::Persisted { ready_number: n }, &mut out)
+                        .unwrap();
+                    done.extend(out);
+                }
+                None => return done,
+            }
+        }
+        panic!("the core did not settle");
+    }
+
+    fn leader(storage: &MemoryStorage) -> ReplicaCore<MemoryStorage> {
+        let mut c = ReplicaCore::new(storage.clone(), &CoreConfig::default()).unwrap();
+        pump(&mut c, true);
+        assert!(c.progress().leader_ready, "a single voter leads at once");
+        c
+    }
+
+    fn append(id: u64, s: &str) -> Input {
+        Input::Propose {
+            id,
+            command: Command::Append(Bytes::copy_from_slice(s.as_bytes())),
+            writer_term: None,
+        }
+    }
+
+    #[test]
+    fn nothing_is_acknowledged_before_its_sync() {
+        let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+        let mut c = leader(&s);
+        let mut out = Vec::new();
+        for i in 0..10 {
+            c.step(append(i, "x"), &mut out).unwrap();
+        }
+        assert!(out.is_empty());
+        // Drive without fsyncs, remembering the syncs asked for.
+        let mut drive_out = Vec::new();
+        c.drive(&mut drive_out).unwrap();
+        let asked: Vec<u64> = drive_out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Sync { ready_number } => Some(*ready_number),
+                _ => None,
+            })
+            .collect();
+        assert!(!asked.is_empty(), "new entries need an fsync");
+        assert!(
+            !drive_out
+                .iter()
+                .any(|o| matches!(o, Output::Committed { .. })),
+            "acknowledged before the fsync: {drive_out:?}"
+        );
+        assert!(
+            pump(&mut c, false).is_empty(),
+            "nothing happens until the sync is done"
+        );
+        c.storage().sync().unwrap();
+        let mut synced = Vec::new();
+        c.step(
+            Input::Persisted {
+                ready_number: *asked.iter().max().unwrap(),
+            },
+            &mut synced,
+        )
+        .unwrap();
+        synced.extend(pump(&mut c, true));
+        let acked: Vec<(u64, u64)> = synced
+            .iter()
+            .filter_map(|o| match o {
+                Output::Committed { id, position } => Some((*id, *position)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(acked.len(), 10, "{synced:?}");
+        assert!(acked
+            .windows(2)
+            .all(|w| w[0].1 + 1 == w[1].1 && w[0].0 + 1 == w[1].0));
+    }
+
+    #[test]
+    fn a_crash_loses_only_unacknowledged_entries() {
+        let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+        let mut c = leader(&s);
+        let mut out = Vec::new();
+        c.step(append(1, "durable"), &mut out).unwrap();
+        let acked = pump(&mut c, true);
+        let Some(Output::Committed { position, .. }) = acked.first() else {
+            panic!("{acked:?}")
+        };
+        let position = *position;
+        c.step(append(2, "lost"), &mut out).unwrap();
+        pump(&mut c, false);
+        drop(c);
+        s.crash();
+        let c = leader(&s);
+        let e = raft::Storage::entries(
+            c.storage(),
+            position,
+            position + 1,
+            None::<u64>,
+            raft::GetEntriesContext::empty(false),
+        )
+        .unwrap();
+        assert_eq!(
+            classify(&e[0]).unwrap(),
+            EntryContent::Command(Command::Append(Bytes::from_static(b"durable")))
+        );
+        let last = raft::Storage::last_index(c.storage()).unwrap();
+        let tail = raft::Storage::entries(
+            c.storage(),
+            position + 1,
+            last + 1,
+            None::<u64>,
+            raft::GetEntriesContext::empty(false),
+        )
+        .unwrap();
+        assert!(
+            tail.iter()
+                .all(|e| classify(e).unwrap() == EntryContent::LeaderNoop),
+            "the unsynced entry must not survive the crash: {tail:?}"
+        );
+    }
+
+    #[test]
+    fn a_writer_of_an_old_term_is_refused() {
+        let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+        let mut c = leader(&s);
+        let term = c.progress().term;
+        let mut out = Vec::new();
+        c.step(
+            Input::Propose {
+                id: 9,
+                command: Command::Append(Bytes::from_static(b"x")),
+                writer_term: Some(term - 1),
+            },
+            &mut out,
+        )
+        .unwrap();
+        assert!(matches!(
+            out.as_slice(),
+            [Output::Failed {
+                id: 9,
+                error: ProposalError::LeadershipLost { .. }
+            }]
+        ));
+    }
+
+    #[test]
+    fn truncation_is_applied_with_the_applied_position() {
+        let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+        let mut c = leader(&s);
+        let mut out = Vec::new();
+        for i in 0..5 {
+            c.step(append(i, "x"), &mut out).unwrap();
+        }
+        let acked = pump(&mut c, true);
+        let positions: Vec<u64> = acked
+            .iter()
+            .filter_map(|o| match o {
+                Output::Committed { position, .. } => Some(*position),
+                _ => None,
+            })
+            .collect();
+        c.step(
+            Input::Propose {
+                id: 99,
+                command: Command::Truncate(positions[3]),
+                writer_term: None,
+            },
+            &mut out,
+        )
+        .unwrap();
+        let done = pump(&mut c, true);
+        assert!(done.iter().any(
+            |o| matches!(o, Output::Truncated { first_index } if *first_index == positions[3])
+        ));
+        let meta = s.meta();
+        assert_eq!(meta.snapshot_index + 1, positions[3]);
+        assert!(meta.applied_index > positions[4]);
+    }
+
+    #[test]
+    fn a_replica_that_is_not_voting_does_not_run() {
+        let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+        s.write(LogUpdate {
+            status: Some(ReplicaStatus::Recovering),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(matches!(
+            ReplicaCore::new(s, &CoreConfig::default()),
+            Err(CoreError::NotVoting(ReplicaStatus::Recovering))
+        ));
+    }
+}

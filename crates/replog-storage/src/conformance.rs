@@ -17,8 +17,15 @@ pub trait Harness {
     /// A fresh storage initialized like `replog initialize` with voters `[1]`:
     /// compaction point (1, 1), no entries.
     fn fresh(&mut self) -> Self::S;
-    /// Closes and reopens the storage (after a sync), like a restart.
+    /// Closes and reopens the storage, like a restart (or a crash: writes
+    /// not followed by a sync may be lost).
     fn reopen(&mut self, s: Self::S) -> Self::S;
+}
+
+/// Syncs, then reopens: everything written so far must survive.
+fn restart<H: Harness>(h: &mut H, s: H::S) -> H::S {
+    s.sync().expect("sync");
+    h.reopen(s)
 }
 
 /// Entries at `range` with `term` and `size` bytes of data each.
@@ -149,7 +156,7 @@ fn overwrite_conflicting_tail<H: Harness>(h: &mut H) {
     assert_eq!(s.term(6).unwrap(), 3);
     assert_eq!(s.term(5).unwrap(), 2);
     assert!(is_unavailable(s.term(8)), "old tail is gone");
-    let s = h.reopen(s);
+    let s = restart(h, s);
     assert_eq!(s.last_index().unwrap(), 7, "tail removal is durable");
 }
 
@@ -160,6 +167,11 @@ fn compaction_boundary<H: Harness>(h: &mut H) {
     s.write(LogUpdate {
         compact_to: Some(7),
         applied: Some(8),
+        hard_state: Some(HardState {
+            term: 3,
+            commit: 9,
+            ..Default::default()
+        }),
         ..Default::default()
     })
     .unwrap();
@@ -199,7 +211,7 @@ fn compaction_boundary<H: Harness>(h: &mut H) {
         .is_err(),
         "compacting past the end is refused"
     );
-    let s = h.reopen(s);
+    let s = restart(h, s);
     assert_eq!(s.first_index().unwrap(), 7, "compaction is durable");
     assert_eq!(s.term(6).unwrap(), 3);
     assert_eq!(
@@ -254,8 +266,7 @@ fn hard_and_conf_state_round_trip<H: Harness>(h: &mut H) {
     let st = s.initial_state().unwrap();
     assert_eq!(st.hard_state, hs);
     assert_eq!(st.conf_state, cs);
-    s.sync().unwrap();
-    let s = h.reopen(s);
+    let s = restart(h, s);
     let st = s.initial_state().unwrap();
     assert_eq!(st.hard_state, hs, "hard state survives reopen");
     assert_eq!(st.conf_state, cs, "conf state survives reopen");
@@ -320,8 +331,7 @@ fn rejects_bad_appends<H: Harness>(h: &mut H) {
 fn synced_writes_survive_reopen<H: Harness>(h: &mut H) {
     let s = h.fresh();
     append(&s, entries(2..=50, 2, 64));
-    s.sync().unwrap();
-    let s = h.reopen(s);
+    let s = restart(h, s);
     assert_eq!(s.last_index().unwrap(), 50);
     let got = s.entries(2, 51, None::<u64>, ctx()).unwrap();
     assert_eq!(

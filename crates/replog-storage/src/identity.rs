@@ -1,4 +1,4 @@
-//! The IDENTITY file: cluster id, replica id and format version of a replica,
+//! The identity file (`REPLICA-IDENTITY`): cluster id, replica id and format version of a replica,
 //! framed with a crc32c, written atomically (temp file, fsync, rename,
 //! directory fsync).
 //!
@@ -15,7 +15,8 @@ use crate::frame;
 use crate::model::ReplicaIdentity;
 
 /// File name of the identity record inside a replica directory.
-pub const IDENTITY_FILE: &str = "IDENTITY";
+/// (Not `IDENTITY`: RocksDB keeps a file of that name for its own id.)
+pub const IDENTITY_FILE: &str = "REPLICA-IDENTITY";
 const KEY: &[u8] = b"replog/identity";
 const LIMIT: usize = 64 * 1024;
 

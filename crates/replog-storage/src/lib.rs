@@ -4,7 +4,7 @@
 //! a RocksDB database ([`RocksStorage`]) with a `meta` column family (the
 //! [`ReplicaMeta`] record: format version, cluster and replica id, status,
 //! Raft hard and conf state, compaction point, applied position) and a `log`
-//! column family (one entry per position), plus an `IDENTITY` file.
+//! column family (one entry per position), plus a `REPLICA-IDENTITY` file.
 //!
 //! Invariants every implementation keeps (checked by [`conformance`]):
 //! - every value is framed with a crc32c ([`frame`]) that is checked on

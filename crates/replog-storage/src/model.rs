@@ -178,7 +178,7 @@ impl ReplicaMeta {
     }
 }
 
-/// Identity of a replica, as kept in the IDENTITY file.
+/// Identity of a replica, as kept in the REPLICA-IDENTITY file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaIdentity {
     pub format_version: u32,

@@ -130,7 +130,7 @@ fn db_options(strict: bool) -> Options {
     let mut o = Options::default();
     o.set_paranoid_checks(true);
     o.set_keep_log_file_num(4);
-    o.set_max_total_wal_size(256 * 1024 * 1024);
+    o.set_max_total_wal_size(128 * 1024 * 1024);
     o.set_wal_recovery_mode(if strict {
         DBRecoveryMode::TolerateCorruptedTailRecords
     } else {
@@ -334,7 +334,7 @@ impl RocksStorage {
                 if !dir.join("CURRENT").exists() {
                     return Err(StorageError::NotInitialized {
                         path: dir.to_path_buf(),
-                        reason: "no IDENTITY file".into(),
+                        reason: "no REPLICA-IDENTITY file".into(),
                     });
                 }
                 let msg = format!(
@@ -419,7 +419,7 @@ impl RocksStorage {
                     return Err(StorageError::corrupt(
                         dir.display().to_string(),
                         format!(
-                            "both the IDENTITY file and the metadata record are unreadable ({e}); \
+                            "both the REPLICA-IDENTITY file and the metadata record are unreadable ({e}); \
                              the replica's identity is lost: wipe the directory and add it back \
                              as a new replica"
                         ),
@@ -448,7 +448,7 @@ impl RocksStorage {
                 return Err(StorageError::corrupt(
                     meta_loc,
                     format!(
-                        "metadata says cluster '{}' replica {}, IDENTITY says cluster '{}' replica {}",
+                        "metadata says cluster '{}' replica {}, REPLICA-IDENTITY says cluster '{}' replica {}",
                         meta.cluster_id, meta.replica_id, i.cluster_id, i.replica_id
                     ),
                 ));
@@ -1031,10 +1031,14 @@ mod tests {
             let entries: Vec<Entry> = (0..500u64)
                 .map(|i| {
                     let idx = 2 + chunk * 500 + i;
+                    // Incompressible data, so compression cannot hide the size.
+                    let mut x = idx.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
                     let mut d = payload.clone();
-                    for (j, b) in d.iter_mut().enumerate() {
-                        *b = (idx.wrapping_mul(2654435761).wrapping_add(j as u64 * 40503) >> 7)
-                            as u8;
+                    for b in d.iter_mut() {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        *b = x as u8;
                     }
                     Entry {
                         index: idx,
@@ -1051,7 +1055,7 @@ mod tests {
             .unwrap();
         }
         s.sync().unwrap();
-        s.inner.db.flush_cf(s.log_cf()).unwrap();
+        s.flush().unwrap();
         let before = s.disk_usage().unwrap();
         assert!(
             before > 60 * 1024 * 1024,

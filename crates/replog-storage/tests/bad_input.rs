@@ -146,7 +146,7 @@ fn a_future_format_version_is_refused_untouched() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("r");
     drop(init(&p, "c"));
-    // Rewrite IDENTITY as a future binary would.
+    // Rewrite REPLICA-IDENTITY as a future binary would.
     let future = replog_proto::storage::ReplicaIdentity {
         format_version: FORMAT_VERSION + 1,
         cluster_id: "c".into(),
