@@ -137,7 +137,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
             Err(e) => println!("-- reading the truncated range fails as it should: {e}"),
             Ok(_) => bail!("a truncated range was readable"),
         }
-        drop(writer);
+        drop((writer, reader));
         log.close();
         println!("-- closed the replica; reopening it (a restart)");
         let log = Log::open(&path, LogOptions::default())?;

@@ -190,7 +190,8 @@ impl Log {
         self.storage.dir()
     }
 
-    /// Stops the replica: waiting calls fail with [`LogError::Closed`].
+    /// Stops the replica: waiting calls fail with [`LogError::Closed`]. The
+    /// data directory is released when the last [`Reader`] is dropped too.
     pub fn close(mut self) {
         self.shutdown();
     }

@@ -222,12 +222,14 @@ impl Driver {
                     .map_err(|e| e.to_string())?;
             }
             let progress = self.core.drive(&mut outs).map_err(|e| e.to_string())?;
-            self.execute(outs)?;
+            // Publish before answering: a caller that got its position must
+            // see it within `ending()`.
             self.shared.progress.send_if_modified(|p| {
                 let changed = *p != progress;
                 *p = progress;
                 changed
             });
+            self.execute(outs)?;
         }
     }
 

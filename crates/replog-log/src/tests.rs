@@ -69,6 +69,8 @@ fn append_read_truncate_and_reopen() {
             r.read(positions[12], positions[11]),
             Err(LogError::Invalid(_))
         ));
+        // The data directory is released once the log and its readers are gone.
+        drop((r, w));
         log.close();
 
         let log = Log::open(&path, LogOptions::default()).unwrap();
