@@ -396,127 +396,35 @@ impl RocksStorage {
             }
         };
 
-        // 3. The metadata record.
-        let meta_loc = meta_location(dir);
-        let meta_read = {
-            let cf = db.cf_handle(CF_META).ok_or_else(|| {
-                StorageError::corrupt(dir.display().to_string(), "column family 'meta' is missing")
-            })?;
-            match db.get_pinned_cf(cf, META_KEY) {
-                Ok(Some(v)) => frame::decode(META_KEY, &v, META_LIMIT, || meta_loc.clone())
-                    .and_then(|p| ReplicaMeta::decode(p, &meta_loc)),
-                Ok(None) => Err(StorageError::corrupt(
-                    meta_loc.clone(),
-                    "metadata record is missing",
-                )),
-                Err(e) => Err(rocks_err(dir)(e)),
+        let mut v = verify(&db, dir, ident.as_ref(), opts)?;
+        let mut db = db;
+        if v.rocks_corruption && !strict && !opts.read_only {
+            // RepairDB sets aside table files
+            // that fail their checksums; the log is then cut at the gap.
+            if let Some(d) = v.meta_damage.take() {
+                damage.push(d);
             }
-        };
-        let mut meta = match meta_read {
-            Ok(m) => m,
-            Err(e) if !strict => {
-                let Some(i) = &ident else {
-                    return Err(StorageError::corrupt(
-                        dir.display().to_string(),
-                        format!(
-                            "both the REPLICA-IDENTITY file and the metadata record are unreadable ({e}); \
-                             the replica's identity is lost: wipe the directory and add it back \
-                             as a new replica"
-                        ),
-                    ));
-                };
-                damage.push(e.to_string());
-                ReplicaMeta {
-                    format_version: i.format_version,
-                    cluster_id: i.cluster_id.clone(),
-                    replica_id: i.replica_id,
-                    status: ReplicaStatus::Recovering,
-                    hard_state: HardState::default(),
-                    conf_state: ConfState::default(),
-                    snapshot_index: 0,
-                    snapshot_term: 0,
-                    applied_index: 0,
-                    members: Vec::new(),
-                    created_at_unix_ms: i.created_at_unix_ms,
-                }
+            if let Some((_, why)) = &v.bad {
+                damage.push(why.clone());
             }
-            Err(e) => return Err(e),
-        };
-        check_identity(dir, meta.format_version, &meta.cluster_id, opts)?;
-        if let Some(i) = &ident {
-            if i.cluster_id != meta.cluster_id || i.replica_id != meta.replica_id {
-                return Err(StorageError::corrupt(
-                    meta_loc,
-                    format!(
-                        "metadata says cluster '{}' replica {}, REPLICA-IDENTITY says cluster '{}' replica {}",
-                        meta.cluster_id, meta.replica_id, i.cluster_id, i.replica_id
-                    ),
-                ));
-            }
+            damage.push("RocksDB reported corrupt blocks; repaired the database".into());
+            warn!(dir = %dir.display(), "corrupt RocksDB blocks; running repair (non-strict)");
+            drop(db);
+            DB::repair(&db_options(false), dir).map_err(rocks_err(dir))?;
+            let mut o = db_options(false);
+            o.create_missing_column_families(true);
+            db = DB::open_cf_descriptors(&o, dir, cf_descriptors()).map_err(rocks_err(dir))?;
+            v = verify(&db, dir, ident.as_ref(), opts)?;
         }
-
-        // 4. Every log record: checksum, decoding, contiguity, terms.
-        let mut last_index = meta.snapshot_index;
-        let mut bad: Option<(u64, String)> = None;
-        {
-            let cf = db.cf_handle(CF_LOG).ok_or_else(|| {
-                StorageError::corrupt(dir.display().to_string(), "column family 'log' is missing")
-            })?;
-            let mut prev_term = meta.snapshot_term;
-            let mut expected = meta.snapshot_index + 1;
-            for item in db.iterator_cf(cf, IteratorMode::Start) {
-                let (k, v) = match item {
-                    Ok(kv) => kv,
-                    Err(e) => {
-                        bad = Some((expected, format!("{}: {e}", log_location(dir, expected))));
-                        break;
-                    }
-                };
-                let Some(idx) = key_position(&k) else {
-                    bad = Some((
-                        expected,
-                        format!("{}: malformed key {:?}", log_location(dir, expected), k),
-                    ));
-                    break;
-                };
-                if idx != expected {
-                    let why = if idx < expected {
-                        format!(
-                            "entry {idx} is at or before the compaction point {}",
-                            meta.snapshot_index
-                        )
-                    } else {
-                        format!("gap: position {expected} is missing, next present is {idx}")
-                    };
-                    bad = Some((expected, format!("{}: {why}", log_location(dir, expected))));
-                    break;
-                }
-                let loc = log_location(dir, idx);
-                let checked = frame::decode(&k, &v, opts.max_record_bytes, || loc.clone())
-                    .and_then(|p| decode_entry(idx, Bytes::copy_from_slice(p), &loc));
-                match checked {
-                    Ok(e) if e.term < prev_term => {
-                        bad = Some((
-                            idx,
-                            format!(
-                                "{loc}: term {} is below the previous term {prev_term}",
-                                e.term
-                            ),
-                        ));
-                        break;
-                    }
-                    Ok(e) => {
-                        prev_term = e.term;
-                        last_index = idx;
-                        expected += 1;
-                    }
-                    Err(e) => {
-                        bad = Some((idx, e.to_string()));
-                        break;
-                    }
-                }
-            }
+        if let Some(d) = v.meta_damage.take() {
+            damage.push(d);
         }
+        let Verified {
+            mut meta,
+            last_index,
+            bad,
+            ..
+        } = v;
         if let Some((from, why)) = bad {
             if strict {
                 return Err(StorageError::corrupt(log_location(dir, from), why));
@@ -714,6 +622,11 @@ impl RocksStorage {
             approx += (e.data.len() + e.context.len()) as u64;
             out.push(e);
             expected += 1;
+            if expected >= high {
+                // Do not step further: the next block may be outside the
+                // range (and, after non-strict recovery, damaged).
+                break;
+            }
             if let Some(max) = max_size {
                 if approx > max {
                     break;
@@ -780,6 +693,160 @@ fn check_identity(
         }
     }
     Ok(())
+}
+
+/// What verifying a replica's RocksDB data found.
+struct Verified {
+    meta: ReplicaMeta,
+    last_index: u64,
+    /// First bad position and why.
+    bad: Option<(u64, String)>,
+    /// The metadata record was unreadable (non-strict: rebuilt from identity).
+    meta_damage: Option<String>,
+    /// RocksDB itself reported corrupt blocks (a repair may salvage more).
+    rocks_corruption: bool,
+}
+
+/// Reads the metadata record and checks every log record: checksum,
+/// decoding, contiguity, terms. In strict mode the first problem is an error.
+fn verify(
+    db: &DB,
+    dir: &Path,
+    ident: Option<&ReplicaIdentity>,
+    opts: &OpenOptions,
+) -> Result<Verified> {
+    let mut meta_damage = None;
+    let mut rocks_corruption = false;
+    // 3. The metadata record.
+    let meta_loc = meta_location(dir);
+    let meta_read = {
+        let cf = db.cf_handle(CF_META).ok_or_else(|| {
+            StorageError::corrupt(dir.display().to_string(), "column family 'meta' is missing")
+        })?;
+        match db.get_pinned_cf(cf, META_KEY) {
+            Ok(Some(v)) => frame::decode(META_KEY, &v, META_LIMIT, || meta_loc.clone())
+                .and_then(|p| ReplicaMeta::decode(p, &meta_loc)),
+            Ok(None) => Err(StorageError::corrupt(
+                meta_loc.clone(),
+                "metadata record is missing",
+            )),
+            Err(e) => Err(rocks_err(dir)(e)),
+        }
+    };
+    let meta = match meta_read {
+        Ok(m) => m,
+        Err(e) if !opts.strict => {
+            rocks_corruption |= matches!(e, StorageError::Rocks { .. });
+            let Some(i) = ident else {
+                return Err(StorageError::corrupt(
+                    dir.display().to_string(),
+                    format!(
+                        "both the REPLICA-IDENTITY file and the metadata record are unreadable ({e}); \
+                         the replica's identity is lost: wipe the directory and add it back \
+                         as a new replica"
+                    ),
+                ));
+            };
+            meta_damage = Some(e.to_string());
+            ReplicaMeta {
+                format_version: i.format_version,
+                cluster_id: i.cluster_id.clone(),
+                replica_id: i.replica_id,
+                status: ReplicaStatus::Recovering,
+                hard_state: HardState::default(),
+                conf_state: ConfState::default(),
+                snapshot_index: 0,
+                snapshot_term: 0,
+                applied_index: 0,
+                members: Vec::new(),
+                created_at_unix_ms: i.created_at_unix_ms,
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    check_identity(dir, meta.format_version, &meta.cluster_id, opts)?;
+    if let Some(i) = ident {
+        if i.cluster_id != meta.cluster_id || i.replica_id != meta.replica_id {
+            return Err(StorageError::corrupt(
+                meta_loc,
+                format!(
+                    "metadata says cluster '{}' replica {}, REPLICA-IDENTITY says cluster '{}' replica {}",
+                    meta.cluster_id, meta.replica_id, i.cluster_id, i.replica_id
+                ),
+            ));
+        }
+    }
+
+    // 4. Every log record: checksum, decoding, contiguity, terms.
+    let mut last_index = meta.snapshot_index;
+    let mut bad: Option<(u64, String)> = None;
+    {
+        let cf = db.cf_handle(CF_LOG).ok_or_else(|| {
+            StorageError::corrupt(dir.display().to_string(), "column family 'log' is missing")
+        })?;
+        let mut prev_term = meta.snapshot_term;
+        let mut expected = meta.snapshot_index + 1;
+        for item in db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(e) => {
+                    rocks_corruption = true;
+                    bad = Some((expected, format!("{}: {e}", log_location(dir, expected))));
+                    break;
+                }
+            };
+            let Some(idx) = key_position(&k) else {
+                bad = Some((
+                    expected,
+                    format!("{}: malformed key {:?}", log_location(dir, expected), k),
+                ));
+                break;
+            };
+            if idx != expected {
+                let why = if idx < expected {
+                    format!(
+                        "entry {idx} is at or before the compaction point {}",
+                        meta.snapshot_index
+                    )
+                } else {
+                    format!("gap: position {expected} is missing, next present is {idx}")
+                };
+                bad = Some((expected, format!("{}: {why}", log_location(dir, expected))));
+                break;
+            }
+            let loc = log_location(dir, idx);
+            let checked = frame::decode(&k, &v, opts.max_record_bytes, || loc.clone())
+                .and_then(|p| decode_entry(idx, Bytes::copy_from_slice(p), &loc));
+            match checked {
+                Ok(e) if e.term < prev_term => {
+                    bad = Some((
+                        idx,
+                        format!(
+                            "{loc}: term {} is below the previous term {prev_term}",
+                            e.term
+                        ),
+                    ));
+                    break;
+                }
+                Ok(e) => {
+                    prev_term = e.term;
+                    last_index = idx;
+                    expected += 1;
+                }
+                Err(e) => {
+                    bad = Some((idx, e.to_string()));
+                    break;
+                }
+            }
+        }
+    }
+    Ok(Verified {
+        meta,
+        last_index,
+        bad,
+        meta_damage,
+        rocks_corruption,
+    })
 }
 
 impl raft::Storage for RocksStorage {
