@@ -132,3 +132,65 @@ fn demo_runs_and_survives_a_rerun() {
         assert!(out.contains("done"), "{out}");
     }
 }
+
+#[test]
+fn read_and_status_on_a_damaged_replica() {
+    let d = tempfile::tempdir().unwrap();
+    let b = d.path().join("bench");
+    let trace = d.path().join("trace.txt");
+    std::fs::write(&trace, "512B\n").unwrap();
+    let o = replog(&[
+        "benchmark",
+        "--path",
+        p(&b),
+        "--input",
+        p(&trace),
+        "--repeat",
+        "200",
+        "--probe-iterations",
+        "0",
+    ]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let full = replog(&["read", "--path", p(&b)]);
+    let full_lines = text(&full).0.lines().count();
+    assert_eq!(full_lines, 200);
+
+    // Damage the middle of the write-ahead log (the entries live only there).
+    let wal = std::fs::read_dir(&b)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "log"))
+        .expect("a WAL file");
+    let mut bytes = std::fs::read(&wal).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&wal, bytes).unwrap();
+
+    let strict = replog(&["read", "--path", p(&b)]);
+    let (_, err) = text(&strict);
+    assert!(
+        !strict.status.success(),
+        "strict read must refuse damaged data"
+    );
+    assert!(err.contains("orrupt"), "{err}");
+
+    let lenient = replog(&["read", "--path", p(&b), "--strict=false"]);
+    let (out, err) = text(&lenient);
+    assert!(lenient.status.success(), "{err}");
+    assert!(err.contains("damage found"), "{err}");
+    let n = out.lines().count();
+    assert!(n < 200, "the damaged part is not served ({n} entries)");
+    // What is served is the intact prefix of what was there.
+    let full_out = text(&full).0;
+    assert!(
+        full_out.starts_with(&out),
+        "non-strict read served something other than a prefix"
+    );
+
+    let status = replog(&["status", "--path", p(&b), "--strict=false", "--json"]);
+    let (out, err) = text(&status);
+    assert!(status.status.success(), "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(!j["damage"].as_array().unwrap().is_empty(), "{out}");
+}
