@@ -185,6 +185,12 @@ impl Log {
         &self.recovery
     }
 
+    /// Number of fsyncs done since open (group commit makes it far smaller
+    /// than the number of appends under concurrency).
+    pub fn sync_count(&self) -> u64 {
+        self.storage.sync_count()
+    }
+
     /// The replica's data directory.
     pub fn path(&self) -> &Path {
         self.storage.dir()

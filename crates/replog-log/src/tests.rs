@@ -131,6 +131,7 @@ fn concurrent_appends_share_fsyncs_and_all_commit() {
         let mut w = log.writer();
         w.start().await.unwrap();
         let w = Arc::new(w);
+        let syncs_before = log.sync_count();
         let mut tasks = Vec::new();
         for t in 0..32u32 {
             let w = w.clone();
@@ -149,6 +150,13 @@ fn concurrent_appends_share_fsyncs_and_all_commit() {
             all.extend(t.await.unwrap());
         }
         all.sort();
+        let syncs = log.sync_count() - syncs_before;
+        assert!(syncs > 0, "appends were fsynced");
+        assert!(
+            syncs * 4 <= all.len() as u64,
+            "{} concurrent appends took {syncs} fsyncs: they do not share them",
+            all.len()
+        );
         let r = log.reader();
         let got = r.read(all[0].0, all.last().unwrap().0).unwrap();
         assert_eq!(got.len(), all.len());

@@ -19,6 +19,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -117,6 +118,8 @@ struct Inner {
     read_only: bool,
     max_record_bytes: usize,
     state: RwLock<State>,
+    /// fsyncs done by [`LogStorage::sync`] since open.
+    syncs: AtomicU64,
 }
 
 /// A replica's log on RocksDB. Cheap to clone (shared handle); safe to read
@@ -462,6 +465,7 @@ impl RocksStorage {
                     meta: meta.clone(),
                     last_index,
                 }),
+                syncs: AtomicU64::new(0),
             }),
         };
         if !damage.is_empty() && !opts.read_only {
@@ -521,6 +525,11 @@ impl RocksStorage {
     /// First position present in the log (one past the compaction point).
     pub fn first_index_now(&self) -> u64 {
         self.inner.state.read().meta.snapshot_index + 1
+    }
+
+    /// Number of fsyncs [`LogStorage::sync`] has done since open.
+    pub fn sync_count(&self) -> u64 {
+        self.inner.syncs.load(Ordering::Relaxed)
     }
 
     /// Last position present in the log.
@@ -1026,6 +1035,7 @@ impl LogStorage for RocksStorage {
                 .db
                 .flush_wal(true)
                 .map_err(rocks_err(&self.inner.dir))?;
+            self.inner.syncs.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
