@@ -4,21 +4,11 @@
 use std::path::Path;
 
 use replog_log::{Log, LogOptions};
-use replog_storage::{InitOptions, Member, RocksStorage};
+use replog_storage::{InitOptions, RocksStorage};
 
 /// Initializes a single-replica log in `dir` and opens it.
 pub fn fresh_log(dir: &Path) -> Log {
-    RocksStorage::initialize(
-        dir,
-        &InitOptions {
-            cluster_id: "bench".into(),
-            replica_id: 1,
-            members: vec![Member {
-                id: 1,
-                address: String::new(),
-            }],
-        },
-    )
-    .expect("initialize benchmark replica");
+    RocksStorage::initialize(dir, &InitOptions::single_replica("bench"))
+        .expect("initialize benchmark replica");
     Log::open(dir, LogOptions::default()).expect("open benchmark replica")
 }

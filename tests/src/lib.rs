@@ -42,37 +42,6 @@ pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A fingerprint of every file's name and content below `dir`, to show that
-/// a refused operation changed nothing on disk.
-pub fn dir_fingerprint(dir: &Path) -> Vec<(String, u32, u64)> {
-    let mut out = Vec::new();
-    fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, u32, u64)>) {
-        for e in std::fs::read_dir(dir).expect("readable dir").flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(base, &p, out);
-            } else {
-                let data = std::fs::read(&p).expect("readable file");
-                let name = p.strip_prefix(base).unwrap().display().to_string();
-                out.push((name, fnv1a(&data), data.len() as u64));
-            }
-        }
-    }
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
-}
-
-fn fnv1a(data: &[u8]) -> u32 {
-    // A simple, dependency-free FNV-style hash is enough for a fingerprint.
-    let mut h: u32 = 0x811c_9dc5;
-    for b in data {
-        h ^= *b as u32;
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,14 +18,7 @@ use replog_tests::{copy_dir, payload};
 fn build_template(path: &Path) {
     replog_storage::RocksStorage::initialize(
         path,
-        &replog_storage::InitOptions {
-            cluster_id: "sweep".into(),
-            replica_id: 1,
-            members: vec![replog_storage::Member {
-                id: 1,
-                address: String::new(),
-            }],
-        },
+        &replog_storage::InitOptions::single_replica("sweep"),
     )
     .unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use replog_log::{Log, LogOptions};
-use replog_storage::{identity, InitOptions, Member, RocksStorage};
+use replog_storage::{identity, InitOptions, RocksStorage};
 
 use crate::benchmark::{fsync_probe, read_trace, run_appends, Report};
 use crate::cli::{BenchmarkArgs, DemoArgs};
@@ -32,18 +32,8 @@ fn progress_bar(len: u64, what: &str) -> ProgressBar {
 }
 
 fn init_single(path: &Path, cluster_id: &str) -> Result<()> {
-    RocksStorage::initialize(
-        path,
-        &InitOptions {
-            cluster_id: cluster_id.to_string(),
-            replica_id: 1,
-            members: vec![Member {
-                id: 1,
-                address: String::new(),
-            }],
-        },
-    )
-    .with_context(|| format!("cannot initialize {}", path.display()))?;
+    RocksStorage::initialize(path, &InitOptions::single_replica(cluster_id))
+        .with_context(|| format!("cannot initialize {}", path.display()))?;
     Ok(())
 }
 

@@ -1,19 +1,8 @@
 use super::*;
-use replog_storage::{InitOptions, Member};
+use replog_storage::InitOptions;
 
 fn init(dir: &Path) {
-    RocksStorage::initialize(
-        dir,
-        &InitOptions {
-            cluster_id: "test-cluster".into(),
-            replica_id: 1,
-            members: vec![Member {
-                id: 1,
-                address: String::new(),
-            }],
-        },
-    )
-    .unwrap();
+    RocksStorage::initialize(dir, &InitOptions::single_replica("test-cluster")).unwrap();
 }
 
 fn rt() -> tokio::runtime::Runtime {

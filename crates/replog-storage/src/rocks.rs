@@ -90,6 +90,20 @@ pub struct InitOptions {
     pub members: Vec<Member>,
 }
 
+impl InitOptions {
+    /// A cluster of one: replica 1, the only voter (an embedded log).
+    pub fn single_replica(cluster_id: &str) -> Self {
+        InitOptions {
+            cluster_id: cluster_id.to_string(),
+            replica_id: 1,
+            members: vec![Member {
+                id: 1,
+                address: String::new(),
+            }],
+        }
+    }
+}
+
 /// What open found and did.
 #[derive(Debug, Clone, Default)]
 pub struct RecoveryReport {
@@ -1071,18 +1085,9 @@ mod tests {
         type S = RocksStorage;
         fn fresh(&mut self) -> RocksStorage {
             let d = tempfile::tempdir().unwrap();
-            let s = RocksStorage::initialize(
-                &d.path().join("r"),
-                &InitOptions {
-                    cluster_id: "test".into(),
-                    replica_id: 1,
-                    members: vec![Member {
-                        id: 1,
-                        address: String::new(),
-                    }],
-                },
-            )
-            .unwrap();
+            let s =
+                RocksStorage::initialize(&d.path().join("r"), &InitOptions::single_replica("test"))
+                    .unwrap();
             self.dirs.push(d);
             s
         }

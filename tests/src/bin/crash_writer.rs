@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use replog_log::{Log, LogOptions};
-use replog_storage::{identity, InitOptions, Member, RocksStorage};
+use replog_storage::{identity, InitOptions, RocksStorage};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -18,17 +18,7 @@ fn main() -> Result<()> {
     let concurrency: usize = args.get(2).context("concurrency")?.parse()?;
     let first_seq: u64 = args.get(3).context("first-seq")?.parse()?;
     if identity::read(&path)?.is_none() {
-        RocksStorage::initialize(
-            &path,
-            &InitOptions {
-                cluster_id: "crash-test".into(),
-                replica_id: 1,
-                members: vec![Member {
-                    id: 1,
-                    address: String::new(),
-                }],
-            },
-        )?;
+        RocksStorage::initialize(&path, &InitOptions::single_replica("crash-test"))?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
