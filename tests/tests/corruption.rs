@@ -48,7 +48,11 @@ fn build_template(path: &Path) {
 /// Committed application entries as position -> data, or the first error.
 fn committed(s: &RocksStorage) -> Result<BTreeMap<u64, Vec<u8>>, StorageError> {
     let meta = replog_storage::LogStorage::meta(s);
-    let commit = meta.hard_state.commit.min(s.last_index());
+    let commit = meta.hard_state.commit;
+    assert!(
+        commit <= s.last_index(),
+        "open must never leave commit beyond the log"
+    );
     let first = s.first_index_now();
     if commit < first {
         return Ok(BTreeMap::new());

@@ -87,11 +87,12 @@ struct JsonEntry<'a> {
 }
 
 pub fn read(a: ReadArgs) -> Result<()> {
-    let (s, report) = open_read_only(&a.path, a.strict)?;
+    let (s, _) = open_read_only(&a.path, a.strict)?;
     let meta = s.meta();
     let beginning = s.first_index_now();
-    // Only committed entries; after non-strict recovery, only the intact ones.
-    let committed = meta.hard_state.commit.min(report.last_index);
+    // Only committed entries. Open guarantees commit <= the last intact
+    // position (strict refuses otherwise, non-strict lowers it).
+    let committed = meta.hard_state.commit;
     let from = a.from.unwrap_or(beginning);
     let to = a.to.unwrap_or(committed);
     if from < beginning {
@@ -177,7 +178,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
         term: m.hard_state.term,
         vote: m.hard_state.vote,
         beginning: s.first_index_now(),
-        ending: m.hard_state.commit.min(report.last_index),
+        ending: m.hard_state.commit,
         last_written: s.last_index(),
         applied: m.applied_index,
         disk_bytes: s.disk_usage()?,

@@ -527,6 +527,16 @@ mod tests {
         panic!("the core did not settle");
     }
 
+    /// (proposal id, position) of every `Committed` output, in order.
+    fn committed(outs: &[Output]) -> Vec<(ProposalId, u64)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Output::Committed { id, position } => Some((*id, *position)),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn leader(storage: &MemoryStorage) -> ReplicaCore<MemoryStorage> {
         let mut c = ReplicaCore::new(storage.clone(), &CoreConfig::default()).unwrap();
         pump(&mut c, true);
@@ -582,13 +592,7 @@ mod tests {
         )
         .unwrap();
         synced.extend(pump(&mut c, true));
-        let acked: Vec<(u64, u64)> = synced
-            .iter()
-            .filter_map(|o| match o {
-                Output::Committed { id, position } => Some((*id, *position)),
-                _ => None,
-            })
-            .collect();
+        let acked = committed(&synced);
         assert_eq!(acked.len(), 10, "{synced:?}");
         assert!(acked
             .windows(2)
@@ -672,13 +676,7 @@ mod tests {
             c.step(append(i, "x"), &mut out).unwrap();
         }
         let acked = pump(&mut c, true);
-        let positions: Vec<u64> = acked
-            .iter()
-            .filter_map(|o| match o {
-                Output::Committed { position, .. } => Some(*position),
-                _ => None,
-            })
-            .collect();
+        let positions: Vec<u64> = committed(&acked).into_iter().map(|(_, p)| p).collect();
         c.step(
             Input::Propose {
                 id: 99,
