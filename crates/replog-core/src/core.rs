@@ -4,7 +4,9 @@
 //! writes through [`LogStorage::write`] (visible at once, not yet durable)
 //! and asks for durability with [`Output::Sync`]; the runtime fsyncs and
 //! feeds [`Input::Persisted`] back. Under a deterministic harness the same
-//! code runs on [`replog_storage::MemoryStorage`].
+//! code runs on [`replog_storage::MemoryStorage`]. The one exception is a
+//! change of replica status (EMPTY, STARTING, RECOVERING, VOTING), which is
+//! rare and is synced before the core acts on it.
 //!
 //! The ready loop follows raft-rs's documented order for asynchronous
 //! persistence: send `messages` at once, write entries and hard state,
@@ -12,25 +14,48 @@
 //! `persisted_messages` only after the sync of that ready
 //! (`on_persist_ready`).
 //!
+//! Replica states and the recover protocol (Mesos semantics, Raft
+//! mechanics):
+//! - a replica that is not VOTING broadcasts [`PeerMessage::RecoverRequest`]
+//!   every `recover_interval_ticks`; every replica answers with its status;
+//! - EMPTY: if any replica answers VOTING, the cluster is live: persist
+//!   RECOVERING. With `auto_initialize`, Mesos' two-phase rule: EMPTY to
+//!   STARTING only when every configured replica answered EMPTY or
+//!   STARTING, STARTING to VOTING only when every one answered STARTING or
+//!   VOTING, so a replica that merely lost its disk can never found a second
+//!   log. Otherwise a repeated warning asks for `replog initialize`;
+//! - EMPTY and STARTING replicas ignore Raft traffic altogether;
+//! - RECOVERING: Raft runs, but the replica never ticks (so never
+//!   campaigns) and drops vote, pre-vote and timeout-now requests: having
+//!   lost what it voted for and what it held, its vote could elect a leader
+//!   that lacks committed entries. It catches up as a learner (the leader
+//!   demotes it first if it was a voter) and persists VOTING when it applies
+//!   its own promotion after having been a learner;
+//! - the leader demotes a voter that reports EMPTY or RECOVERING, and
+//!   promotes a learner once it has everything committed (`auto_promote`).
+//!
 //! Invariants:
 //! - a proposal is reported [`Output::Committed`] only once its entry is
-//!   committed, applied and durable on this replica (for a single replica:
-//!   after the fsync that covered it);
-//! - many proposals share one ready and one sync (group commit): the
-//!   runtime hands in every proposal that arrived while the previous sync ran;
+//!   committed, applied and durable on this replica;
+//! - many proposals share one ready and one sync (group commit);
 //! - `applied` is written in the same batch as the effects of the entries
-//!   it covers (truncation), so a crash never applies an entry twice.
+//!   it covers (truncation, membership), so a crash never applies an entry
+//!   twice;
+//! - a replica whose status is not VOTING never sends a vote.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
-use raft::{Config, RawNode, StateRole};
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState,
+    Entry, EntryType, Message, MessageType,
+};
+use raft::{Config, RawNode, SnapshotStatus, StateRole};
 use replog_storage::{LogStorage, LogUpdate, ReplicaStatus};
 use tracing::{debug, info, warn};
 
 use crate::command::{classify, Command, EntryContent};
 
-/// Identifies a proposal between the runtime and the core.
+/// Identifies a proposal (or a read) between the runtime and the core.
 pub type ProposalId = u64;
 
 /// Tunables of the core.
@@ -46,6 +71,16 @@ pub struct CoreConfig {
     pub max_bytes_per_msg: u64,
     /// Most unacknowledged append messages in flight per follower.
     pub max_inflight_msgs: usize,
+    /// The other replicas of the cluster: the audience of the recover
+    /// protocol and, with `auto_initialize`, the initial voters.
+    pub peers: Vec<u64>,
+    /// Mesos' `--auto-initialize`: a cluster whose replicas are all EMPTY
+    /// founds the log by itself (two-phase rule).
+    pub auto_initialize: bool,
+    /// Ticks between recover broadcasts of a replica that is not VOTING.
+    pub recover_interval_ticks: u64,
+    /// The leader promotes a learner to voter once it has caught up.
+    pub auto_promote: bool,
 }
 
 impl Default for CoreConfig {
@@ -56,8 +91,38 @@ impl Default for CoreConfig {
             max_uncommitted_bytes: 256 * 1024 * 1024,
             max_bytes_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
+            peers: Vec::new(),
+            auto_initialize: false,
+            recover_interval_ticks: 10,
+            auto_promote: true,
         }
     }
+}
+
+/// A message of the recover protocol (outside Raft).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerMessage {
+    RecoverRequest {
+        status: ReplicaStatus,
+        last_index: u64,
+    },
+    RecoverResponse {
+        status: ReplicaStatus,
+        term: u64,
+        leader: u64,
+        commit: u64,
+    },
+}
+
+/// One membership change; several in one request form a joint change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add a voter, or promote a learner.
+    AddVoter(u64),
+    /// Add a learner, or demote a voter.
+    AddLearner(u64),
+    /// Remove a voter or learner.
+    Remove(u64),
 }
 
 /// An event for the core.
@@ -73,11 +138,23 @@ pub enum Input {
         command: Command,
         writer_term: Option<u64>,
     },
+    /// Propose a membership change (leader only).
+    ChangeMembership {
+        id: ProposalId,
+        changes: Vec<MembershipChange>,
+    },
+    /// Ask the leader to hand leadership to `to`.
+    TransferLeader { to: u64 },
+    /// A linearizable read: answered with [`Output::ReadReady`] once the
+    /// position every read must wait for is known.
+    ReadIndex { id: ProposalId },
     /// Everything the core wrote up to and including the ready with this
     /// number is durable.
     Persisted { ready_number: u64 },
     /// A Raft message from a peer.
     Message(Box<Message>),
+    /// A recover-protocol message from a peer.
+    Peer { from: u64, msg: PeerMessage },
 }
 
 /// Why a proposal failed.
@@ -92,11 +169,15 @@ pub enum ProposalError {
     /// Too much is proposed and not yet committed.
     #[error("too many uncommitted proposals; retry later")]
     Busy,
+    /// The membership change was refused.
+    #[error("membership change refused: {0}")]
+    Membership(String),
 }
 
 /// Progress of the log, published after every step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
+    pub status: ReplicaStatus,
     pub term: u64,
     pub leader: Option<u64>,
     pub is_leader: bool,
@@ -110,14 +191,41 @@ pub struct Progress {
     pub last_index: u64,
 }
 
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            status: ReplicaStatus::Empty,
+            term: 0,
+            leader: None,
+            is_leader: false,
+            leader_ready: false,
+            commit: 0,
+            applied: 0,
+            first_index: 0,
+            last_index: 0,
+        }
+    }
+}
+
+/// One member as the leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberProgress {
+    pub id: u64,
+    pub voter: bool,
+    /// Highest position known to be on that replica (leader only; 0 else).
+    pub matched: u64,
+}
+
 /// An action for the runtime.
 #[derive(Debug)]
 pub enum Output {
     /// fsync everything written so far, then send
     /// `Input::Persisted { ready_number }`.
     Sync { ready_number: u64 },
-    /// Send these messages to peers.
+    /// Send these Raft messages to peers.
     Send(Vec<Message>),
+    /// Send a recover-protocol message.
+    SendPeer { to: u64, msg: PeerMessage },
     /// The proposal is committed at `position` and applied.
     Committed { id: ProposalId, position: u64 },
     /// The proposal failed.
@@ -125,8 +233,12 @@ pub enum Output {
         id: ProposalId,
         error: ProposalError,
     },
+    /// A linearizable read may be served once `applied >= index`.
+    ReadReady { id: ProposalId, index: u64 },
     /// Entries before `first_index` were removed; their space can be reclaimed.
     Truncated { first_index: u64 },
+    /// The replica's status changed (and is durable).
+    StatusChanged { status: ReplicaStatus },
 }
 
 /// Errors that stop the core: storage failed or raft-rs refused its state.
@@ -136,8 +248,6 @@ pub enum CoreError {
     Storage(#[from] replog_storage::StorageError),
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
-    #[error("replica is {0}, not VOTING: it may not take part in the log until it has recovered")]
-    NotVoting(ReplicaStatus),
 }
 
 struct UnsyncedReady {
@@ -146,9 +256,16 @@ struct UnsyncedReady {
     needs_sync: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PendingKind {
+    Command,
+    Membership,
+}
+
 struct Pending {
     term: u64,
     id: ProposalId,
+    kind: PendingKind,
 }
 
 /// Bound on readies written but not yet reported persisted.
@@ -158,7 +275,9 @@ const MAX_UNSYNCED_READIES: usize = 4096;
 pub struct ReplicaCore<S: LogStorage> {
     node: RawNode<S>,
     storage: S,
+    config: CoreConfig,
     id: u64,
+    status: ReplicaStatus,
     /// Proposals by position, waiting for commit.
     pending: BTreeMap<u64, Pending>,
     /// Readies written but not yet reported durable, in order, with their
@@ -167,51 +286,87 @@ pub struct ReplicaCore<S: LogStorage> {
     leader_ready: bool,
     last_role: StateRole,
     applied: u64,
+    ticks: u64,
+    /// Answers to this round of recover requests, by replica.
+    recover_responses: BTreeMap<u64, ReplicaStatus>,
+    /// While RECOVERING: this replica has been a learner since it started
+    /// recovering, so a promotion it applies is a promotion after catch-up.
+    seen_as_learner: bool,
+}
+
+fn raft_config(id: u64, applied: u64, c: &CoreConfig) -> Config {
+    Config {
+        id,
+        election_tick: c.election_tick,
+        heartbeat_tick: c.heartbeat_tick,
+        applied,
+        max_size_per_msg: c.max_bytes_per_msg,
+        max_inflight_msgs: c.max_inflight_msgs,
+        max_uncommitted_size: c.max_uncommitted_bytes,
+        pre_vote: true,
+        check_quorum: true,
+        ..Default::default()
+    }
+}
+
+fn is_learner(cs: &ConfState, id: u64) -> bool {
+    cs.learners.contains(&id) || cs.learners_next.contains(&id)
+}
+
+fn is_voter(cs: &ConfState, id: u64) -> bool {
+    cs.voters.contains(&id) || cs.voters_outgoing.contains(&id)
 }
 
 impl<S: LogStorage> ReplicaCore<S> {
-    /// Starts the core on an opened storage. Refuses a replica that is not
-    /// VOTING: it must rejoin a cluster first.
+    /// Starts the core on an opened storage, whatever its status.
     pub fn new(storage: S, config: &CoreConfig) -> Result<Self, CoreError> {
         let meta = storage.meta();
-        if meta.status != ReplicaStatus::Voting {
-            return Err(CoreError::NotVoting(meta.status));
-        }
-        let cfg = Config {
-            id: meta.replica_id,
-            election_tick: config.election_tick,
-            heartbeat_tick: config.heartbeat_tick,
-            applied: meta.applied_index,
-            max_size_per_msg: config.max_bytes_per_msg,
-            max_inflight_msgs: config.max_inflight_msgs,
-            max_uncommitted_size: config.max_uncommitted_bytes,
-            pre_vote: true,
-            check_quorum: true,
-            ..Default::default()
-        };
-        cfg.validate()?;
-        let logger = crate::slog_bridge::logger(meta.replica_id);
-        let mut node = RawNode::new(&cfg, storage.clone(), &logger)?;
-        let voters = &meta.conf_state.voters;
-        if voters.len() == 1 && voters[0] == meta.replica_id {
-            // A cluster of one needs no election timeout to find its leader.
-            node.campaign()?;
-        }
-        Ok(ReplicaCore {
+        let node = Self::new_node(&storage, config, meta.replica_id, meta.applied_index)?;
+        let mut core = ReplicaCore {
             node,
             storage,
+            config: config.clone(),
             id: meta.replica_id,
+            status: meta.status,
             pending: BTreeMap::new(),
             unsynced: VecDeque::new(),
             leader_ready: false,
             last_role: StateRole::Follower,
             applied: meta.applied_index,
-        })
+            ticks: 0,
+            recover_responses: BTreeMap::new(),
+            seen_as_learner: is_learner(&meta.conf_state, meta.replica_id),
+        };
+        if core.status == ReplicaStatus::Voting {
+            let voters = &meta.conf_state.voters;
+            if voters.len() == 1 && voters[0] == meta.replica_id {
+                // A cluster of one needs no election timeout to find its leader.
+                core.node.campaign()?;
+            }
+        }
+        Ok(core)
+    }
+
+    fn new_node(
+        storage: &S,
+        c: &CoreConfig,
+        id: u64,
+        applied: u64,
+    ) -> Result<RawNode<S>, CoreError> {
+        let cfg = raft_config(id, applied, c);
+        cfg.validate()?;
+        let logger = crate::slog_bridge::logger(id);
+        Ok(RawNode::new(&cfg, storage.clone(), &logger)?)
     }
 
     /// This replica's id.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// This replica's status.
+    pub fn status(&self) -> ReplicaStatus {
+        self.status
     }
 
     /// The storage the core writes to.
@@ -224,18 +379,58 @@ impl<S: LogStorage> ReplicaCore<S> {
         self.pending.len()
     }
 
+    /// The current membership with each member's replication progress
+    /// (`matched` is only known on the leader).
+    pub fn members(&self) -> Vec<MemberProgress> {
+        let conf = self.node.raft.prs().conf().to_conf_state();
+        let is_leader = self.node.raft.state == StateRole::Leader;
+        let mut ids: BTreeSet<u64> = conf.voters.iter().copied().collect();
+        ids.extend(conf.voters_outgoing.iter().copied());
+        ids.extend(conf.learners.iter().copied());
+        ids.extend(conf.learners_next.iter().copied());
+        ids.into_iter()
+            .map(|id| MemberProgress {
+                id,
+                voter: is_voter(&conf, id),
+                matched: match self.node.raft.prs().get(id) {
+                    Some(p) if is_leader => p.matched,
+                    _ => 0,
+                },
+            })
+            .collect()
+    }
+
     /// Feeds one input; outputs are appended to `out`. Call [`Self::drive`]
     /// after a batch of inputs.
     pub fn step(&mut self, input: Input, out: &mut Vec<Output>) -> Result<(), CoreError> {
         match input {
-            Input::Tick => {
-                self.node.tick();
-            }
+            Input::Tick => self.tick(out)?,
             Input::Propose {
                 id,
                 command,
                 writer_term,
             } => self.propose(id, command, writer_term, out),
+            Input::ChangeMembership { id, changes } => self.change_membership(id, &changes, out),
+            Input::TransferLeader { to } => {
+                if self.node.raft.state == StateRole::Leader && self.status == ReplicaStatus::Voting
+                {
+                    info!(replica = self.id, to, "transferring leadership");
+                    self.node.transfer_leader(to);
+                }
+            }
+            Input::ReadIndex { id } => {
+                if self.status != ReplicaStatus::Voting && self.status != ReplicaStatus::Recovering
+                {
+                    out.push(Output::Failed {
+                        id,
+                        error: ProposalError::NotLeader { leader: None },
+                    });
+                } else {
+                    // raft-rs drops the request when there is no leader; the
+                    // runtime times such reads out.
+                    self.node.read_index(id.to_be_bytes().to_vec());
+                }
+            }
             Input::Persisted { ready_number } => {
                 // Readies up to `ready_number` are durable; readies after them
                 // that needed no fsync ride along.
@@ -254,12 +449,270 @@ impl<S: LogStorage> ReplicaCore<S> {
                     self.node.on_persist_ready(n);
                 }
             }
-            Input::Message(m) => {
-                if let Err(e) = self.node.step(*m) {
-                    debug!(error = %e, "dropped a raft message");
+            Input::Message(m) => self.step_raft(*m),
+            Input::Peer { from, msg } => self.step_peer(from, msg, out)?,
+        }
+        Ok(())
+    }
+
+    fn step_raft(&mut self, m: Message) {
+        match self.status {
+            ReplicaStatus::Empty | ReplicaStatus::Starting => {
+                debug!(replica = self.id, from = m.from, status = %self.status,
+                       "ignoring a raft message: this replica has not joined its cluster");
+                return;
+            }
+            ReplicaStatus::Recovering => {
+                if matches!(
+                    m.get_msg_type(),
+                    MessageType::MsgRequestVote
+                        | MessageType::MsgRequestPreVote
+                        | MessageType::MsgTimeoutNow
+                ) {
+                    debug!(replica = self.id, from = m.from, kind = ?m.get_msg_type(),
+                           "a RECOVERING replica does not vote");
+                    return;
+                }
+            }
+            ReplicaStatus::Voting => {}
+        }
+        if let Err(e) = self.node.step(m) {
+            debug!(error = %e, "dropped a raft message");
+        }
+    }
+
+    fn tick(&mut self, out: &mut Vec<Output>) -> Result<(), CoreError> {
+        self.ticks += 1;
+        if self.status == ReplicaStatus::Voting {
+            self.node.tick();
+            self.auto_promote();
+        } else if self.ticks % self.config.recover_interval_ticks.max(1) == 1 {
+            self.broadcast_recover(out);
+        }
+        Ok(())
+    }
+
+    /// Starts a round of the recover protocol.
+    fn broadcast_recover(&mut self, out: &mut Vec<Output>) {
+        self.recover_responses.clear();
+        let last_index = self.node.raft.raft_log.last_index();
+        for &to in &self.config.peers {
+            if to != self.id {
+                out.push(Output::SendPeer {
+                    to,
+                    msg: PeerMessage::RecoverRequest {
+                        status: self.status,
+                        last_index,
+                    },
+                });
+            }
+        }
+    }
+
+    fn step_peer(
+        &mut self,
+        from: u64,
+        msg: PeerMessage,
+        out: &mut Vec<Output>,
+    ) -> Result<(), CoreError> {
+        match msg {
+            PeerMessage::RecoverRequest { status, .. } => {
+                info!(
+                    "Replica in {} status received a broadcasted recover request from {from}",
+                    self.status
+                );
+                let raft = &self.node.raft;
+                out.push(Output::SendPeer {
+                    to: from,
+                    msg: PeerMessage::RecoverResponse {
+                        status: self.status,
+                        term: raft.term,
+                        leader: raft.leader_id,
+                        commit: self.applied,
+                    },
+                });
+                if raft.state == StateRole::Leader && self.status == ReplicaStatus::Voting {
+                    self.leader_handles_recovering(from, status);
+                }
+            }
+            PeerMessage::RecoverResponse { status, .. } => {
+                info!("Received a recover response from a replica in {status} status");
+                if self.status != ReplicaStatus::Voting {
+                    self.recover_responses.insert(from, status);
+                    self.decide_recovery(out)?;
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The leader's part: a voter that lost its state is demoted, so that
+    /// it catches up as a learner and is promoted afterwards.
+    fn leader_handles_recovering(&mut self, from: u64, status: ReplicaStatus) {
+        if status == ReplicaStatus::Voting {
+            return;
+        }
+        let conf = self.node.raft.prs().conf().to_conf_state();
+        if is_voter(&conf, from) {
+            if self.node.raft.has_pending_conf() || !conf.voters_outgoing.is_empty() {
+                debug!(
+                    replica = from,
+                    "demotion waits for a pending membership change"
+                );
+                return;
+            }
+            info!(replica = from, %status, "demoting a voter that lost its state to learner; it is promoted again once it has caught up");
+            let cc = conf_change(&[MembershipChange::AddLearner(from)]);
+            if let Err(e) = self.node.propose_conf_change(Vec::new(), cc) {
+                warn!(error = %e, replica = from, "could not propose the demotion");
+            }
+        } else if !is_learner(&conf, from) {
+            info!(replica = from, %status,
+                  "replica is not a member of this cluster; add it with `replog members add`");
+        }
+    }
+
+    /// The leader promotes one caught-up learner per tick.
+    fn auto_promote(&mut self) {
+        let raft = &self.node.raft;
+        if !self.config.auto_promote
+            || raft.state != StateRole::Leader
+            || !self.leader_ready
+            || raft.has_pending_conf()
+        {
+            return;
+        }
+        let conf = raft.prs().conf().to_conf_state();
+        if !conf.voters_outgoing.is_empty() {
+            return;
+        }
+        let committed = raft.raft_log.committed;
+        let ready = conf
+            .learners
+            .iter()
+            .copied()
+            .find(|id| raft.prs().get(*id).is_some_and(|p| p.matched >= committed));
+        if let Some(id) = ready {
+            info!(
+                replica = id,
+                committed, "learner has caught up; promoting it to voter"
+            );
+            let cc = conf_change(&[MembershipChange::AddVoter(id)]);
+            if let Err(e) = self.node.propose_conf_change(Vec::new(), cc) {
+                warn!(error = %e, replica = id, "could not propose the promotion");
+            }
+        }
+    }
+
+    /// Decides what a replica that is not VOTING does with the answers of
+    /// this round.
+    fn decide_recovery(&mut self, out: &mut Vec<Output>) -> Result<(), CoreError> {
+        let peers: Vec<u64> = self
+            .config
+            .peers
+            .iter()
+            .copied()
+            .filter(|p| *p != self.id)
+            .collect();
+        let all_answered = peers.iter().all(|p| self.recover_responses.contains_key(p));
+        let any_voting = self
+            .recover_responses
+            .values()
+            .any(|s| *s == ReplicaStatus::Voting);
+        let all_in = |ok: &[ReplicaStatus]| {
+            all_answered && self.recover_responses.values().all(|s| ok.contains(s))
+        };
+        match self.status {
+            ReplicaStatus::Empty if any_voting => {
+                info!(
+                    replica = self.id,
+                    "a VOTING replica answered: the cluster is live; recovering as a learner"
+                );
+                self.set_status(ReplicaStatus::Recovering, out)?;
+            }
+            ReplicaStatus::Empty
+                if self.config.auto_initialize
+                    && all_in(&[ReplicaStatus::Empty, ReplicaStatus::Starting]) =>
+            {
+                info!(
+                    replica = self.id,
+                    "every replica is EMPTY or STARTING: starting auto-initialization"
+                );
+                self.set_status(ReplicaStatus::Starting, out)?;
+            }
+            ReplicaStatus::Empty if all_in(&[ReplicaStatus::Empty]) => {
+                warn!(
+                    replica = self.id,
+                    "all replicas are EMPTY: run `replog initialize` on each host (or start every replica with --auto-initialize)"
+                );
+                self.recover_responses.clear();
+            }
+            ReplicaStatus::Starting
+                if all_in(&[ReplicaStatus::Starting, ReplicaStatus::Voting]) =>
+            {
+                self.auto_initialize(out)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The second phase: found the log with every configured replica as a
+    /// voter, exactly as `replog initialize` would.
+    fn auto_initialize(&mut self, out: &mut Vec<Output>) -> Result<(), CoreError> {
+        let mut voters: Vec<u64> = self.config.peers.clone();
+        voters.push(self.id);
+        voters.sort_unstable();
+        voters.dedup();
+        info!(
+            replica = self.id,
+            ?voters,
+            "every replica is STARTING or VOTING: initializing the log"
+        );
+        let hard_state = raft::eraftpb::HardState {
+            term: 1,
+            commit: 1,
+            ..Default::default()
+        };
+        self.storage.write(LogUpdate {
+            snapshot: Some((1, 1)),
+            conf_state: Some(ConfState {
+                voters,
+                ..Default::default()
+            }),
+            hard_state: Some(hard_state),
+            applied: Some(1),
+            status: Some(ReplicaStatus::Voting),
+            ..Default::default()
+        })?;
+        self.storage.sync()?;
+        // The node saw no Raft traffic while STARTING; start it afresh on
+        // the initialized state.
+        self.node = Self::new_node(&self.storage, &self.config, self.id, 1)?;
+        self.applied = 1;
+        self.status = ReplicaStatus::Voting;
+        self.recover_responses.clear();
+        out.push(Output::StatusChanged {
+            status: ReplicaStatus::Voting,
+        });
+        Ok(())
+    }
+
+    /// Persists (and syncs) a status change outside a ready.
+    fn set_status(
+        &mut self,
+        status: ReplicaStatus,
+        out: &mut Vec<Output>,
+    ) -> Result<(), CoreError> {
+        self.storage.write(LogUpdate {
+            status: Some(status),
+            ..Default::default()
+        })?;
+        self.storage.sync()?;
+        info!(replica = self.id, from = %self.status, to = %status, "replica status changed");
+        self.status = status;
+        self.recover_responses.clear();
+        out.push(Output::StatusChanged { status });
         Ok(())
     }
 
@@ -289,10 +742,22 @@ impl<S: LogStorage> ReplicaCore<S> {
             return;
         }
         let term = raft.term;
-        match self.node.propose(Vec::new(), command.encode()) {
+        let r = self.node.propose(Vec::new(), command.encode());
+        self.note_proposal(id, term, PendingKind::Command, r, out);
+    }
+
+    fn note_proposal(
+        &mut self,
+        id: ProposalId,
+        term: u64,
+        kind: PendingKind,
+        r: raft::Result<()>,
+        out: &mut Vec<Output>,
+    ) {
+        match r {
             Ok(()) => {
                 let position = self.node.raft.raft_log.last_index();
-                let prev = self.pending.insert(position, Pending { term, id });
+                let prev = self.pending.insert(position, Pending { term, id, kind });
                 assert!(prev.is_none(), "two proposals at position {position}");
             }
             Err(raft::Error::ProposalDropped) => {
@@ -313,9 +778,84 @@ impl<S: LogStorage> ReplicaCore<S> {
         }
     }
 
+    fn change_membership(
+        &mut self,
+        id: ProposalId,
+        changes: &[MembershipChange],
+        out: &mut Vec<Output>,
+    ) {
+        let raft = &self.node.raft;
+        let refuse = |why: String| Output::Failed {
+            id,
+            error: ProposalError::Membership(why),
+        };
+        if raft.state != StateRole::Leader {
+            let leader = (raft.leader_id != 0).then_some(raft.leader_id);
+            out.push(Output::Failed {
+                id,
+                error: ProposalError::NotLeader { leader },
+            });
+            return;
+        }
+        if changes.is_empty() {
+            out.push(refuse("no change given".into()));
+            return;
+        }
+        if raft.has_pending_conf() {
+            out.push(refuse(
+                "another membership change is in progress; retry".into(),
+            ));
+            return;
+        }
+        let conf = raft.prs().conf().to_conf_state();
+        if !conf.voters_outgoing.is_empty() {
+            out.push(refuse(
+                "the cluster is leaving a joint configuration; retry".into(),
+            ));
+            return;
+        }
+        let mut voters: BTreeSet<u64> = conf.voters.iter().copied().collect();
+        let mut seen = BTreeSet::new();
+        for c in changes {
+            let (MembershipChange::AddVoter(r)
+            | MembershipChange::AddLearner(r)
+            | MembershipChange::Remove(r)) = *c;
+            if r == 0 || !seen.insert(r) {
+                out.push(refuse(format!("replica id {r} is zero or changed twice")));
+                return;
+            }
+            match c {
+                MembershipChange::AddVoter(r) => {
+                    voters.insert(*r);
+                }
+                MembershipChange::AddLearner(r) | MembershipChange::Remove(r) => {
+                    voters.remove(r);
+                }
+            }
+            if matches!(c, MembershipChange::Remove(r) if !is_voter(&conf, *r) && !is_learner(&conf, *r))
+            {
+                out.push(refuse(format!("replica {r} is not a member")));
+                return;
+            }
+        }
+        if voters.is_empty() {
+            out.push(refuse("the change would leave no voter".into()));
+            return;
+        }
+        let term = raft.term;
+        let cc = conf_change(changes);
+        let r = self.node.propose_conf_change(Vec::new(), cc);
+        self.note_proposal(id, term, PendingKind::Membership, r, out);
+    }
+
     /// Processes everything raft-rs has ready: writes, applies, and emits
     /// outputs. Returns the log's progress afterwards.
     pub fn drive(&mut self, out: &mut Vec<Output>) -> Result<Progress, CoreError> {
+        if self.ticks == 0 && self.status != ReplicaStatus::Voting {
+            // Start the recover protocol at once rather than a round later.
+            self.ticks = 1;
+            self.broadcast_recover(out);
+        }
         while self.node.has_ready() {
             self.handle_ready(out)?;
         }
@@ -325,34 +865,76 @@ impl<S: LogStorage> ReplicaCore<S> {
 
     fn handle_ready(&mut self, out: &mut Vec<Output>) -> Result<(), CoreError> {
         let mut rd = self.node.ready();
+        let mut snapshots_sent = Vec::new();
         if !rd.messages().is_empty() {
-            out.push(Output::Send(rd.take_messages()));
+            let msgs = rd.take_messages();
+            snapshots_sent.extend(
+                msgs.iter()
+                    .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+                    .map(|m| m.to),
+            );
+            out.push(Output::Send(msgs));
+        }
+        for rs in rd.read_states() {
+            if let Ok(b) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) {
+                out.push(Output::ReadReady {
+                    id: u64::from_be_bytes(b),
+                    index: rs.index,
+                });
+            }
         }
         let mut update = LogUpdate::default();
+        let mut installed = None;
         if !rd.snapshot().is_empty() {
             let md = rd.snapshot().get_metadata();
             update.snapshot = Some((md.index, md.term));
             update.conf_state = Some(md.get_conf_state().clone());
+            installed = Some((md.index, md.get_conf_state().clone()));
+            info!(
+                replica = self.id,
+                index = md.index,
+                term = md.term,
+                "installing a snapshot"
+            );
         }
         update.entries = rd.take_entries();
         if let Some(hs) = rd.hs() {
             update.hard_state = Some(hs.clone());
         }
+        if let Some((index, cs)) = &installed {
+            self.applied = *index;
+            self.note_own_membership(cs, &mut update);
+        }
         let committed = rd.take_committed_entries();
         self.apply(&committed, &mut update, out)?;
-        // Only entries, snapshots and term/vote changes need an fsync; a
-        // commit-index-only hard state may be lost and recomputed.
-        let needs_sync = rd.must_sync() || !update.entries.is_empty() || update.snapshot.is_some();
+        // Only entries, snapshots, status and term/vote changes need an
+        // fsync; a commit-index-only hard state may be lost and recomputed.
+        let needs_sync = rd.must_sync()
+            || !update.entries.is_empty()
+            || update.snapshot.is_some()
+            || update.status.is_some();
         if let Some(e) = committed.last() {
             update.applied = Some(e.index);
         }
+        let new_status = update.status;
         self.storage.write(update)?;
+        if let Some(status) = new_status {
+            info!(replica = self.id, from = %self.status, to = %status, "replica status changed");
+            self.status = status;
+            out.push(Output::StatusChanged { status });
+        }
         let number = rd.number();
         let persisted_msgs = rd.take_persisted_messages();
         self.node.advance_append_async(rd);
         if let Some(e) = committed.last() {
             self.applied = e.index;
             self.node.advance_apply_to(e.index);
+        }
+        // Snapshots carry no data here (the log's positions are its state):
+        // report them delivered; a lost one shows as a rejected append and
+        // is sent again.
+        for to in snapshots_sent {
+            self.node.report_snapshot(to, SnapshotStatus::Finish);
         }
         if needs_sync || !self.unsynced.is_empty() {
             assert!(
@@ -378,6 +960,20 @@ impl<S: LogStorage> ReplicaCore<S> {
         Ok(())
     }
 
+    /// While RECOVERING: notes whether this replica is a learner, and turns
+    /// VOTING when it applies its promotion after having been a learner.
+    fn note_own_membership(&mut self, cs: &ConfState, update: &mut LogUpdate) {
+        if self.status != ReplicaStatus::Recovering {
+            return;
+        }
+        if is_learner(cs, self.id) {
+            self.seen_as_learner = true;
+        } else if is_voter(cs, self.id) && self.seen_as_learner {
+            info!(replica = self.id, "promoted to voter after catching up");
+            update.status = Some(ReplicaStatus::Voting);
+        }
+    }
+
     fn apply(
         &mut self,
         committed: &[Entry],
@@ -390,18 +986,31 @@ impl<S: LogStorage> ReplicaCore<S> {
                 "entry {} applied twice",
                 e.index
             );
+            let mut membership_applied = false;
             match e.get_entry_type() {
-                EntryType::EntryConfChange => {
-                    let cc: ConfChange = protobuf::Message::parse_from_bytes(&e.data)
-                        .map_err(raft::Error::CodecError)?;
-                    let cs = self.node.apply_conf_change(&cc)?;
-                    update.conf_state = Some(cs);
-                }
-                EntryType::EntryConfChangeV2 => {
-                    let cc: ConfChangeV2 = protobuf::Message::parse_from_bytes(&e.data)
-                        .map_err(raft::Error::CodecError)?;
-                    let cs = self.node.apply_conf_change(&cc)?;
-                    update.conf_state = Some(cs);
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    let cs = if e.get_entry_type() == EntryType::EntryConfChange {
+                        let cc: ConfChange = protobuf::Message::parse_from_bytes(&e.data)
+                            .map_err(raft::Error::CodecError)?;
+                        self.node.apply_conf_change(&cc)
+                    } else {
+                        let cc: ConfChangeV2 = protobuf::Message::parse_from_bytes(&e.data)
+                            .map_err(raft::Error::CodecError)?;
+                        self.node.apply_conf_change(&cc)
+                    };
+                    match cs {
+                        Ok(cs) => {
+                            info!(replica = self.id, position = e.index, voters = ?cs.voters,
+                                  learners = ?cs.learners, outgoing = ?cs.voters_outgoing,
+                                  "membership changed");
+                            self.note_own_membership(&cs, update);
+                            update.conf_changes.push((e.index, cs));
+                            membership_applied = true;
+                        }
+                        // Every replica refuses the same entry the same way.
+                        Err(err) => warn!(position = e.index, error = %err,
+                                          "membership change refused by raft; skipped"),
+                    }
                 }
                 EntryType::EntryNormal => match classify(e) {
                     Ok(EntryContent::LeaderNoop) => {
@@ -428,17 +1037,22 @@ impl<S: LogStorage> ReplicaCore<S> {
                 },
             }
             if let Some(p) = self.pending.remove(&e.index) {
-                if p.term == e.term {
-                    out.push(Output::Committed {
+                let outcome = if p.term != e.term {
+                    Err(ProposalError::LeadershipLost { term: p.term })
+                } else if p.kind == PendingKind::Membership && !membership_applied {
+                    Err(ProposalError::Membership(
+                        "raft refused the change (another change was pending)".into(),
+                    ))
+                } else {
+                    Ok(())
+                };
+                out.push(match outcome {
+                    Ok(()) => Output::Committed {
                         id: p.id,
                         position: e.index,
-                    });
-                } else {
-                    out.push(Output::Failed {
-                        id: p.id,
-                        error: ProposalError::LeadershipLost { term: p.term },
-                    });
-                }
+                    },
+                    Err(error) => Output::Failed { id: p.id, error },
+                });
             }
         }
         if let Some(to) = update.compact_to {
@@ -478,6 +1092,7 @@ impl<S: LogStorage> ReplicaCore<S> {
         let raft = &self.node.raft;
         let is_leader = raft.state == StateRole::Leader;
         Progress {
+            status: self.status,
             term: raft.term,
             leader: (raft.leader_id != 0).then_some(raft.leader_id),
             is_leader,
@@ -488,6 +1103,29 @@ impl<S: LogStorage> ReplicaCore<S> {
             last_index: raft.raft_log.last_index(),
         }
     }
+}
+
+/// The raft-rs change for `changes` (joint consensus when more than one
+/// voter changes; left automatically).
+fn conf_change(changes: &[MembershipChange]) -> ConfChangeV2 {
+    let mut cc = ConfChangeV2::default();
+    cc.set_transition(ConfChangeTransition::Auto);
+    let singles: Vec<ConfChangeSingle> = changes
+        .iter()
+        .map(|c| {
+            let (t, id) = match *c {
+                MembershipChange::AddVoter(id) => (ConfChangeType::AddNode, id),
+                MembershipChange::AddLearner(id) => (ConfChangeType::AddLearnerNode, id),
+                MembershipChange::Remove(id) => (ConfChangeType::RemoveNode, id),
+            };
+            let mut s = ConfChangeSingle::default();
+            s.set_change_type(t);
+            s.node_id = id;
+            s
+        })
+        .collect();
+    cc.set_changes(singles.into());
+    cc
 }
 
 #[cfg(test)]
@@ -696,16 +1334,50 @@ mod tests {
     }
 
     #[test]
-    fn a_replica_that_is_not_voting_does_not_run() {
-        let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+    fn a_recovering_replica_never_campaigns_or_votes() {
+        let s = MemoryStorage::new_initialized("t", 1, vec![1, 2, 3]);
         s.write(LogUpdate {
             status: Some(ReplicaStatus::Recovering),
             ..Default::default()
         })
         .unwrap();
-        assert!(matches!(
-            ReplicaCore::new(s, &CoreConfig::default()),
-            Err(CoreError::NotVoting(ReplicaStatus::Recovering))
-        ));
+        let cfg = CoreConfig {
+            peers: vec![2, 3],
+            ..Default::default()
+        };
+        let mut c = ReplicaCore::new(s, &cfg).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..200 {
+            c.step(Input::Tick, &mut out).unwrap();
+        }
+        let mut vote = Message::default();
+        vote.set_msg_type(MessageType::MsgRequestVote);
+        vote.from = 2;
+        vote.to = 1;
+        vote.term = 5;
+        vote.log_term = 1;
+        vote.index = 1;
+        c.step(Input::Message(Box::new(vote)), &mut out).unwrap();
+        out.extend(pump(&mut c, true));
+        let raft_msgs: Vec<&Message> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send(m) => Some(m.iter()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert!(raft_msgs.is_empty(), "sent raft messages: {raft_msgs:?}");
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::SendPeer {
+                msg: PeerMessage::RecoverRequest {
+                    status: ReplicaStatus::Recovering,
+                    ..
+                },
+                ..
+            }
+        )));
+        assert_eq!(c.progress().term, 1, "the vote request was not even seen");
     }
 }

@@ -9,5 +9,6 @@ pub mod slog_bridge;
 
 pub use command::{classify, BadEntry, Command, EntryContent};
 pub use core::{
-    CoreConfig, CoreError, Input, Output, Progress, ProposalError, ProposalId, ReplicaCore,
+    CoreConfig, CoreError, Input, MemberProgress, MembershipChange, Output, PeerMessage, Progress,
+    ProposalError, ProposalId, ReplicaCore,
 };

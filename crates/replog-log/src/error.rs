@@ -62,6 +62,10 @@ pub enum LogError {
     #[error("invalid request: {0}")]
     Invalid(String),
 
+    /// A membership change was refused.
+    #[error("membership change refused: {0}")]
+    Membership(String),
+
     /// Too many writes are waiting.
     #[error("too many uncommitted writes; retry later")]
     Busy,
@@ -85,6 +89,7 @@ impl From<ProposalError> for LogError {
             ProposalError::NotLeader { leader } => LogError::NotLeader { leader },
             ProposalError::LeadershipLost { term } => LogError::LeadershipLost { term },
             ProposalError::Busy => LogError::Busy,
+            ProposalError::Membership(why) => LogError::Membership(why),
         }
     }
 }

@@ -274,6 +274,15 @@ impl Driver {
                     // An embedded single replica has no peers to send to.
                     debug!(count = msgs.len(), "no transport; dropping raft messages");
                 }
+                Output::SendPeer { to, .. } => {
+                    debug!(to, "no transport; dropping a recover-protocol message");
+                }
+                Output::ReadReady { id, .. } => {
+                    debug!(id, "no reader waits for this read index");
+                }
+                Output::StatusChanged { status } => {
+                    debug!(%status, "replica status changed");
+                }
             }
         }
         Ok(())

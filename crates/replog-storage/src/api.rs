@@ -15,8 +15,15 @@ pub struct LogUpdate {
     pub entries: Vec<Entry>,
     /// New hard state.
     pub hard_state: Option<HardState>,
-    /// New membership.
+    /// New membership. With `snapshot`, the membership the snapshot carries;
+    /// otherwise it replaces the current membership without a history
+    /// record (use `conf_changes` for changes applied from the log).
     pub conf_state: Option<ConfState>,
+    /// Membership changes applied from log entries: (position, membership
+    /// from then on), in position order. Recorded before `compact_to`, so a
+    /// snapshot at the compaction point carries the membership of its
+    /// position.
+    pub conf_changes: Vec<(u64, ConfState)>,
     /// Install a snapshot mark at (index, term): every entry at or before
     /// `index` is removed, and the log continues after it.
     pub snapshot: Option<(u64, u64)>,
@@ -34,6 +41,7 @@ impl LogUpdate {
         self.entries.is_empty()
             && self.hard_state.is_none()
             && self.conf_state.is_none()
+            && self.conf_changes.is_empty()
             && self.snapshot.is_none()
             && self.compact_to.is_none()
             && self.applied.is_none()
@@ -61,4 +69,18 @@ pub trait LogStorage: raft::Storage + Clone + Send + Sync + 'static {
     /// Gives the space of removed entries back to the filesystem (a no-op for
     /// storage that holds none).
     fn reclaim_space(&self) -> Result<()>;
+}
+
+/// Checks that `conf_changes` are after the compaction point and in order.
+pub(crate) fn check_conf_changes(u: &LogUpdate, snapshot_index: u64) -> Result<()> {
+    let mut prev = snapshot_index;
+    for (index, _) in &u.conf_changes {
+        if *index <= prev {
+            return Err(crate::error::StorageError::Invalid(format!(
+                "membership change at {index} is not after position {prev}"
+            )));
+        }
+        prev = *index;
+    }
+    Ok(())
 }

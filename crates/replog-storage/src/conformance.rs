@@ -68,6 +68,7 @@ pub fn run_all<H: Harness>(h: &mut H) {
     overwrite_conflicting_tail(h);
     compaction_boundary(h);
     snapshot_metadata(h);
+    snapshot_carries_membership_of_its_position(h);
     hard_and_conf_state_round_trip(h);
     install_snapshot(h);
     rejects_bad_appends(h);
@@ -241,6 +242,79 @@ fn snapshot_metadata<H: Harness>(h: &mut H) {
         s.snapshot(9, 2).is_err(),
         "a snapshot newer than the compaction point is not ready"
     );
+}
+
+fn snapshot_carries_membership_of_its_position<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    append(&s, entries(2..=10, 4, 8));
+    let with_2 = ConfState {
+        voters: vec![1, 2],
+        ..Default::default()
+    };
+    let with_3 = ConfState {
+        voters: vec![1, 2, 3],
+        ..Default::default()
+    };
+    s.write(LogUpdate {
+        conf_changes: vec![(4, with_2.clone()), (8, with_3.clone())],
+        applied: Some(9),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        s.initial_state().unwrap().conf_state,
+        with_3,
+        "current membership"
+    );
+    let voters_at = |s: &H::S| {
+        s.snapshot(0, 2)
+            .unwrap()
+            .get_metadata()
+            .get_conf_state()
+            .voters
+            .clone()
+    };
+    assert_eq!(voters_at(&s), vec![1], "before any change is compacted");
+    s.write(LogUpdate {
+        compact_to: Some(6),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        voters_at(&s),
+        vec![1, 2],
+        "the change at 4 is folded in at 5"
+    );
+    let s = restart(h, s);
+    assert_eq!(voters_at(&s), vec![1, 2], "survives reopen");
+    assert_eq!(s.initial_state().unwrap().conf_state, with_3);
+    assert!(
+        s.write(LogUpdate {
+            conf_changes: vec![(5, with_2.clone())],
+            ..Default::default()
+        })
+        .is_err(),
+        "a membership change at or before the compaction point is refused"
+    );
+    s.write(LogUpdate {
+        compact_to: Some(10),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        voters_at(&s),
+        vec![1, 2, 3],
+        "the change at 8 is folded in at 9"
+    );
+    // Installing a snapshot replaces both.
+    s.write(LogUpdate {
+        snapshot: Some((20, 6)),
+        conf_state: Some(with_2.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(voters_at(&s), vec![1, 2]);
+    assert_eq!(s.initial_state().unwrap().conf_state, with_2);
 }
 
 fn hard_and_conf_state_round_trip<H: Harness>(h: &mut H) {

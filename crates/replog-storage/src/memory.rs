@@ -8,12 +8,12 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::eraftpb::{Entry, Snapshot};
 use raft::{GetEntriesContext, RaftState};
 
-use crate::api::{LogStorage, LogUpdate};
+use crate::api::{check_conf_changes, LogStorage, LogUpdate};
 use crate::error::{Result, StorageError};
-use crate::model::{now_unix_ms, ReplicaMeta, ReplicaStatus, FORMAT_VERSION};
+use crate::model::{now_unix_ms, ReplicaMeta};
 
 #[derive(Clone)]
 struct State {
@@ -42,28 +42,20 @@ pub struct MemoryStorage {
 impl MemoryStorage {
     /// An initialized VOTING replica with `voters`, like `replog initialize`.
     pub fn new_initialized(cluster_id: &str, replica_id: u64, voters: Vec<u64>) -> Self {
-        let hard_state = HardState {
-            term: 1,
-            commit: 1,
-            ..Default::default()
-        };
-        let conf_state = ConfState {
-            voters,
-            ..Default::default()
-        };
-        let meta = ReplicaMeta {
-            format_version: FORMAT_VERSION,
-            cluster_id: cluster_id.to_string(),
+        Self::from_meta(ReplicaMeta::initialized(
+            cluster_id,
             replica_id,
-            status: ReplicaStatus::Voting,
-            hard_state,
-            conf_state,
-            snapshot_index: 1,
-            snapshot_term: 1,
-            applied_index: 1,
-            members: Vec::new(),
-            created_at_unix_ms: now_unix_ms(),
-        };
+            voters,
+            now_unix_ms(),
+        ))
+    }
+
+    /// An EMPTY replica (a new or wiped data directory).
+    pub fn new_empty(cluster_id: &str, replica_id: u64) -> Self {
+        Self::from_meta(ReplicaMeta::empty(cluster_id, replica_id, now_unix_ms()))
+    }
+
+    fn from_meta(meta: ReplicaMeta) -> Self {
         let st = State {
             meta,
             entries: VecDeque::new(),
@@ -164,7 +156,7 @@ impl raft::Storage for MemoryStorage {
             let md = s.mut_metadata();
             md.index = st.meta.snapshot_index;
             md.term = st.meta.snapshot_term;
-            md.set_conf_state(st.meta.conf_state.clone());
+            md.set_conf_state(st.meta.conf_state_at_snapshot());
             Ok(s)
         })
     }
@@ -188,6 +180,11 @@ impl LogStorage for MemoryStorage {
             st.meta.hard_state.commit = st.meta.hard_state.commit.max(index);
             st.meta.hard_state.term = st.meta.hard_state.term.max(term);
             st.meta.applied_index = st.meta.applied_index.max(index);
+            let cs = u
+                .conf_state
+                .clone()
+                .unwrap_or_else(|| st.meta.conf_state.clone());
+            st.meta.install_snapshot_conf(cs);
         }
         if let Some(first) = u.entries.first().map(|e| e.index) {
             let last = st.last_index();
@@ -213,6 +210,8 @@ impl LogStorage for MemoryStorage {
                 .truncate((first - st.meta.snapshot_index - 1) as usize);
             st.entries.extend(u.entries.iter().cloned());
         }
+        check_conf_changes(&u, st.meta.snapshot_index)?;
+        st.meta.record_conf_changes(&u.conf_changes);
         if let Some(to) = u.compact_to {
             if to > st.meta.snapshot_index + 1 {
                 if to > st.last_index() + 1 {
@@ -226,12 +225,13 @@ impl LogStorage for MemoryStorage {
                 st.entries.drain(..n);
                 st.meta.snapshot_index = to - 1;
                 st.meta.snapshot_term = term;
+                st.meta.compact_conf_to(to - 1);
             }
         }
         if let Some(hs) = u.hard_state {
             st.meta.hard_state = hs;
         }
-        if let Some(cs) = u.conf_state {
+        if let (Some(cs), None) = (u.conf_state, u.snapshot) {
             st.meta.conf_state = cs;
         }
         if let Some(a) = u.applied {

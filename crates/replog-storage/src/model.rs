@@ -89,9 +89,125 @@ pub struct ReplicaMeta {
     pub applied_index: u64,
     pub members: Vec<Member>,
     pub created_at_unix_ms: u64,
+    /// Membership as of `snapshot_index`: what a snapshot there carries.
+    pub snapshot_conf_state: ConfState,
+    /// Membership changes applied after `snapshot_index` (position, new
+    /// membership), in position order; the last one equals `conf_state`.
+    pub conf_history: Vec<(u64, ConfState)>,
+}
+
+fn conf_to_pb(cs: &ConfState) -> pb::ConfState {
+    pb::ConfState {
+        voters: cs.voters.clone(),
+        learners: cs.learners.clone(),
+        voters_outgoing: cs.voters_outgoing.clone(),
+        learners_next: cs.learners_next.clone(),
+        auto_leave: cs.auto_leave,
+    }
+}
+
+fn conf_from_pb(cs: pb::ConfState) -> ConfState {
+    ConfState {
+        voters: cs.voters,
+        learners: cs.learners,
+        voters_outgoing: cs.voters_outgoing,
+        learners_next: cs.learners_next,
+        auto_leave: cs.auto_leave,
+        ..Default::default()
+    }
 }
 
 impl ReplicaMeta {
+    /// The metadata of a freshly initialized VOTING replica. Like raft-rs's
+    /// `MemStorage::initialize_with_conf_state`, the initial membership is a
+    /// snapshot at (1, 1): every member starts from the same state and the
+    /// first real entry is at position 2.
+    pub fn initialized(cluster_id: &str, replica_id: u64, voters: Vec<u64>, now_ms: u64) -> Self {
+        let conf_state = ConfState {
+            voters,
+            ..Default::default()
+        };
+        ReplicaMeta {
+            format_version: FORMAT_VERSION,
+            cluster_id: cluster_id.to_string(),
+            replica_id,
+            status: ReplicaStatus::Voting,
+            hard_state: HardState {
+                term: 1,
+                commit: 1,
+                ..Default::default()
+            },
+            conf_state: conf_state.clone(),
+            snapshot_index: 1,
+            snapshot_term: 1,
+            applied_index: 1,
+            members: Vec::new(),
+            created_at_unix_ms: now_ms,
+            snapshot_conf_state: conf_state,
+            conf_history: Vec::new(),
+        }
+    }
+
+    /// The metadata of an EMPTY replica: an identity, no log, no membership.
+    pub fn empty(cluster_id: &str, replica_id: u64, now_ms: u64) -> Self {
+        ReplicaMeta {
+            format_version: FORMAT_VERSION,
+            cluster_id: cluster_id.to_string(),
+            replica_id,
+            status: ReplicaStatus::Empty,
+            hard_state: HardState::default(),
+            conf_state: ConfState::default(),
+            snapshot_index: 0,
+            snapshot_term: 0,
+            applied_index: 0,
+            members: Vec::new(),
+            created_at_unix_ms: now_ms,
+            snapshot_conf_state: ConfState::default(),
+            conf_history: Vec::new(),
+        }
+    }
+
+    /// Records membership changes applied at the given positions (after
+    /// `snapshot_index`, in order); the last one becomes `conf_state`.
+    pub fn record_conf_changes(&mut self, changes: &[(u64, ConfState)]) {
+        for (index, cs) in changes {
+            debug_assert!(*index > self.snapshot_index);
+            debug_assert!(self.conf_history.last().is_none_or(|(i, _)| i < index));
+            self.conf_history.push((*index, cs.clone()));
+            self.conf_state = cs.clone();
+        }
+    }
+
+    /// A snapshot at `snapshot_index` with membership `cs` was installed:
+    /// it is both the snapshot's and the current membership.
+    pub fn install_snapshot_conf(&mut self, cs: ConfState) {
+        self.snapshot_conf_state = cs.clone();
+        self.conf_state = cs;
+        self.conf_history.clear();
+    }
+
+    /// The compaction point moved to `mark`: fold the membership changes at
+    /// or before it into the snapshot's membership.
+    pub fn compact_conf_to(&mut self, mark: u64) {
+        while let Some((i, _)) = self.conf_history.first() {
+            if *i > mark {
+                break;
+            }
+            let (_, cs) = self.conf_history.remove(0);
+            self.snapshot_conf_state = cs;
+        }
+    }
+
+    /// The membership a snapshot at `snapshot_index` carries.
+    pub fn conf_state_at_snapshot(&self) -> ConfState {
+        if self.snapshot_conf_state == ConfState::default() && self.conf_history.is_empty() {
+            // Written before the snapshot membership was kept: no change
+            // was recorded after the snapshot, so the current one is it.
+            return self.conf_state.clone();
+        }
+        self.snapshot_conf_state.clone()
+    }
+
     pub(crate) fn encode(&self) -> Vec<u8> {
         let hs = &self.hard_state;
         let cs = &self.conf_state;
@@ -105,13 +221,7 @@ impl ReplicaMeta {
                 vote: hs.vote,
                 commit: hs.commit,
             }),
-            conf_state: Some(pb::ConfState {
-                voters: cs.voters.clone(),
-                learners: cs.learners.clone(),
-                voters_outgoing: cs.voters_outgoing.clone(),
-                learners_next: cs.learners_next.clone(),
-                auto_leave: cs.auto_leave,
-            }),
+            conf_state: Some(conf_to_pb(cs)),
             snapshot_index: self.snapshot_index,
             snapshot_term: self.snapshot_term,
             applied_index: self.applied_index,
@@ -124,6 +234,15 @@ impl ReplicaMeta {
                 })
                 .collect(),
             created_at_unix_ms: self.created_at_unix_ms,
+            snapshot_conf_state: Some(conf_to_pb(&self.snapshot_conf_state)),
+            conf_history: self
+                .conf_history
+                .iter()
+                .map(|(index, cs)| pb::ConfChangeRecord {
+                    index: *index,
+                    conf_state: Some(conf_to_pb(cs)),
+                })
+                .collect(),
         }
         .encode_to_vec()
     }
@@ -142,15 +261,22 @@ impl ReplicaMeta {
             commit: hs.commit,
             ..Default::default()
         };
-        let conf_state = ConfState {
-            voters: cs.voters,
-            learners: cs.learners,
-            voters_outgoing: cs.voters_outgoing,
-            learners_next: cs.learners_next,
-            auto_leave: cs.auto_leave,
-            ..Default::default()
-        };
+        let conf_state = conf_from_pb(cs);
+        let mut conf_history = Vec::with_capacity(m.conf_history.len());
+        for r in m.conf_history {
+            if r.index <= m.snapshot_index
+                || conf_history.last().is_some_and(|(i, _)| *i >= r.index)
+            {
+                return Err(StorageError::corrupt(
+                    location,
+                    format!("membership history out of order at position {}", r.index),
+                ));
+            }
+            conf_history.push((r.index, conf_from_pb(r.conf_state.unwrap_or_default())));
+        }
         Ok(ReplicaMeta {
+            snapshot_conf_state: conf_from_pb(m.snapshot_conf_state.unwrap_or_default()),
+            conf_history,
             format_version: m.format_version,
             cluster_id: m.cluster_id,
             replica_id: m.replica_id,

@@ -32,7 +32,7 @@ use rocksdb::{
 };
 use tracing::{info, warn};
 
-use crate::api::{LogStorage, LogUpdate};
+use crate::api::{check_conf_changes, LogStorage, LogUpdate};
 use crate::error::{Result, StorageError};
 use crate::frame;
 use crate::identity;
@@ -229,6 +229,19 @@ impl RocksStorage {
     /// Turns an empty (or missing) directory into an initialized VOTING
     /// replica. Refuses a directory that holds anything, without touching it.
     pub fn initialize(dir: &Path, init: &InitOptions) -> Result<Self> {
+        Self::create(dir, init, ReplicaStatus::Voting)
+    }
+
+    /// Turns an empty (or missing) directory into an EMPTY replica of
+    /// `cluster_id`: it knows who it is, holds no log and no membership, and
+    /// never votes or acknowledges until it has joined its cluster through
+    /// the recover protocol. `init.members` is the address book it starts
+    /// with. Refuses a directory that holds anything.
+    pub fn create_empty(dir: &Path, init: &InitOptions) -> Result<Self> {
+        Self::create(dir, init, ReplicaStatus::Empty)
+    }
+
+    fn create(dir: &Path, init: &InitOptions, status: ReplicaStatus) -> Result<Self> {
         validate_cluster_id(&init.cluster_id)?;
         if init.replica_id == 0 {
             return Err(StorageError::Invalid("replica id must be non-zero".into()));
@@ -282,30 +295,14 @@ impl RocksStorage {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         let db = DB::open_cf_descriptors(&opts, dir, cf_descriptors()).map_err(rocks_err(dir))?;
-        let hard_state = HardState {
-            term: 1,
-            commit: 1,
-            ..Default::default()
+        let meta = if status == ReplicaStatus::Voting {
+            ReplicaMeta::initialized(&init.cluster_id, init.replica_id, ids, created)
+        } else {
+            ReplicaMeta::empty(&init.cluster_id, init.replica_id, created)
         };
-        let conf_state = ConfState {
-            voters: ids,
-            ..Default::default()
-        };
-        // Like raft-rs's MemStorage::initialize_with_conf_state: the initial
-        // membership is a snapshot at (1, 1), so every member starts from the
-        // same state and the first real entry is at position 2.
         let meta = ReplicaMeta {
-            format_version: FORMAT_VERSION,
-            cluster_id: init.cluster_id.clone(),
-            replica_id: init.replica_id,
-            status: ReplicaStatus::Voting,
-            hard_state,
-            conf_state,
-            snapshot_index: 1,
-            snapshot_term: 1,
-            applied_index: 1,
             members: init.members.clone(),
-            created_at_unix_ms: created,
+            ..meta
         };
         {
             let cf = db.cf_handle(CF_META).expect("created above");
@@ -327,7 +324,7 @@ impl RocksStorage {
             },
         )?;
         info!(dir = %dir.display(), cluster = %init.cluster_id, replica = init.replica_id,
-              "initialized replica in VOTING status");
+              %status, "created replica");
         Self::open(dir, &OpenOptions::default()).map(|(s, _)| s)
     }
 
@@ -783,6 +780,8 @@ fn verify(
                 applied_index: 0,
                 members: Vec::new(),
                 created_at_unix_ms: i.created_at_unix_ms,
+                snapshot_conf_state: ConfState::default(),
+                conf_history: Vec::new(),
             }
         }
         Err(e) => return Err(e),
@@ -914,7 +913,7 @@ impl raft::Storage for RocksStorage {
         let md = s.mut_metadata();
         md.index = st.meta.snapshot_index;
         md.term = st.meta.snapshot_term;
-        md.set_conf_state(st.meta.conf_state.clone());
+        md.set_conf_state(st.meta.conf_state_at_snapshot());
         Ok(s)
     }
 }
@@ -949,6 +948,11 @@ impl LogStorage for RocksStorage {
             meta.hard_state.commit = meta.hard_state.commit.max(index);
             meta.hard_state.term = meta.hard_state.term.max(term);
             meta.applied_index = meta.applied_index.max(index);
+            let cs = u
+                .conf_state
+                .clone()
+                .unwrap_or_else(|| meta.conf_state.clone());
+            meta.install_snapshot_conf(cs);
             last = index;
         }
 
@@ -988,6 +992,8 @@ impl LogStorage for RocksStorage {
             last = end;
         }
 
+        check_conf_changes(&u, meta.snapshot_index)?;
+        meta.record_conf_changes(&u.conf_changes);
         if let Some(to) = u.compact_to {
             if to > meta.snapshot_index + 1 {
                 if to > last + 1 {
@@ -1013,12 +1019,13 @@ impl LogStorage for RocksStorage {
                 batch.delete_range_cf(log, position_key(meta.snapshot_index + 1), position_key(to));
                 meta.snapshot_index = mark;
                 meta.snapshot_term = term;
+                meta.compact_conf_to(mark);
             }
         }
         if let Some(hs) = u.hard_state {
             meta.hard_state = hs;
         }
-        if let Some(cs) = u.conf_state {
+        if let (Some(cs), None) = (u.conf_state, u.snapshot) {
             meta.conf_state = cs;
         }
         if let Some(a) = u.applied {
