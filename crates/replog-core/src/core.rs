@@ -254,6 +254,9 @@ struct UnsyncedReady {
     number: u64,
     messages: Vec<Message>,
     needs_sync: bool,
+    /// Position of the snapshot this ready installed: raft-rs may count it
+    /// applied only once it is persisted.
+    snapshot: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -435,6 +438,7 @@ impl<S: LogStorage> ReplicaCore<S> {
                 // Readies up to `ready_number` are durable; readies after them
                 // that needed no fsync ride along.
                 let mut done = None;
+                let mut snapshot = None;
                 while let Some(front) = self.unsynced.front() {
                     if front.number > ready_number && front.needs_sync {
                         break;
@@ -444,9 +448,15 @@ impl<S: LogStorage> ReplicaCore<S> {
                         out.push(Output::Send(r.messages));
                     }
                     done = Some(r.number);
+                    snapshot = r.snapshot.or(snapshot);
                 }
                 if let Some(n) = done {
                     self.node.on_persist_ready(n);
+                }
+                if let Some(index) = snapshot {
+                    if index > self.node.raft.raft_log.applied {
+                        self.node.advance_apply_to(index);
+                    }
                 }
             }
             Input::Message(m) => self.step_raft(*m),
@@ -475,6 +485,23 @@ impl<S: LogStorage> ReplicaCore<S> {
                 }
             }
             ReplicaStatus::Voting => {}
+        }
+        let mut m = m;
+        if m.get_msg_type() == MessageType::MsgHeartbeat {
+            // A leader that still counts positions this replica held before
+            // it lost them sends a commit beyond its log; raft-rs would
+            // panic on it. The positions this replica does hold match the
+            // leader's up to there, so clamping is safe.
+            let last = self.node.raft.raft_log.last_index();
+            if m.commit > last {
+                debug!(
+                    replica = self.id,
+                    commit = m.commit,
+                    last,
+                    "clamping a heartbeat's commit to the local log"
+                );
+                m.commit = last;
+            }
         }
         if let Err(e) = self.node.step(m) {
             debug!(error = %e, "dropped a raft message");
@@ -516,7 +543,7 @@ impl<S: LogStorage> ReplicaCore<S> {
         out: &mut Vec<Output>,
     ) -> Result<(), CoreError> {
         match msg {
-            PeerMessage::RecoverRequest { status, .. } => {
+            PeerMessage::RecoverRequest { status, last_index } => {
                 info!(
                     "Replica in {} status received a broadcasted recover request from {from}",
                     self.status
@@ -532,7 +559,7 @@ impl<S: LogStorage> ReplicaCore<S> {
                     },
                 });
                 if raft.state == StateRole::Leader && self.status == ReplicaStatus::Voting {
-                    self.leader_handles_recovering(from, status);
+                    self.leader_handles_recovering(from, status, last_index);
                 }
             }
             PeerMessage::RecoverResponse { status, .. } => {
@@ -548,11 +575,24 @@ impl<S: LogStorage> ReplicaCore<S> {
 
     /// The leader's part: a voter that lost its state is demoted, so that
     /// it catches up as a learner and is promoted afterwards.
-    fn leader_handles_recovering(&mut self, from: u64, status: ReplicaStatus) {
+    fn leader_handles_recovering(&mut self, from: u64, status: ReplicaStatus, last_index: u64) {
         if status == ReplicaStatus::Voting {
             return;
         }
         let conf = self.node.raft.prs().conf().to_conf_state();
+        if let Some(pr) = self.node.raft.mut_prs().get_mut(from) {
+            if pr.matched > last_index {
+                // It lost what it held: replicate to it from what it has.
+                info!(
+                    replica = from,
+                    matched = pr.matched,
+                    last_index,
+                    "replica lost positions it had acknowledged; probing it again"
+                );
+                pr.matched = last_index;
+                pr.become_probe();
+            }
+        }
         if is_voter(&conf, from) {
             if self.node.raft.has_pending_conf() || !conf.voters_outgoing.is_empty() {
                 debug!(
@@ -903,7 +943,7 @@ impl<S: LogStorage> ReplicaCore<S> {
         }
         if let Some((index, cs)) = &installed {
             self.applied = *index;
-            self.note_own_membership(cs, &mut update);
+            self.note_own_membership(cs, false, &mut update);
         }
         let committed = rd.take_committed_entries();
         self.apply(&committed, &mut update, out)?;
@@ -945,6 +985,7 @@ impl<S: LogStorage> ReplicaCore<S> {
                 number,
                 messages: persisted_msgs,
                 needs_sync,
+                snapshot: installed.as_ref().map(|(index, _)| *index),
             });
             if needs_sync {
                 out.push(Output::Sync {
@@ -961,16 +1002,20 @@ impl<S: LogStorage> ReplicaCore<S> {
     }
 
     /// While RECOVERING: notes whether this replica is a learner, and turns
-    /// VOTING when it applies its promotion after having been a learner.
-    fn note_own_membership(&mut self, cs: &ConfState, update: &mut LogUpdate) {
+    /// VOTING when it applies a log entry that promotes it after it has been
+    /// a learner. A snapshot's membership never promotes: it may be older
+    /// than what this replica already applied.
+    fn note_own_membership(&mut self, cs: &ConfState, from_entry: bool, update: &mut LogUpdate) {
         if self.status != ReplicaStatus::Recovering {
             return;
         }
         if is_learner(cs, self.id) {
             self.seen_as_learner = true;
-        } else if is_voter(cs, self.id) && self.seen_as_learner {
+        } else if from_entry && is_voter(cs, self.id) && self.seen_as_learner {
             info!(replica = self.id, "promoted to voter after catching up");
             update.status = Some(ReplicaStatus::Voting);
+        } else {
+            self.seen_as_learner = false;
         }
     }
 
@@ -1003,7 +1048,7 @@ impl<S: LogStorage> ReplicaCore<S> {
                             info!(replica = self.id, position = e.index, voters = ?cs.voters,
                                   learners = ?cs.learners, outgoing = ?cs.voters_outgoing,
                                   "membership changed");
-                            self.note_own_membership(&cs, update);
+                            self.note_own_membership(&cs, true, update);
                             update.conf_changes.push((e.index, cs));
                             membership_applied = true;
                         }

@@ -198,6 +198,26 @@ impl ReplicaMeta {
         }
     }
 
+    /// The membership a snapshot at `snapshot_index` sent to replica `to`
+    /// carries. A replica added after that position is not in it, and
+    /// raft-rs refuses a snapshot that leaves out its recipient; so a
+    /// recipient that is a member now is included as a learner. Replaying
+    /// the entries after the snapshot then adds it again, which changes
+    /// nothing, and every later change applies as on the leader.
+    pub fn snapshot_conf_for(&self, to: u64) -> ConfState {
+        let mut cs = self.conf_state_at_snapshot();
+        let member = |c: &ConfState| {
+            c.voters.contains(&to)
+                || c.learners.contains(&to)
+                || c.voters_outgoing.contains(&to)
+                || c.learners_next.contains(&to)
+        };
+        if to != 0 && !member(&cs) && member(&self.conf_state) && cs.voters_outgoing.is_empty() {
+            cs.learners.push(to);
+        }
+        cs
+    }
+
     /// The membership a snapshot at `snapshot_index` carries.
     pub fn conf_state_at_snapshot(&self) -> ConfState {
         if self.snapshot_conf_state == ConfState::default() && self.conf_history.is_empty() {

@@ -902,7 +902,7 @@ impl raft::Storage for RocksStorage {
         Ok(self.inner.state.read().last_index)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let st = self.inner.state.read();
         if request_index > st.meta.snapshot_index {
             return Err(raft::Error::Store(
@@ -913,7 +913,7 @@ impl raft::Storage for RocksStorage {
         let md = s.mut_metadata();
         md.index = st.meta.snapshot_index;
         md.term = st.meta.snapshot_term;
-        md.set_conf_state(st.meta.conf_state_at_snapshot());
+        md.set_conf_state(st.meta.snapshot_conf_for(to));
         Ok(s)
     }
 }
