@@ -343,7 +343,7 @@ impl Sim {
                 }
                 continue;
             }
-            if (self.now + i as u64 * 3) % TICK == 0 {
+            if (self.now + i as u64 * 3).is_multiple_of(TICK) {
                 self.input(i, Input::Tick);
             }
             if let Some(n) = self.nodes[i].sync_asked {
@@ -524,7 +524,7 @@ fn run_seed(seed: u64, size: u64) -> (usize, u32, u32) {
     let mut settled = false;
     for _ in 0..60_000 {
         sim.step(false, 0.0);
-        if sim.now % 100 == 0 {
+        if sim.now.is_multiple_of(100) {
             let metas: Vec<_> = sim.nodes.iter().map(|n| n.storage.meta()).collect();
             let applied: BTreeSet<u64> = metas.iter().map(|m| m.applied_index).collect();
             if sim.nodes.iter().all(|n| n.core.is_some())
