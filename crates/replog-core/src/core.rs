@@ -50,7 +50,9 @@ use raft::eraftpb::{
     Entry, EntryType, Message, MessageType,
 };
 use raft::{Config, RawNode, SnapshotStatus, StateRole};
-use replog_storage::{LogStorage, LogUpdate, ReplicaStatus};
+use replog_storage::{
+    decode_member_addresses, encode_member_addresses, LogStorage, LogUpdate, Member, ReplicaStatus,
+};
 use tracing::{debug, info, warn};
 
 use crate::command::{classify, Command, EntryContent};
@@ -138,10 +140,12 @@ pub enum Input {
         command: Command,
         writer_term: Option<u64>,
     },
-    /// Propose a membership change (leader only).
+    /// Propose a membership change (leader only). `addresses` travel with
+    /// the change, so every replica learns where added members listen.
     ChangeMembership {
         id: ProposalId,
         changes: Vec<MembershipChange>,
+        addresses: Vec<Member>,
     },
     /// Ask the leader to hand leadership to `to`.
     TransferLeader { to: u64 },
@@ -239,6 +243,8 @@ pub enum Output {
     Truncated { first_index: u64 },
     /// The replica's status changed (and is durable).
     StatusChanged { status: ReplicaStatus },
+    /// A membership change told where these members listen.
+    Addresses(Vec<Member>),
 }
 
 /// Errors that stop the core: storage failed or raft-rs refused its state.
@@ -413,7 +419,11 @@ impl<S: LogStorage> ReplicaCore<S> {
                 command,
                 writer_term,
             } => self.propose(id, command, writer_term, out),
-            Input::ChangeMembership { id, changes } => self.change_membership(id, &changes, out),
+            Input::ChangeMembership {
+                id,
+                changes,
+                addresses,
+            } => self.change_membership(id, &changes, &addresses, out),
             Input::TransferLeader { to } => {
                 if self.node.raft.state == StateRole::Leader && self.status == ReplicaStatus::Voting
                 {
@@ -822,6 +832,7 @@ impl<S: LogStorage> ReplicaCore<S> {
         &mut self,
         id: ProposalId,
         changes: &[MembershipChange],
+        addresses: &[Member],
         out: &mut Vec<Output>,
     ) {
         let raft = &self.node.raft;
@@ -883,7 +894,10 @@ impl<S: LogStorage> ReplicaCore<S> {
             return;
         }
         let term = raft.term;
-        let cc = conf_change(changes);
+        let mut cc = conf_change(changes);
+        if !addresses.is_empty() {
+            cc.context = encode_member_addresses(addresses).into();
+        }
         let r = self.node.propose_conf_change(Vec::new(), cc);
         self.note_proposal(id, term, PendingKind::Membership, r, out);
     }
@@ -1041,6 +1055,18 @@ impl<S: LogStorage> ReplicaCore<S> {
                     } else {
                         let cc: ConfChangeV2 = protobuf::Message::parse_from_bytes(&e.data)
                             .map_err(raft::Error::CodecError)?;
+                        if !cc.context.is_empty() {
+                            match decode_member_addresses(&cc.context) {
+                                Some(a) => {
+                                    update.member_addresses.extend(a.iter().cloned());
+                                    out.push(Output::Addresses(a));
+                                }
+                                None => warn!(
+                                    position = e.index,
+                                    "membership change with an undecodable address list"
+                                ),
+                            }
+                        }
                         self.node.apply_conf_change(&cc)
                     };
                     match cs {

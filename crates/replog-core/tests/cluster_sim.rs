@@ -203,7 +203,8 @@ impl Sim {
                 }
                 Output::ReadReady { .. }
                 | Output::Truncated { .. }
-                | Output::StatusChanged { .. } => {}
+                | Output::StatusChanged { .. }
+                | Output::Addresses(_) => {}
             }
         }
     }

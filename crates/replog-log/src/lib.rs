@@ -26,6 +26,7 @@
 //!   embedding scheduler must fail over.
 
 mod error;
+pub mod peers;
 mod position;
 mod runtime;
 
@@ -35,15 +36,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use raft::eraftpb::Entry;
-use replog_core::{classify, Command, CoreConfig, EntryContent, Progress};
+use replog_core::{classify, Command, CoreConfig, EntryContent};
 use replog_storage::{OpenOptions, RecoveryReport, ReplicaMeta, RocksStorage, StorageError};
 use tokio::sync::{oneshot, watch};
 
 pub use error::{LogError, Result};
+pub use peers::{ClusterOptions, PeerLink};
 pub use position::Position;
-pub use replog_storage::ReplicaStatus;
+pub use replog_core::{MembershipChange, Progress};
+pub use replog_proto::replica::Envelope;
+pub use replog_storage::{Member, ReplicaStatus};
 
-use runtime::{Control, Request, RuntimeConfig, Shared, Threads};
+use runtime::{Control, PeerWiring, Request, RuntimeConfig, Shared, Threads};
 
 /// Default largest application entry (8 MiB).
 pub const DEFAULT_MAX_ENTRY_BYTES: usize = 8 * 1024 * 1024;
@@ -71,6 +75,12 @@ pub struct LogOptions {
     pub max_batch: usize,
     /// How long `Writer::start` waits for this replica to lead.
     pub start_timeout: Duration,
+    /// How long a linearizable read waits for the leader's confirmation.
+    pub read_timeout: Duration,
+    /// Raft's election timeout, in ticks.
+    pub election_ticks: usize,
+    /// Raft's heartbeat interval, in ticks.
+    pub heartbeat_ticks: usize,
 }
 
 impl Default for LogOptions {
@@ -84,6 +94,9 @@ impl Default for LogOptions {
             max_in_flight: 16 * 1024,
             max_batch: 4096,
             start_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(5),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
         }
     }
 }
@@ -95,6 +108,33 @@ pub struct Leadership {
     pub leader: Option<u64>,
     /// True when this replica leads and may write.
     pub is_writer: bool,
+}
+
+/// One member of the cluster as this replica sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub id: u64,
+    /// Where its replica server listens (empty if unknown).
+    pub address: String,
+    pub voter: bool,
+    /// Highest position known to be on it (on the leader; 0 elsewhere).
+    pub matched: u64,
+    /// Positions it is behind the commit (on the leader; 0 elsewhere).
+    pub lag: u64,
+    /// Time since a message from it arrived (`None`: never).
+    pub last_heard: Option<Duration>,
+    /// Ping timeouts elapsed without a message from it.
+    pub missed_pings: u32,
+    /// False once `missed_pings` reaches `max_ping_timeouts`.
+    pub reachable: bool,
+}
+
+/// The replica's view of its cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    pub progress: Progress,
+    pub members: Vec<MemberStatus>,
+    pub leader_address: Option<String>,
 }
 
 /// An open replica of the log. Dropping it (or [`Log::close`]) stops the
@@ -121,13 +161,63 @@ impl Log {
         if status != ReplicaStatus::Voting {
             return Err(LogError::NotVoting(status));
         }
+        Self::start(storage, recovery, opts, None)
+    }
+
+    /// Opens the replica in `path` as a member of a multi-replica cluster:
+    /// messages for peers go to `link`, theirs arrive on `inbound`. Unlike
+    /// [`Log::open`], a replica that is not VOTING is started too: it runs
+    /// the recover protocol and rejoins (see `replog_core`).
+    pub fn open_replica(
+        path: impl AsRef<Path>,
+        opts: LogOptions,
+        cluster: ClusterOptions,
+        link: Arc<dyn PeerLink>,
+        inbound: crossbeam_channel::Receiver<Envelope>,
+    ) -> Result<Log> {
+        let open = OpenOptions {
+            strict: opts.strict,
+            sync: opts.sync,
+            expected_cluster_id: opts.expected_cluster_id.clone(),
+            ..Default::default()
+        };
+        let (storage, recovery) = RocksStorage::open(path.as_ref(), &open)?;
+        let wiring = PeerWiring {
+            cluster,
+            link,
+            inbound,
+        };
+        Self::start(storage, recovery, opts, Some(wiring))
+    }
+
+    fn start(
+        storage: RocksStorage,
+        recovery: RecoveryReport,
+        opts: LogOptions,
+        wiring: Option<PeerWiring>,
+    ) -> Result<Log> {
+        let core = match &wiring {
+            Some(w) => CoreConfig {
+                peers: w.cluster.peers.keys().copied().collect(),
+                auto_initialize: w.cluster.auto_initialize,
+                election_tick: opts.election_ticks,
+                heartbeat_tick: opts.heartbeat_ticks,
+                ..Default::default()
+            },
+            None => CoreConfig {
+                election_tick: opts.election_ticks,
+                heartbeat_tick: opts.heartbeat_ticks,
+                ..Default::default()
+            },
+        };
         let cfg = RuntimeConfig {
             tick_interval: opts.tick_interval,
+            read_timeout: opts.read_timeout,
             max_in_flight: opts.max_in_flight,
             max_batch: opts.max_batch,
-            core: CoreConfig::default(),
+            core,
         };
-        let (shared, threads) = runtime::start(storage.clone(), cfg)?;
+        let (shared, threads) = runtime::start(storage.clone(), cfg, wiring)?;
         Ok(Log {
             storage,
             shared,
@@ -173,6 +263,88 @@ impl Log {
     /// Progress of the log now (term, commit, first and last position).
     pub fn progress(&self) -> Progress {
         *self.shared.progress.borrow()
+    }
+
+    /// A linearizable ending: the committed position every read must see,
+    /// confirmed by the leader (Raft ReadIndex), once this replica has
+    /// applied it.
+    pub async fn linearizable_ending(&self) -> Result<Position> {
+        let permit = self
+            .shared
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| self.shared.closed_error())?;
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .requests
+            .send(Control::Read { reply: tx, permit })
+            .map_err(|_| self.shared.closed_error())?;
+        let index = rx.await.map_err(|_| self.shared.closed_error())??;
+        let mut progress = self.shared.progress.subscribe();
+        let wait = async {
+            loop {
+                let p = *progress.borrow_and_update();
+                if p.applied >= index {
+                    return Ok(Position::new(p.commit.max(index)));
+                }
+                if progress.changed().await.is_err() {
+                    return Err(self.shared.closed_error());
+                }
+            }
+        };
+        tokio::time::timeout(self.opts.read_timeout, wait)
+            .await
+            .map_err(|_| LogError::Timeout(self.opts.read_timeout))?
+    }
+
+    /// Changes the membership (on the leader): several changes form one
+    /// joint-consensus change. `addresses` tell every replica where added
+    /// members listen. Returns the position of the change once applied.
+    pub async fn change_membership(
+        &self,
+        changes: Vec<MembershipChange>,
+        addresses: Vec<Member>,
+    ) -> Result<Position> {
+        let permit = self
+            .shared
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| self.shared.closed_error())?;
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .requests
+            .send(Control::Membership {
+                changes,
+                addresses,
+                reply: tx,
+                permit,
+            })
+            .map_err(|_| self.shared.closed_error())?;
+        rx.await.map_err(|_| self.shared.closed_error())?
+    }
+
+    /// Asks the leader to hand leadership to replica `to` (best effort:
+    /// watch [`Log::watch_leadership`] for the outcome).
+    pub fn transfer_leader(&self, to: u64) -> Result<()> {
+        self.shared
+            .requests
+            .send(Control::TransferLeader { to })
+            .map_err(|_| self.shared.closed_error())
+    }
+
+    /// The replica's view of its cluster: progress, members, their lag and
+    /// reachability.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .requests
+            .send(Control::Status { reply: tx })
+            .map_err(|_| self.shared.closed_error())?;
+        rx.await.map_err(|_| self.shared.closed_error())
     }
 
     /// The replica's metadata record.

@@ -13,20 +13,22 @@
 //! - a storage failure (an fsync error included) stops the replica: every
 //!   waiting and later call fails with [`LogError::Closed`] and the reason.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, never, select, unbounded, Receiver, Sender};
 use parking_lot::Mutex;
-use replog_core::{Command, CoreConfig, Input, Output, Progress, ReplicaCore};
-use replog_storage::{LogStorage, RocksStorage};
+use replog_core::{Command, CoreConfig, Input, MembershipChange, Output, Progress, ReplicaCore};
+use replog_proto::replica::Envelope;
+use replog_storage::{LogStorage, Member, RocksStorage};
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::error::{LogError, Result};
-use crate::Position;
+use crate::peers::{self, ClusterOptions, Inbound, PeerLink};
+use crate::{ClusterStatus, MemberStatus, Position};
 
 pub(crate) struct Request {
     pub command: Command,
@@ -37,7 +39,32 @@ pub(crate) struct Request {
 
 pub(crate) enum Control {
     Request(Request),
+    /// A linearizable read: answered with the position reads must wait for.
+    Read {
+        reply: oneshot::Sender<Result<u64>>,
+        permit: OwnedSemaphorePermit,
+    },
+    Membership {
+        changes: Vec<MembershipChange>,
+        addresses: Vec<Member>,
+        reply: oneshot::Sender<Result<Position>>,
+        permit: OwnedSemaphorePermit,
+    },
+    TransferLeader {
+        to: u64,
+    },
+    Status {
+        reply: oneshot::Sender<ClusterStatus>,
+    },
     Shutdown,
+}
+
+/// The cluster side of a replica: where its peers' messages come from and
+/// go to.
+pub(crate) struct PeerWiring {
+    pub cluster: ClusterOptions,
+    pub link: Arc<dyn PeerLink>,
+    pub inbound: Receiver<Envelope>,
 }
 
 /// State shared between the driver and the API handles.
@@ -58,6 +85,8 @@ impl Shared {
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     pub tick_interval: Duration,
+    /// How long a linearizable read waits for the leader to confirm it.
+    pub read_timeout: Duration,
     pub max_in_flight: usize,
     pub max_batch: usize,
     pub core: CoreConfig,
@@ -69,7 +98,11 @@ pub(crate) struct Threads {
     pub compactor: Option<JoinHandle<()>>,
 }
 
-pub(crate) fn start(storage: RocksStorage, cfg: RuntimeConfig) -> Result<(Arc<Shared>, Threads)> {
+pub(crate) fn start(
+    storage: RocksStorage,
+    cfg: RuntimeConfig,
+    wiring: Option<PeerWiring>,
+) -> Result<(Arc<Shared>, Threads)> {
     let mut core = ReplicaCore::new(storage.clone(), &cfg.core)?;
     let mut outs = Vec::new();
     let initial = core.drive(&mut outs)?;
@@ -105,16 +138,35 @@ pub(crate) fn start(storage: RocksStorage, cfg: RuntimeConfig) -> Result<(Arc<Sh
         std::thread::Builder::new()
             .name("replog-driver".into())
             .spawn(move || {
+                let meta = storage.meta();
+                let (link, inbound, cluster) = match wiring {
+                    Some(w) => (Some(w.link), w.inbound, w.cluster),
+                    None => (None, never(), ClusterOptions::default()),
+                };
+                let mut addresses: BTreeMap<u64, String> = meta
+                    .members
+                    .iter()
+                    .filter(|m| !m.address.is_empty())
+                    .map(|m| (m.id, m.address.clone()))
+                    .collect();
+                addresses.extend(cluster.peers.clone());
                 let mut d = Driver {
                     core,
                     shared,
                     waiting: HashMap::new(),
+                    reads: HashMap::new(),
                     next_id: 1,
                     sync_tx,
                     compact_tx,
                     cfg,
+                    cluster_id: meta.cluster_id,
+                    link,
+                    cluster,
+                    addresses,
+                    last_heard: HashMap::new(),
+                    started: Instant::now(),
                 };
-                let result = d.run(outs, req_rx, persisted_rx);
+                let result = d.run(outs, req_rx, persisted_rx, inbound);
                 d.stop(result.err());
             })
             .map_err(|e| LogError::Invalid(format!("cannot start driver thread: {e}")))?
@@ -161,15 +213,27 @@ fn compact_loop(storage: RocksStorage, rx: Receiver<u64>) {
     }
 }
 
+type ReadWaiter = (oneshot::Sender<Result<u64>>, OwnedSemaphorePermit, Instant);
+
 struct Driver {
     core: ReplicaCore<RocksStorage>,
     shared: Arc<Shared>,
     /// Callers waiting for their proposal, each holding its permit.
     waiting: HashMap<u64, (oneshot::Sender<Result<Position>>, OwnedSemaphorePermit)>,
+    /// Linearizable reads waiting for their read index, with a deadline.
+    reads: HashMap<u64, ReadWaiter>,
     next_id: u64,
     sync_tx: Sender<u64>,
     compact_tx: Sender<u64>,
     cfg: RuntimeConfig,
+    cluster_id: String,
+    link: Option<Arc<dyn PeerLink>>,
+    cluster: ClusterOptions,
+    /// Where each known replica listens.
+    addresses: BTreeMap<u64, String>,
+    /// When a message from each peer last arrived.
+    last_heard: HashMap<u64, Instant>,
+    started: Instant,
 }
 
 impl Driver {
@@ -178,6 +242,7 @@ impl Driver {
         initial: Vec<Output>,
         req_rx: Receiver<Control>,
         persisted_rx: Receiver<std::result::Result<u64, String>>,
+        inbound: Receiver<Envelope>,
     ) -> std::result::Result<(), String> {
         self.execute(initial)?;
         let mut next_tick = Instant::now() + self.cfg.tick_interval;
@@ -198,6 +263,11 @@ impl Driver {
                         return Ok(());
                     }
                 }
+                recv(inbound) -> env => {
+                    if let Ok(env) = env {
+                        self.receive(env, &mut inbound_batch(&inbound), &mut inputs);
+                    }
+                }
                 recv(persisted_rx) -> msg => {
                     let Ok(r) = msg else { return Err("the sync thread stopped".into()) };
                     let mut n = r.map_err(|e| format!("fsync failed: {e}"))?;
@@ -210,6 +280,7 @@ impl Driver {
             }
             if Instant::now() >= next_tick {
                 inputs.push(Input::Tick);
+                self.expire_reads();
                 next_tick += self.cfg.tick_interval;
                 if next_tick < Instant::now() {
                     next_tick = Instant::now() + self.cfg.tick_interval;
@@ -233,13 +304,132 @@ impl Driver {
         }
     }
 
+    /// Turns inbound envelopes into inputs (the first one and whatever
+    /// else is queued, up to a batch).
+    fn receive(
+        &mut self,
+        first: Envelope,
+        rest: &mut dyn Iterator<Item = Envelope>,
+        inputs: &mut Vec<Input>,
+    ) {
+        let me = self.core.id();
+        for env in std::iter::once(first).chain(rest.take(self.cfg.max_batch)) {
+            match peers::decode(&self.cluster_id, me, env) {
+                Ok((from, inbound)) => {
+                    self.last_heard.insert(from, Instant::now());
+                    inputs.push(match inbound {
+                        Inbound::Raft(m) => Input::Message(m),
+                        Inbound::Peer(msg) => Input::Peer { from, msg },
+                    });
+                }
+                Err(why) => warn!(%why, "dropped an envelope"),
+            }
+        }
+    }
+
+    fn expire_reads(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, (_, _, deadline))| *deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some((tx, _permit, _)) = self.reads.remove(&id) {
+                let _ = tx.send(Err(LogError::Timeout(self.cfg.read_timeout)));
+            }
+        }
+    }
+
+    fn status(&self) -> ClusterStatus {
+        let progress = self.core.progress();
+        let now = Instant::now();
+        let me = self.core.id();
+        let ping = self.cluster.ping_timeout.max(Duration::from_millis(1));
+        let members = self
+            .core
+            .members()
+            .into_iter()
+            .map(|m| {
+                let heard = self.last_heard.get(&m.id).copied();
+                let silence = if m.id == me {
+                    Duration::ZERO
+                } else {
+                    now - heard.unwrap_or(self.started)
+                };
+                let missed_pings = (silence.as_nanos() / ping.as_nanos()) as u32;
+                MemberStatus {
+                    id: m.id,
+                    address: self.addresses.get(&m.id).cloned().unwrap_or_default(),
+                    voter: m.voter,
+                    matched: m.matched,
+                    lag: if progress.is_leader {
+                        progress.commit.saturating_sub(m.matched)
+                    } else {
+                        0
+                    },
+                    last_heard: if m.id == me {
+                        Some(Duration::ZERO)
+                    } else {
+                        heard.map(|h| now - h)
+                    },
+                    missed_pings,
+                    reachable: missed_pings < self.cluster.max_ping_timeouts.max(1),
+                }
+            })
+            .collect();
+        ClusterStatus {
+            progress,
+            members,
+            leader_address: progress
+                .leader
+                .and_then(|l| self.addresses.get(&l).cloned()),
+        }
+    }
+
+    fn new_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
     /// Turns a request into an input; true on shutdown.
     fn admit(&mut self, c: Control, inputs: &mut Vec<Input>) -> bool {
         match c {
             Control::Shutdown => true,
+            Control::Read { reply, permit } => {
+                let id = self.new_id();
+                let deadline = Instant::now() + self.cfg.read_timeout;
+                self.reads.insert(id, (reply, permit, deadline));
+                inputs.push(Input::ReadIndex { id });
+                false
+            }
+            Control::Membership {
+                changes,
+                addresses,
+                reply,
+                permit,
+            } => {
+                let id = self.new_id();
+                self.waiting.insert(id, (reply, permit));
+                inputs.push(Input::ChangeMembership {
+                    id,
+                    changes,
+                    addresses,
+                });
+                false
+            }
+            Control::TransferLeader { to } => {
+                inputs.push(Input::TransferLeader { to });
+                false
+            }
+            Control::Status { reply } => {
+                let _ = reply.send(self.status());
+                false
+            }
             Control::Request(r) => {
-                let id = self.next_id;
-                self.next_id += 1;
+                let id = self.new_id();
                 // The permit is released when the request is answered.
                 self.waiting.insert(id, (r.reply, r.permit));
                 inputs.push(Input::Propose {
@@ -266,22 +456,51 @@ impl Driver {
                     .send(ready_number)
                     .map_err(|_| "the sync thread stopped".to_string())?,
                 Output::Committed { id, position } => self.answer(id, Ok(Position::new(position))),
-                Output::Failed { id, error } => self.answer(id, Err(error.into())),
+                Output::Failed { id, error } => {
+                    if let Some((tx, _permit, _)) = self.reads.remove(&id) {
+                        let _ = tx.send(Err(error.into()));
+                    } else {
+                        self.answer(id, Err(error.into()));
+                    }
+                }
                 Output::Truncated { first_index } => {
                     let _ = self.compact_tx.try_send(first_index);
                 }
-                Output::Send(msgs) => {
-                    // An embedded single replica has no peers to send to.
-                    debug!(count = msgs.len(), "no transport; dropping raft messages");
-                }
-                Output::SendPeer { to, .. } => {
-                    debug!(to, "no transport; dropping a recover-protocol message");
-                }
-                Output::ReadReady { id, .. } => {
-                    debug!(id, "no reader waits for this read index");
+                Output::Send(msgs) => match &self.link {
+                    Some(link) => {
+                        for m in &msgs {
+                            link.send(peers::raft_envelope(&self.cluster_id, m));
+                        }
+                    }
+                    // A replica without peers (an embedded log of one).
+                    None => debug!(count = msgs.len(), "no peers; dropping raft messages"),
+                },
+                Output::SendPeer { to, msg } => match &self.link {
+                    Some(link) => link.send(peers::peer_envelope(
+                        &self.cluster_id,
+                        self.core.id(),
+                        to,
+                        &msg,
+                    )),
+                    None => debug!(to, "no peers; dropping a recover-protocol message"),
+                },
+                Output::ReadReady { id, index } => {
+                    if let Some((tx, _permit, _)) = self.reads.remove(&id) {
+                        let _ = tx.send(Ok(index));
+                    }
                 }
                 Output::StatusChanged { status } => {
-                    debug!(%status, "replica status changed");
+                    info!(%status, "replica status is now {status}");
+                }
+                Output::Addresses(members) => {
+                    for m in members {
+                        if m.id != self.core.id() && !m.address.is_empty() {
+                            if let Some(link) = &self.link {
+                                link.set_peer(m.id, m.address.clone());
+                            }
+                            self.addresses.insert(m.id, m.address);
+                        }
+                    }
                 }
             }
         }
@@ -296,10 +515,18 @@ impl Driver {
         for (_, (tx, _permit)) in self.waiting.drain() {
             let _ = tx.send(Err(LogError::Closed(failure.clone())));
         }
+        for (_, (tx, _permit, _)) in self.reads.drain() {
+            let _ = tx.send(Err(LogError::Closed(failure.clone())));
+        }
         self.shared.permits.close();
         self.shared.progress.send_modify(|p| {
             p.is_leader = false;
             p.leader_ready = false;
         });
     }
+}
+
+/// The envelopes already queued behind the first one.
+fn inbound_batch(rx: &Receiver<Envelope>) -> impl Iterator<Item = Envelope> + '_ {
+    std::iter::from_fn(move || rx.try_recv().ok())
 }

@@ -4,7 +4,7 @@
 use raft::eraftpb::{ConfState, Entry, HardState};
 
 use crate::error::Result;
-use crate::model::{ReplicaMeta, ReplicaStatus};
+use crate::model::{Member, ReplicaMeta, ReplicaStatus};
 
 /// One atomic change to a replica's storage. Everything in it lands in a
 /// single write batch: all of it is visible after a crash, or none of it.
@@ -29,6 +29,8 @@ pub struct LogUpdate {
     pub snapshot: Option<(u64, u64)>,
     /// Remove every entry before this position (truncate / compact).
     pub compact_to: Option<u64>,
+    /// Addresses of members to add or update in the address book.
+    pub member_addresses: Vec<Member>,
     /// New applied position; written with the state it produced.
     pub applied: Option<u64>,
     /// New replica status.
@@ -42,6 +44,7 @@ impl LogUpdate {
             && self.hard_state.is_none()
             && self.conf_state.is_none()
             && self.conf_changes.is_empty()
+            && self.member_addresses.is_empty()
             && self.snapshot.is_none()
             && self.compact_to.is_none()
             && self.applied.is_none()

@@ -26,8 +26,8 @@ pub use api::{LogStorage, LogUpdate};
 pub use error::{Result, StorageError};
 pub use memory::MemoryStorage;
 pub use model::{
-    key_position, now_unix_ms, position_key, Member, ReplicaIdentity, ReplicaMeta, ReplicaStatus,
-    FORMAT_VERSION,
+    decode_member_addresses, encode_member_addresses, key_position, now_unix_ms, position_key,
+    Member, ReplicaIdentity, ReplicaMeta, ReplicaStatus, FORMAT_VERSION,
 };
 pub use rocks::{
     disk_usage, validate_cluster_id, InitOptions, OpenOptions, RecoveryReport, RocksStorage,

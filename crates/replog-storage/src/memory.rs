@@ -234,6 +234,7 @@ impl LogStorage for MemoryStorage {
         if let (Some(cs), None) = (u.conf_state, u.snapshot) {
             st.meta.conf_state = cs;
         }
+        st.meta.record_addresses(&u.member_addresses);
         if let Some(a) = u.applied {
             st.meta.applied_index = a;
         }

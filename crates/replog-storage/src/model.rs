@@ -198,6 +198,17 @@ impl ReplicaMeta {
         }
     }
 
+    /// Adds or updates addresses in the address book (`members`).
+    pub fn record_addresses(&mut self, addresses: &[Member]) {
+        for a in addresses {
+            match self.members.iter_mut().find(|m| m.id == a.id) {
+                Some(m) => m.address = a.address.clone(),
+                None => self.members.push(a.clone()),
+            }
+        }
+        self.members.sort_by_key(|m| m.id);
+    }
+
     /// The membership a snapshot at `snapshot_index` sent to replica `to`
     /// carries. A replica added after that position is not in it, and
     /// raft-rs refuses a snapshot that leaves out its recipient; so a
@@ -416,4 +427,32 @@ pub fn now_unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Encodes the addresses a membership change carries (its entry context).
+pub fn encode_member_addresses(members: &[Member]) -> Vec<u8> {
+    pb::MemberAddresses {
+        members: members
+            .iter()
+            .map(|m| pb::Member {
+                id: m.id,
+                address: m.address.clone(),
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+/// Decodes a membership change's context; `None` if it is not one.
+pub fn decode_member_addresses(bytes: &[u8]) -> Option<Vec<Member>> {
+    let m = pb::MemberAddresses::decode(bytes).ok()?;
+    Some(
+        m.members
+            .into_iter()
+            .map(|x| Member {
+                id: x.id,
+                address: x.address,
+            })
+            .collect(),
+    )
 }

@@ -1028,6 +1028,7 @@ impl LogStorage for RocksStorage {
         if let (Some(cs), None) = (u.conf_state, u.snapshot) {
             meta.conf_state = cs;
         }
+        meta.record_addresses(&u.member_addresses);
         if let Some(a) = u.applied {
             meta.applied_index = a;
         }

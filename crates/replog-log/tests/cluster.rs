@@ -1,0 +1,216 @@
+//! Replicas of one cluster in one process, wired by an in-memory link, on
+//! real RocksDB directories: election, replication, linearizable reads,
+//! a replica that loses its disk rejoining (EMPTY, RECOVERING, VOTING), and
+//! adding a replica at runtime.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Sender};
+use parking_lot::Mutex;
+use replog_log::{
+    ClusterOptions, Envelope, Log, LogOptions, Member, MembershipChange, PeerLink, Position,
+    ReplicaStatus,
+};
+use replog_storage::{InitOptions, RocksStorage};
+
+const CLUSTER: &str = "cluster-test";
+
+#[derive(Clone, Default)]
+struct Switchboard {
+    routes: Arc<Mutex<HashMap<u64, Sender<Envelope>>>>,
+}
+
+impl PeerLink for Switchboard {
+    fn send(&self, envelope: Envelope) {
+        if let Some(tx) = self.routes.lock().get(&envelope.to) {
+            let _ = tx.try_send(envelope);
+        }
+    }
+    fn set_peer(&self, _id: u64, _address: String) {}
+}
+
+fn opts() -> LogOptions {
+    LogOptions {
+        tick_interval: Duration::from_millis(20),
+        start_timeout: Duration::from_secs(20),
+        ..Default::default()
+    }
+}
+
+fn start(board: &Switchboard, dir: &Path, id: u64, all: &[u64]) -> Log {
+    let (tx, rx) = bounded(4096);
+    board.routes.lock().insert(id, tx);
+    let cluster = ClusterOptions {
+        peers: all
+            .iter()
+            .filter(|p| **p != id)
+            .map(|p| (*p, format!("replica-{p}")))
+            .collect::<BTreeMap<_, _>>(),
+        ..Default::default()
+    };
+    Log::open_replica(dir, opts(), cluster, Arc::new(board.clone()), rx).unwrap()
+}
+
+fn init(dir: &Path, id: u64, all: &[u64]) {
+    RocksStorage::initialize(
+        dir,
+        &InitOptions {
+            cluster_id: CLUSTER.into(),
+            replica_id: id,
+            members: all
+                .iter()
+                .map(|m| Member {
+                    id: *m,
+                    address: format!("replica-{m}"),
+                })
+                .collect(),
+        },
+    )
+    .unwrap();
+}
+
+fn empty(dir: &Path, id: u64) {
+    RocksStorage::create_empty(
+        dir,
+        &InitOptions {
+            cluster_id: CLUSTER.into(),
+            replica_id: id,
+            members: vec![Member {
+                id,
+                address: String::new(),
+            }],
+        },
+    )
+    .unwrap();
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn leader(logs: &BTreeMap<u64, Log>) -> u64 {
+    let mut found = None;
+    eventually("a leader", || {
+        found = logs
+            .iter()
+            .find(|(_, l)| l.progress().leader_ready)
+            .map(|(id, _)| *id);
+        found.is_some()
+    });
+    found.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_replicate_and_a_wiped_replica_rejoins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: BTreeMap<u64, PathBuf> = (1..=3)
+        .map(|i| (i, tmp.path().join(format!("r{i}"))))
+        .collect();
+    let all = [1, 2, 3];
+    let board = Switchboard::default();
+    let mut logs = BTreeMap::new();
+    for (id, dir) in &dirs {
+        init(dir, *id, &all);
+        logs.insert(*id, start(&board, dir, *id, &all));
+    }
+    let l = leader(&logs);
+    let mut w = logs[&l].writer();
+    w.start().await.unwrap();
+    let mut written = Vec::new();
+    for i in 0..50u32 {
+        let p = w.append(format!("entry-{i}").into_bytes()).await.unwrap();
+        written.push((p, format!("entry-{i}")));
+    }
+    let last = written.last().unwrap().0;
+    let ending = logs[&l].linearizable_ending().await.unwrap();
+    assert!(ending >= last);
+    // Every replica has every entry.
+    for (id, log) in &logs {
+        eventually("replication", || log.reader().ending() >= last);
+        let got = log.reader().read(written[0].0, last).unwrap();
+        let want: Vec<_> = written
+            .iter()
+            .map(|(p, d)| (*p, d.clone().into_bytes()))
+            .collect();
+        let got: Vec<_> = got
+            .into_iter()
+            .map(|e| (e.position, e.data.to_vec()))
+            .collect();
+        assert_eq!(got, want, "replica {id}");
+    }
+    // A linearizable read on a follower goes through the leader.
+    let follower = *logs.keys().find(|id| **id != l).unwrap();
+    assert!(logs[&follower].linearizable_ending().await.unwrap() >= last);
+    // Writing on a follower is refused with the leader's id.
+    let mut fw = logs[&follower].writer();
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_millis(300), fw.start()).await,
+        Err(_) | Ok(Err(_))
+    ));
+
+    // The follower loses its disk and comes back EMPTY: it rejoins.
+    logs.remove(&follower).unwrap().close();
+    std::fs::remove_dir_all(&dirs[&follower]).unwrap();
+    empty(&dirs[&follower], follower);
+    let rejoined = start(&board, &dirs[&follower], follower, &all);
+    for i in 50..60u32 {
+        let p = w.append(format!("entry-{i}").into_bytes()).await.unwrap();
+        written.push((p, format!("entry-{i}")));
+    }
+    let last = written.last().unwrap().0;
+    eventually("the wiped replica to be VOTING again", || {
+        rejoined.progress().status == ReplicaStatus::Voting && rejoined.reader().ending() >= last
+    });
+    let got = rejoined.reader().read(written[0].0, last).unwrap();
+    assert_eq!(
+        got.len(),
+        written.len(),
+        "the rejoined replica has the whole log"
+    );
+    let status = logs[&l].cluster_status().await.unwrap();
+    eventually("the rejoined replica to be a voter", || {
+        let s = futures_lite_block(logs[&l].cluster_status()).unwrap();
+        s.members.iter().any(|m| m.id == follower && m.voter)
+    });
+    assert!(status.members.iter().all(|m| m.reachable));
+    logs.insert(follower, rejoined);
+
+    // Add a fourth replica at runtime.
+    let d4 = tmp.path().join("r4");
+    empty(&d4, 4);
+    let r4 = start(&board, &d4, 4, &[1, 2, 3, 4]);
+    logs[&l]
+        .change_membership(
+            vec![MembershipChange::AddLearner(4)],
+            vec![Member {
+                id: 4,
+                address: "replica-4".into(),
+            }],
+        )
+        .await
+        .unwrap();
+    let p = w.append(&b"after-add"[..]).await.unwrap();
+    eventually("the new replica to be VOTING", || {
+        r4.progress().status == ReplicaStatus::Voting && r4.reader().ending() >= p
+    });
+    let got = r4.reader().read(r4.reader().beginning(), p).unwrap();
+    assert_eq!(got.last().unwrap().data.as_ref(), b"after-add");
+    assert!(logs[&l]
+        .meta()
+        .members
+        .iter()
+        .any(|m| m.id == 4 && m.address == "replica-4"));
+    let _ = Position::new(0);
+}
+
+/// Runs a future to completion from synchronous test code.
+fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
