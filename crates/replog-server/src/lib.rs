@@ -1,0 +1,323 @@
+//! The replica server of replog: one replica of a cluster, with its peer
+//! transport (`replog.replica.v1.ReplicaTransport`) and the client API
+//! (`replog.client.v1.ReplogClient`) served on one gRPC port.
+//!
+//! It is what `replog replica` runs, and what a scheduler embeds to run a
+//! replica of a multi-replica cluster in its own process: [`ReplicaServer::log`]
+//! gives the embedded [`Log`] (writer, reader, leadership watch) next to the
+//! served API.
+//!
+//! Invariants:
+//! - a data directory that is missing or empty becomes an EMPTY replica of
+//!   the configured cluster (it never founds a log by itself: that takes
+//!   `replog initialize` or `--auto-initialize` with the two-phase rule);
+//! - an existing directory of another cluster or replica id is refused
+//!   before anything is served;
+//! - every request is bounded (message size limits on both services,
+//!   a bounded inbound queue, the log's in-flight limit).
+
+mod service;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use replog_log::{ClusterOptions, Envelope, Log, LogError, LogOptions, PeerLink, ReplicaStatus};
+use replog_storage::{InitOptions, Member, RocksStorage, StorageError};
+use replog_transport::{Transport, TransportConfig, TransportError};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::{debug, info};
+
+pub use service::ClientService;
+
+/// Largest client request or response (a read of many entries included).
+pub const MAX_CLIENT_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Everything a replica server needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub path: PathBuf,
+    pub listen: SocketAddr,
+    /// The address other replicas and clients reach this one at (defaults
+    /// to `listen`).
+    pub advertise: Option<String>,
+    pub cluster_id: String,
+    pub replica_id: u64,
+    /// The other replicas: id -> host:port.
+    pub peers: BTreeMap<u64, String>,
+    pub auto_initialize: bool,
+    pub log: LogOptions,
+    pub ping_timeout: Duration,
+    pub max_ping_timeouts: u32,
+    /// Largest envelope between replicas.
+    pub max_message_bytes: usize,
+}
+
+impl ServerConfig {
+    /// A configuration with defaults for everything but the identity.
+    pub fn new(
+        path: impl Into<PathBuf>,
+        listen: SocketAddr,
+        cluster_id: &str,
+        replica_id: u64,
+    ) -> Self {
+        ServerConfig {
+            path: path.into(),
+            listen,
+            advertise: None,
+            cluster_id: cluster_id.to_string(),
+            replica_id,
+            peers: BTreeMap::new(),
+            auto_initialize: false,
+            log: LogOptions::default(),
+            ping_timeout: Duration::from_secs(15),
+            max_ping_timeouts: 5,
+            max_message_bytes: 16 * 1024 * 1024,
+        }
+    }
+
+    fn advertised(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("cannot serve on {addr}: {source}")]
+    Serve {
+        addr: SocketAddr,
+        source: tonic::transport::Error,
+    },
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The transport as the log's [`PeerLink`].
+struct TransportLink(Transport);
+
+impl PeerLink for TransportLink {
+    fn send(&self, envelope: Envelope) {
+        if let Err(e) = self.0.send(envelope) {
+            // Loss is tolerated (Raft resends); the transport counts it.
+            debug!(error = %e, "envelope not queued");
+        }
+    }
+
+    fn set_peer(&self, id: u64, address: String) {
+        info!(replica = id, %address, "learned a replica's address from a membership change");
+        self.0.set_peer(id, address);
+    }
+}
+
+/// A running replica server. Dropping it (or [`ReplicaServer::shutdown`])
+/// stops serving and closes the replica.
+pub struct ReplicaServer {
+    log: Arc<Log>,
+    transport: Transport,
+    local_addr: SocketAddr,
+    registry: prometheus::Registry,
+    stop: Option<oneshot::Sender<()>>,
+    serving: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+/// True when `dir` is missing or holds nothing.
+fn is_empty_dir(dir: &Path) -> Result<bool, ServerError> {
+    match std::fs::read_dir(dir) {
+        Ok(mut rd) => Ok(rd.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(source) => Err(StorageError::Io {
+            path: dir.to_path_buf(),
+            source,
+        }
+        .into()),
+    }
+}
+
+impl ReplicaServer {
+    /// Opens (or creates EMPTY) the replica and serves it. Must be called
+    /// inside a tokio runtime.
+    pub async fn start(config: ServerConfig) -> Result<ReplicaServer, ServerError> {
+        if config.peers.contains_key(&config.replica_id) {
+            return Err(ServerError::Config(format!(
+                "--peers lists this replica's own id {}; list only the other replicas",
+                config.replica_id
+            )));
+        }
+        if is_empty_dir(&config.path)? {
+            let mut members: Vec<Member> = config
+                .peers
+                .iter()
+                .map(|(id, address)| Member {
+                    id: *id,
+                    address: address.clone(),
+                })
+                .collect();
+            members.push(Member {
+                id: config.replica_id,
+                address: config.advertised(),
+            });
+            RocksStorage::create_empty(
+                &config.path,
+                &InitOptions {
+                    cluster_id: config.cluster_id.clone(),
+                    replica_id: config.replica_id,
+                    members,
+                },
+            )?;
+            info!(path = %config.path.display(), "created an EMPTY replica; it joins its cluster through the recover protocol");
+        }
+        let registry = prometheus::Registry::new();
+        let (inbound_tx, inbound_rx) = crossbeam_channel::bounded(8192);
+        let tcfg = TransportConfig {
+            max_message_bytes: config.max_message_bytes,
+            ..TransportConfig::new(config.cluster_id.clone(), config.replica_id)
+                .with_peers(config.peers.iter().map(|(id, a)| (*id, a.clone())))
+        };
+        let transport = Transport::new(tcfg, inbound_tx, &registry)?;
+        let mut log_opts = config.log.clone();
+        log_opts.expected_cluster_id = Some(config.cluster_id.clone());
+        let cluster = ClusterOptions {
+            peers: config.peers.clone(),
+            auto_initialize: config.auto_initialize,
+            ping_timeout: config.ping_timeout,
+            max_ping_timeouts: config.max_ping_timeouts,
+        };
+        let path = config.path.clone();
+        let link: Arc<dyn PeerLink> = Arc::new(TransportLink(transport.clone()));
+        let log = tokio::task::spawn_blocking(move || {
+            Log::open_replica(&path, log_opts, cluster, link, inbound_rx)
+        })
+        .await
+        .map_err(|e| ServerError::Config(format!("opening the replica panicked: {e}")))??;
+        let meta = log.meta();
+        if meta.replica_id != config.replica_id {
+            return Err(ServerError::Config(format!(
+                "{} holds replica {}, not replica {}",
+                config.path.display(),
+                meta.replica_id,
+                config.replica_id
+            )));
+        }
+        let log = Arc::new(log);
+        let client = ClientService::new(log.clone());
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let router = replog_transport::server_builder()
+            .add_service(transport.service())
+            .add_service(client.into_server());
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let serving = tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stop_rx.await;
+                })
+                .await
+        });
+        info!(
+            replica = config.replica_id,
+            cluster = %config.cluster_id,
+            listen = %local_addr,
+            status = %meta.status,
+            "replica server is serving"
+        );
+        Ok(ReplicaServer {
+            log,
+            transport,
+            local_addr,
+            registry,
+            stop: Some(stop_tx),
+            serving: Some(serving),
+        })
+    }
+
+    /// The embedded log (writer, reader, leadership watch).
+    pub fn log(&self) -> &Arc<Log> {
+        &self.log
+    }
+
+    /// Where the server listens (the real port when configured with 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The Prometheus registry of this replica's metrics.
+    pub fn registry(&self) -> &prometheus::Registry {
+        &self.registry
+    }
+
+    /// Waits until the replica is VOTING, or `timeout` passes
+    /// (`--recovery-timeout`).
+    pub async fn wait_voting(&self, timeout: Duration) -> Result<(), ReplicaStatus> {
+        let mut rx = self.log.watch_leadership();
+        let wait = async {
+            loop {
+                if rx.borrow_and_update().status == ReplicaStatus::Voting {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(true) => Ok(()),
+            _ => Err(self.log.progress().status),
+        }
+    }
+
+    /// Stops serving, closes the peer streams and the replica.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        self.stop_serving().await
+    }
+
+    async fn stop_serving(&mut self) -> Result<(), ServerError> {
+        self.transport.close();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(serving) = self.serving.take() {
+            if let Ok(Err(source)) = serving.await {
+                return Err(ServerError::Serve {
+                    addr: self.local_addr,
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ReplicaServer {
+    fn drop(&mut self) {
+        self.transport.close();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
