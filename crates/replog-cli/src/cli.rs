@@ -39,9 +39,12 @@ pub enum Command {
     ///
     /// Example: replog read --path /var/lib/replog --from 100 --to 200
     Read(ReadArgs),
-    /// Show a replica's status, identity, positions and size on disk.
+    /// Show a replica's status, identity, positions and size on disk, or,
+    /// with --endpoint, every running replica's status, term, leader, commit
+    /// and applied positions, lag and health.
     ///
     /// Example: replog status --path /var/lib/replog --json
+    /// Example: replog status --endpoint host1:7101,host2:7101,host3:7101
     Status(StatusArgs),
     /// Measure appends/s and latency with a trace of entry sizes (mesos-log benchmark).
     ///
@@ -54,6 +57,17 @@ pub enum Command {
     /// Run a local demo on an embedded replica: initialize, append, read,
     /// truncate, restart, verify.
     Demo(DemoArgs),
+    /// Run a replica server: one replica of a cluster, serving its peers and
+    /// clients on one gRPC port (flags also from REPLOG_* variables).
+    ///
+    /// Example: replog replica --path /var/lib/replog --listen 0.0.0.0:7101
+    ///   --cluster-id prod-1 --replica-id 1 --peers 2=host2:7101,3=host3:7101
+    Replica(crate::cluster::ReplicaArgs),
+    /// Operate the membership of a running cluster: list, add, remove,
+    /// promote, demote, replace, transfer-leader.
+    ///
+    /// Example: replog members --endpoint host1:7101 add 4 host4:7101
+    Members(crate::cluster::MembersArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -102,9 +116,16 @@ pub enum ReadFormat {
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    /// The replica's data directory.
-    #[arg(long)]
-    pub path: PathBuf,
+    /// The replica's data directory (a stopped or running replica).
+    #[arg(
+        long,
+        required_unless_present = "endpoint",
+        conflicts_with = "endpoint"
+    )]
+    pub path: Option<PathBuf>,
+    /// Running replica servers (`host:port,...`): show each one's view.
+    #[arg(long, env = "REPLOG_ENDPOINTS", value_delimiter = ',')]
+    pub endpoint: Vec<String>,
     /// Fail on any corruption (true), or report it (false).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     pub strict: bool,
@@ -116,12 +137,36 @@ pub struct StatusArgs {
 #[derive(Debug, clap::Args)]
 pub struct BenchmarkArgs {
     /// Directory for the benchmark's own log (empty or missing).
-    #[arg(long)]
+    // The hidden defaults only stand in with --etcd, which does not use them;
+    // without --etcd both flags are required.
+    #[arg(
+        long,
+        required_unless_present = "etcd",
+        default_value = "unused-with-etcd",
+        hide_default_value = true
+    )]
     pub path: PathBuf,
     /// Trace file: one entry size per line, e.g. `256B`, `4KB`, `2MB`.
-    #[arg(long)]
+    #[arg(
+        long,
+        required_unless_present = "etcd",
+        default_value = "unused-with-etcd",
+        hide_default_value = true
+    )]
     pub input: PathBuf,
-    /// Concurrent appenders (1 = sequential, as mesos-log's benchmark).
+    /// Benchmark an etcd cluster instead: its client URLs, comma separated
+    /// (e.g. from benches/etcd/start-cluster.sh). Values are put into the
+    /// leader through etcd's JSON gateway by --concurrency closed-loop clients.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["path", "input", "repeat", "sync", "probe_iterations"])]
+    pub etcd: Vec<String>,
+    /// Operations in total (with --etcd).
+    #[arg(long, default_value_t = 10_000)]
+    pub count: u64,
+    /// Size of each value (with --etcd), e.g. `256B` or `4KB`.
+    #[arg(long, default_value = "256", value_parser = crate::benchmark::parse_size)]
+    pub value_size: usize,
+    /// Concurrent appenders (1 = sequential, as mesos-log's benchmark), or
+    /// closed-loop clients with --etcd.
     #[arg(long, default_value_t = 1)]
     pub concurrency: usize,
     /// Run the trace this many times.
@@ -179,7 +224,13 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Initialize(a) => inspect::initialize(a),
         Command::Read(a) => inspect::read(a),
+        Command::Status(a) if !a.endpoint.is_empty() => {
+            crate::cluster::status_endpoints(&a.endpoint, a.json)
+        }
         Command::Status(a) => inspect::status(a),
+        Command::Replica(a) => crate::cluster::replica(a),
+        Command::Members(a) => crate::cluster::members(a),
+        Command::Benchmark(a) if !a.etcd.is_empty() => crate::loadgen::etcd_benchmark(a),
         Command::Benchmark(a) => demo::benchmark(a),
         Command::Demo(a) => demo::demo(a),
     }

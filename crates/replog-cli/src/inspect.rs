@@ -160,10 +160,13 @@ struct StatusJson {
 }
 
 pub fn status(a: StatusArgs) -> Result<()> {
-    let (s, report) = open_read_only(&a.path, a.strict)?;
+    let Some(path) = a.path.as_deref() else {
+        bail!("give --path (a replica's directory) or --endpoint (running replicas)");
+    };
+    let (s, report) = open_read_only(path, a.strict)?;
     let m = s.meta();
     let j = StatusJson {
-        path: a.path.display().to_string(),
+        path: path.display().to_string(),
         status: m.status.to_string(),
         cluster_id: m.cluster_id.clone(),
         replica_id: m.replica_id,

@@ -3,7 +3,9 @@
 
 pub mod benchmark;
 pub mod cli;
+pub mod cluster;
 mod demo;
 mod inspect;
+pub mod loadgen;
 
 pub use cli::main_entry;

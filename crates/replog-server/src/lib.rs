@@ -271,6 +271,55 @@ impl ReplicaServer {
         &self.registry
     }
 
+    /// The replica's metrics in the Prometheus text format: the transport's
+    /// counters and the replica's state, read now.
+    pub async fn metrics_text(&self) -> String {
+        use prometheus::{Encoder, GaugeVec, IntGauge, Opts, Registry};
+        let scrape = Registry::new();
+        let gauge = |name: &str, help: &str, v: i64| {
+            let g = IntGauge::new(name, help).expect("valid metric name");
+            g.set(v);
+            scrape.register(Box::new(g)).expect("registered once");
+        };
+        let p = self.log.progress();
+        let status = match p.status {
+            ReplicaStatus::Empty => 1,
+            ReplicaStatus::Starting => 2,
+            ReplicaStatus::Recovering => 3,
+            ReplicaStatus::Voting => 4,
+        };
+        gauge("replog_replica_status", "1 EMPTY, 2 STARTING, 3 RECOVERING, 4 VOTING", status);
+        gauge("replog_raft_term", "current Raft term", p.term as i64);
+        gauge("replog_is_leader", "1 when this replica leads", p.is_leader as i64);
+        gauge("replog_commit_position", "last committed position applied here", p.commit as i64);
+        gauge("replog_first_position", "first position not truncated", p.first_index as i64);
+        gauge("replog_last_position", "last position written here", p.last_index as i64);
+        if let Ok(cs) = self.log.cluster_status().await {
+            let reachable = GaugeVec::new(
+                Opts::new("replog_member_reachable", "1 while a member answers within --ping-timeout x --max-ping-timeouts"),
+                &["member"],
+            )
+            .expect("valid metric");
+            let lag = GaugeVec::new(
+                Opts::new("replog_member_lag_positions", "positions a member is behind the commit (leader only)"),
+                &["member"],
+            )
+            .expect("valid metric");
+            for m in &cs.members {
+                let id = m.id.to_string();
+                reachable.with_label_values(&[&id]).set(m.reachable as i64 as f64);
+                lag.with_label_values(&[&id]).set(m.lag as f64);
+            }
+            scrape.register(Box::new(reachable)).expect("registered once");
+            scrape.register(Box::new(lag)).expect("registered once");
+        }
+        let mut families = self.registry.gather();
+        families.extend(scrape.gather());
+        let mut out = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&families, &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
     /// Waits until the replica is VOTING, or `timeout` passes
     /// (`--recovery-timeout`).
     pub async fn wait_voting(&self, timeout: Duration) -> Result<(), ReplicaStatus> {

@@ -1,0 +1,488 @@
+//! `replog replica`, `replog status --endpoint` and `replog members`: run a
+//! replica server and operate a running cluster.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{ArgAction, Subcommand};
+use replog_client::{Client, MembershipChange, MembershipOp, StatusResponse};
+use replog_server::{ReplicaServer, ServerConfig};
+use serde::Serialize;
+use tracing::{error, info, warn};
+
+/// What to do with the local state at start (Mesos' `--recover`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RecoverMode {
+    /// Rejoin the cluster with the local state (the default).
+    Reconnect,
+    /// Wipe this replica's local state and exit (before an incompatible
+    /// upgrade, or to retire a replica); it rejoins EMPTY next time.
+    Cleanup,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReplicaArgs {
+    /// The replica's data directory. A missing or empty one starts EMPTY and
+    /// joins its cluster by itself (or founds it with --auto-initialize).
+    #[arg(long, env = "REPLOG_PATH")]
+    pub path: PathBuf,
+    /// Address to serve peers and clients on, e.g. 0.0.0.0:7100.
+    #[arg(long, env = "REPLOG_LISTEN")]
+    pub listen: SocketAddr,
+    /// Address peers and clients reach this replica at (default: --listen).
+    #[arg(long, env = "REPLOG_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Cluster id; every replica of the cluster uses the same one.
+    #[arg(long, env = "REPLOG_CLUSTER_ID")]
+    pub cluster_id: String,
+    /// This replica's id (non-zero, unique in the cluster).
+    #[arg(long, env = "REPLOG_REPLICA_ID")]
+    pub replica_id: u64,
+    /// The other replicas: `2=host:port,3=host:port`.
+    #[arg(long, env = "REPLOG_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// Found the log when every replica is EMPTY (Mesos' two-phase rule: a
+    /// replica that merely lost its disk never founds a second log).
+    #[arg(long, env = "REPLOG_AUTO_INITIALIZE")]
+    pub auto_initialize: bool,
+    /// Fail on any local corruption (true), or keep the intact prefix and
+    /// rejoin as RECOVERING (false).
+    #[arg(long, env = "REPLOG_STRICT", default_value_t = true, action = ArgAction::Set)]
+    pub strict: bool,
+    /// fsync before acknowledging (turning it off risks acknowledged data on
+    /// an OS crash or power loss).
+    #[arg(long, env = "REPLOG_SYNC", default_value_t = true, action = ArgAction::Set)]
+    pub sync: bool,
+    /// reconnect: rejoin with the local state; cleanup: wipe it and exit.
+    #[arg(long, env = "REPLOG_RECOVER", value_enum, default_value = "reconnect")]
+    pub recover: RecoverMode,
+    /// How long a replica that is not VOTING may take to rejoin before it
+    /// reports failure and exits (non-zero), e.g. `15min`.
+    #[arg(long, env = "REPLOG_RECOVERY_TIMEOUT", default_value = "15min", value_parser = humantime::parse_duration)]
+    pub recovery_timeout: Duration,
+    /// A replica that sends nothing for this long missed one ping.
+    #[arg(long, env = "REPLOG_PING_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub ping_timeout: Duration,
+    /// Missed pings after which a replica is reported unreachable.
+    #[arg(long, env = "REPLOG_MAX_PING_TIMEOUTS", default_value_t = 5)]
+    pub max_ping_timeouts: u32,
+    /// Raft's clock tick (election timeout is 10 ticks, heartbeat 2).
+    #[arg(long, env = "REPLOG_TICK_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub tick_interval: Duration,
+    /// Serve Prometheus metrics over HTTP on this address (`/metrics`).
+    #[arg(long, env = "REPLOG_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MembersArgs {
+    /// Replica servers of the cluster: `host:port,host:port`.
+    #[arg(long, env = "REPLOG_ENDPOINTS", value_delimiter = ',', required = true)]
+    pub endpoint: Vec<String>,
+    #[command(subcommand)]
+    pub command: MembersCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MembersCommand {
+    /// List members with role, lag and reachability (as the leader sees them).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a replica as a learner; it is promoted once it has caught up.
+    /// Start it first: `replog replica --path EMPTY_DIR --replica-id ID ...`.
+    Add {
+        id: u64,
+        /// host:port the new replica serves on.
+        address: String,
+    },
+    /// Remove a replica from the cluster.
+    Remove { id: u64 },
+    /// Promote a learner to voter now.
+    Promote { id: u64 },
+    /// Demote a voter to learner.
+    Demote { id: u64 },
+    /// Replace replica OLD by a new replica NEW at ADDRESS in one
+    /// joint-consensus change (NEW joins as a learner, OLD leaves).
+    Replace { old: u64, new: u64, address: String },
+    /// Hand leadership to another voter.
+    TransferLeader { to: u64 },
+}
+
+/// Parses `2=host:port` peers.
+pub fn parse_peers(items: &[String]) -> Result<BTreeMap<u64, String>> {
+    let mut peers = BTreeMap::new();
+    for s in items.iter().filter(|s| !s.trim().is_empty()) {
+        let (id, addr) = s
+            .split_once('=')
+            .with_context(|| format!("peer '{s}': expected ID=HOST:PORT"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("peer '{s}': the id must be a number"))?;
+        if id == 0 || addr.trim().is_empty() {
+            bail!("peer '{s}': expected a non-zero id and an address");
+        }
+        if peers.insert(id, addr.trim().to_string()).is_some() {
+            bail!("peer {id} is listed twice");
+        }
+    }
+    Ok(peers)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// `--recover=cleanup`: removes a replica's files (only a directory that
+/// holds a replica, or nothing).
+fn cleanup(path: &Path) -> Result<()> {
+    let entries: Vec<_> = match std::fs::read_dir(path) {
+        Ok(rd) => rd.flatten().collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("{} does not exist: nothing to clean up", path.display());
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", path.display())),
+    };
+    if !entries.is_empty() && !path.join("REPLICA-IDENTITY").exists() {
+        bail!(
+            "{} does not hold a replog replica (no REPLICA-IDENTITY file); refusing to wipe it",
+            path.display()
+        );
+    }
+    for e in &entries {
+        let p = e.path();
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        }
+        .with_context(|| format!("cannot remove {}", p.display()))?;
+    }
+    println!(
+        "Wiped the local state of the replica in {} ({} entries); it rejoins as EMPTY when started again",
+        path.display(),
+        entries.len()
+    );
+    Ok(())
+}
+
+pub fn replica(a: ReplicaArgs) -> Result<()> {
+    if a.recover == RecoverMode::Cleanup {
+        return cleanup(&a.path);
+    }
+    let peers = parse_peers(&a.peers)?;
+    let mut config = ServerConfig::new(&a.path, a.listen, &a.cluster_id, a.replica_id);
+    config.advertise = a.advertise.clone();
+    config.peers = peers;
+    config.auto_initialize = a.auto_initialize;
+    config.log.strict = a.strict;
+    config.log.sync = a.sync;
+    config.log.tick_interval = a.tick_interval;
+    config.ping_timeout = a.ping_timeout;
+    config.max_ping_timeouts = a.max_ping_timeouts;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let server = ReplicaServer::start(config)
+            .await
+            .with_context(|| format!("cannot start replica {} in {}", a.replica_id, a.path.display()))?;
+        let server = std::sync::Arc::new(server);
+        eprintln!(
+            "replica {} of cluster '{}' serving on {} ({})",
+            a.replica_id,
+            a.cluster_id,
+            server.local_addr(),
+            server.log().progress().status
+        );
+        if let Some(addr) = a.metrics_listen {
+            let s = server.clone();
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let s = s.clone();
+                    async move { s.metrics_text().await }
+                }),
+            );
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    error!(error = %e, "the metrics server stopped");
+                }
+            });
+        }
+        let recovery = {
+            let s = server.clone();
+            let timeout = a.recovery_timeout;
+            async move {
+                match s.wait_voting(timeout).await {
+                    Ok(()) => std::future::pending::<Result<()>>().await,
+                    Err(status) => Err(anyhow::anyhow!(
+                        "replica {} is still {status} after --recovery-timeout {}: it could not rejoin its cluster \
+                         (check that the other replicas run and list it, see `replog status --endpoint`)",
+                        a.replica_id,
+                        humantime::format_duration(timeout)
+                    )),
+                }
+            }
+        };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot watch SIGTERM")?;
+        let outcome = tokio::select! {
+            r = recovery => r,
+            _ = tokio::signal::ctrl_c() => { info!("interrupted; stopping"); Ok(()) }
+            _ = term.recv() => { info!("terminated; stopping"); Ok(()) }
+        };
+        match std::sync::Arc::try_unwrap(server) {
+            Ok(s) => {
+                if let Err(e) = s.shutdown().await {
+                    warn!(error = %e, "shutdown was not clean");
+                }
+            }
+            Err(_) => warn!("the metrics server still holds the replica; exiting without a graceful shutdown"),
+        }
+        outcome
+    })
+}
+
+#[derive(Serialize)]
+struct StatusRow {
+    endpoint: String,
+    reachable: bool,
+    error: Option<String>,
+    replica_id: Option<u64>,
+    cluster_id: Option<String>,
+    status: Option<String>,
+    term: Option<u64>,
+    leader: Option<u64>,
+    is_leader: Option<bool>,
+    commit: Option<u64>,
+    applied: Option<u64>,
+    first_index: Option<u64>,
+    last_index: Option<u64>,
+    lag: Option<u64>,
+    disk_bytes: Option<u64>,
+    members: Vec<MemberRow>,
+}
+
+#[derive(Serialize)]
+struct MemberRow {
+    id: u64,
+    address: String,
+    role: &'static str,
+    matched: u64,
+    lag: u64,
+    last_heard_ms: i64,
+    missed_pings: u32,
+    reachable: bool,
+}
+
+fn status_name(v: i32) -> String {
+    replog_log::peers::status_from_pb(v)
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "UNKNOWN".into())
+}
+
+fn member_rows(s: &StatusResponse) -> Vec<MemberRow> {
+    s.members
+        .iter()
+        .map(|m| MemberRow {
+            id: m.id,
+            address: m.address.clone(),
+            role: if m.voter { "voter" } else { "learner" },
+            matched: m.matched,
+            lag: m.lag,
+            last_heard_ms: m.last_heard_ms,
+            missed_pings: m.missed_pings,
+            reachable: m.reachable,
+        })
+        .collect()
+}
+
+/// `replog status --endpoint`: every replica's view, side by side.
+pub fn status_endpoints(endpoints: &[String], json: bool) -> Result<()> {
+    let rt = runtime()?;
+    let rows = rt.block_on(async {
+        let client = Client::with_config(
+            endpoints,
+            replog_client::ClientConfig {
+                request_timeout: Duration::from_secs(3),
+                ..Default::default()
+            },
+        );
+        let all = client.status_all().await;
+        let max_commit = all
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok().map(|s| s.commit))
+            .max()
+            .unwrap_or(0);
+        all.into_iter()
+            .map(|(endpoint, r)| match r {
+                Ok(s) => StatusRow {
+                    endpoint,
+                    reachable: true,
+                    error: None,
+                    replica_id: Some(s.replica_id),
+                    cluster_id: Some(s.cluster_id.clone()),
+                    status: Some(status_name(s.status)),
+                    term: Some(s.term),
+                    leader: Some(s.leader),
+                    is_leader: Some(s.is_leader),
+                    commit: Some(s.commit),
+                    applied: Some(s.applied),
+                    first_index: Some(s.first_index),
+                    last_index: Some(s.last_index),
+                    lag: Some(max_commit.saturating_sub(s.applied)),
+                    disk_bytes: Some(s.disk_bytes),
+                    members: member_rows(&s),
+                },
+                Err(e) => StatusRow {
+                    endpoint,
+                    reachable: false,
+                    error: Some(e.to_string()),
+                    replica_id: None,
+                    cluster_id: None,
+                    status: None,
+                    term: None,
+                    leader: None,
+                    is_leader: None,
+                    commit: None,
+                    applied: None,
+                    first_index: None,
+                    last_index: None,
+                    lag: None,
+                    disk_bytes: None,
+                    members: Vec::new(),
+                },
+            })
+            .collect::<Vec<_>>()
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let dash = || "-".to_string();
+    let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(dash);
+    println!(
+        "{:<22} {:>7} {:<10} {:>6} {:>6} {:>8} {:>8} {:>8} {:>6}  NOTE",
+        "ENDPOINT", "REPLICA", "STATUS", "TERM", "LEADER", "COMMIT", "APPLIED", "FIRST", "LAG"
+    );
+    for r in &rows {
+        let note = match (&r.error, r.is_leader) {
+            (Some(e), _) => format!("unreachable: {e}"),
+            (None, Some(true)) => "leader".to_string(),
+            _ => String::new(),
+        };
+        println!(
+            "{:<22} {:>7} {:<10} {:>6} {:>6} {:>8} {:>8} {:>8} {:>6}  {}",
+            r.endpoint,
+            opt(r.replica_id),
+            r.status.clone().unwrap_or_else(dash),
+            opt(r.term),
+            opt(r.leader.filter(|l| *l != 0)),
+            opt(r.commit),
+            opt(r.applied),
+            opt(r.first_index),
+            opt(r.lag),
+            note
+        );
+    }
+    if let Some(leader) = rows.iter().find(|r| r.is_leader == Some(true)) {
+        println!();
+        print_members(&leader.members);
+    } else {
+        println!("\nno replica reports itself leader");
+    }
+    Ok(())
+}
+
+fn print_members(members: &[MemberRow]) {
+    println!(
+        "{:<8} {:<22} {:<8} {:>8} {:>6} {:>10} {:>7}  HEALTH",
+        "MEMBER", "ADDRESS", "ROLE", "MATCHED", "LAG", "HEARD(ms)", "MISSED"
+    );
+    for m in members {
+        println!(
+            "{:<8} {:<22} {:<8} {:>8} {:>6} {:>10} {:>7}  {}",
+            m.id,
+            m.address,
+            m.role,
+            m.matched,
+            m.lag,
+            m.last_heard_ms,
+            m.missed_pings,
+            if m.reachable {
+                "reachable"
+            } else {
+                "UNREACHABLE"
+            }
+        );
+    }
+}
+
+pub fn members(a: MembersArgs) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let client = Client::new(&a.endpoint);
+        let change = |op: MembershipOp, id: u64, address: String| MembershipChange {
+            op: op as i32,
+            id,
+            address,
+        };
+        let changes = match a.command {
+            MembersCommand::List { json } => {
+                let leader = client.leader().await.context("cannot find the leader")?;
+                let s = client.status_of(&leader).await?;
+                let rows = member_rows(&s);
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else {
+                    println!(
+                        "leader: replica {} at {leader} (term {})",
+                        s.replica_id, s.term
+                    );
+                    print_members(&rows);
+                }
+                return Ok(());
+            }
+            MembersCommand::TransferLeader { to } => {
+                client.transfer_leader(to).await?;
+                for _ in 0..100 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if let Ok(l) = client.leader().await {
+                        let s = client.status_of(&l).await?;
+                        if s.replica_id == to {
+                            println!("replica {to} leads now (term {})", s.term);
+                            return Ok(());
+                        }
+                    }
+                }
+                bail!(
+                    "leadership did not move to replica {to} within 10s (is it a caught-up voter?)"
+                );
+            }
+            MembersCommand::Add { id, address } => vec![change(MembershipOp::Add, id, address)],
+            MembersCommand::Remove { id } => vec![change(MembershipOp::Remove, id, String::new())],
+            MembersCommand::Promote { id } => {
+                vec![change(MembershipOp::Promote, id, String::new())]
+            }
+            MembersCommand::Demote { id } => vec![change(MembershipOp::Demote, id, String::new())],
+            MembersCommand::Replace { old, new, address } => vec![
+                change(MembershipOp::Add, new, address),
+                change(MembershipOp::Remove, old, String::new()),
+            ],
+        };
+        let position = client.change_membership(changes).await?;
+        println!("membership changed at position {position}");
+        Ok(())
+    })
+}

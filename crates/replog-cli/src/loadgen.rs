@@ -1,0 +1,671 @@
+//! A closed-loop load generator and its targets.
+//!
+//! [`run`] starts N clients (tokio tasks); each one issues its next
+//! operation as soon as the previous one is acknowledged, until M operations
+//! have been issued in all. Each operation's latency is recorded and the run
+//! is summed up as a [`Report`], the same one `replog benchmark` prints. The
+//! first failed operation stops the run with an error that names it and
+//! tells how many operations had succeeded: nothing is retried.
+//!
+//! What is loaded is a [`Target`]. [`EtcdTarget`] puts values into an etcd
+//! cluster through its JSON gateway (`--etcd`); another target (a replog
+//! cluster over gRPC, say) only has to implement [`Target`] and get a branch
+//! in the command line.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::benchmark::Report;
+use crate::cli::BenchmarkArgs;
+
+/// Something the generator puts values into.
+///
+/// Each client first opens its own [`Target::Session`] (a connection, kept
+/// for the whole run), then calls [`Target::put`] on it back to back.
+pub trait Target: Send + Sync + 'static {
+    /// One client's connection and state.
+    type Session: Send + 'static;
+
+    /// Opens client `client`'s session (0-based). Not timed.
+    fn connect(&self, client: usize) -> impl Future<Output = Result<Self::Session>> + Send;
+
+    /// Writes `payload` as operation `seq` (0-based, unique in the run) and
+    /// returns once the target acknowledged it durably.
+    fn put(
+        &self,
+        session: &mut Self::Session,
+        seq: u64,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// The report's label.
+    pub label: String,
+    /// Concurrent clients (at least 1).
+    pub clients: usize,
+    /// Operations in total, over all clients.
+    pub count: u64,
+    /// Bytes of each operation's payload.
+    pub value_size: usize,
+    /// An operation (or a connect) taking longer fails the run.
+    pub op_timeout: Option<Duration>,
+}
+
+async fn with_timeout<F: Future<Output = Result<T>>, T>(
+    limit: Option<Duration>,
+    f: F,
+) -> Result<T> {
+    match limit {
+        None => f.await,
+        Some(d) => tokio::time::timeout(d, f)
+            .await
+            .unwrap_or_else(|_| Err(anyhow!("no answer within {d:?}"))),
+    }
+}
+
+/// Runs `spec` against `target`: connects every client, then runs the
+/// closed loop. `progress` is advanced once per acknowledged operation
+/// (pass [`ProgressBar::hidden`] for none).
+pub async fn run<T: Target>(
+    target: Arc<T>,
+    spec: &LoadSpec,
+    progress: &ProgressBar,
+) -> Result<Report> {
+    if spec.clients == 0 {
+        bail!("the load generator needs at least one client");
+    }
+    if spec.count == 0 {
+        bail!("the load generator needs at least one operation");
+    }
+
+    let mut connects = JoinSet::new();
+    for c in 0..spec.clients {
+        let target = target.clone();
+        let limit = spec.op_timeout;
+        connects.spawn(async move { (c, with_timeout(limit, target.connect(c)).await) });
+    }
+    let mut sessions: Vec<Option<T::Session>> = (0..spec.clients).map(|_| None).collect();
+    while let Some(joined) = connects.join_next().await {
+        let (c, session) = joined.context("a connecting client panicked")?;
+        sessions[c] = Some(session.with_context(|| format!("client {c} cannot connect"))?);
+    }
+
+    let payload = Bytes::from(
+        (0..spec.value_size)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let next = Arc::new(AtomicU64::new(0));
+    let succeeded = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let per_client = (spec.count / spec.clients as u64 + 1) as usize;
+    let start = Instant::now();
+    let mut workers = JoinSet::new();
+    for (c, session) in sessions.into_iter().enumerate() {
+        let mut session = session.expect("every client connected");
+        let (target, payload, next, succeeded, stop, progress) = (
+            target.clone(),
+            payload.clone(),
+            next.clone(),
+            succeeded.clone(),
+            stop.clone(),
+            progress.clone(),
+        );
+        let (count, limit) = (spec.count, spec.op_timeout);
+        workers.spawn(async move {
+            let mut latencies = Vec::with_capacity(per_client);
+            while !stop.load(Ordering::Relaxed) {
+                let seq = next.fetch_add(1, Ordering::Relaxed);
+                if seq >= count {
+                    break;
+                }
+                let t = Instant::now();
+                if let Err(e) = with_timeout(limit, target.put(&mut session, seq, payload.clone())).await {
+                    stop.store(true, Ordering::Relaxed);
+                    let ok = succeeded.load(Ordering::SeqCst);
+                    return Err(e.context(format!(
+                        "client {c}: operation {seq} failed; {ok} of {count} operations had succeeded"
+                    )));
+                }
+                latencies.push(t.elapsed());
+                succeeded.fetch_add(1, Ordering::SeqCst);
+                progress.inc(1);
+            }
+            Ok(latencies)
+        });
+    }
+    let mut latencies = Vec::with_capacity(spec.count as usize);
+    while let Some(joined) = workers.join_next().await {
+        match joined {
+            Ok(Ok(l)) => latencies.extend(l),
+            Ok(Err(e)) => {
+                workers.abort_all();
+                return Err(e);
+            }
+            Err(e) => {
+                workers.abort_all();
+                return Err(anyhow!("a client task failed: {e}"));
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    let bytes = latencies.len() as u64 * spec.value_size as u64;
+    Ok(Report::new(&spec.label, latencies, bytes, elapsed))
+}
+
+// ---------------------------------------------------------------------------
+// etcd
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// One HTTP/1.1 client keeping (at most) one keep-alive connection: a
+/// closed-loop client never has two requests in flight. A connection the
+/// server closed is an error, not a silent retry.
+fn http_client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1)
+        .retry_canceled_requests(false)
+        .build(connector)
+}
+
+async fn call(
+    client: &HttpClient,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> Result<(StatusCode, Bytes)> {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .context("cannot build the request")?;
+    let resp = client.request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
+/// A client URL such as `http://127.0.0.1:2379`, without a trailing `/`.
+fn parse_endpoint(s: &str) -> Result<String> {
+    let s = s.trim().trim_end_matches('/');
+    let uri: Uri = s.parse().with_context(|| format!("'{s}' is not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => bail!("'{s}': only http:// endpoints are supported, not {other}://"),
+        None => bail!("'{s}' has no scheme: write http://{s}"),
+    }
+    if uri.authority().is_none() || !matches!(uri.path(), "" | "/") {
+        bail!("'{s}' is not an endpoint such as http://127.0.0.1:2379");
+    }
+    Ok(s.to_string())
+}
+
+/// The gRPC gateway prefixes etcd versions serve, newest first (3.4+ /v3,
+/// 3.3 /v3beta, 3.2 /v3alpha).
+const GATEWAY_PREFIXES: [&str; 3] = ["/v3", "/v3beta", "/v3alpha"];
+
+/// What `maintenance/status` tells about one member.
+#[derive(Debug)]
+struct MemberStatus {
+    prefix: &'static str,
+    member_id: String,
+    leader: String,
+    version: String,
+}
+
+/// etcd renders uint64 fields as JSON strings; accept numbers too.
+fn id_field(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+async fn member_status(client: &HttpClient, endpoint: &str) -> Result<MemberStatus> {
+    for prefix in GATEWAY_PREFIXES {
+        let uri: Uri = format!("{endpoint}{prefix}/maintenance/status").parse()?;
+        let (status, body) = call(client, Method::POST, uri, Bytes::from_static(b"{}")).await?;
+        if status == StatusCode::NOT_FOUND {
+            continue;
+        }
+        if !status.is_success() {
+            bail!(
+                "{prefix}/maintenance/status answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .with_context(|| format!("{prefix}/maintenance/status did not answer JSON"))?;
+        let member_id = id_field(&v["header"]["member_id"]);
+        let leader = id_field(&v["leader"]);
+        let (Some(member_id), Some(leader)) = (member_id, leader) else {
+            bail!(
+                "{prefix}/maintenance/status lacks header.member_id or leader: {}",
+                String::from_utf8_lossy(&body)
+            );
+        };
+        let version = v["version"].as_str().unwrap_or("unknown").to_string();
+        return Ok(MemberStatus {
+            prefix,
+            member_id,
+            leader,
+            version,
+        });
+    }
+    bail!(
+        "no etcd v3 JSON gateway here (tried {})",
+        GATEWAY_PREFIXES.join(", ")
+    )
+}
+
+/// Puts values into an etcd cluster's leader through its v3 JSON gateway
+/// (`POST <prefix>/kv/put`, key and value in base64). Each client keeps one
+/// keep-alive HTTP/1.1 connection to the leader.
+#[derive(Debug)]
+pub struct EtcdTarget {
+    /// The leader's client URL.
+    pub leader: String,
+    /// The leader's member id.
+    pub leader_id: String,
+    /// The leader's etcd version.
+    pub version: String,
+    /// The gateway prefix it serves (`/v3`, ...).
+    pub prefix: &'static str,
+    put_uri: Uri,
+    health_uri: Uri,
+    key_prefix: String,
+}
+
+impl EtcdTarget {
+    /// Asks every endpoint for its status and picks the one that is the
+    /// leader. Unreachable endpoints are only warned about, as long as one
+    /// that answers is the leader.
+    pub async fn discover(endpoints: &[String]) -> Result<Self> {
+        if endpoints.is_empty() {
+            bail!("no etcd endpoint given");
+        }
+        let client = http_client();
+        let mut answers = Vec::new();
+        let mut errors = Vec::new();
+        for ep in endpoints {
+            let ep = parse_endpoint(ep)?;
+            let status = tokio::time::timeout(Duration::from_secs(5), member_status(&client, &ep))
+                .await
+                .unwrap_or_else(|_| Err(anyhow!("no answer within 5s")));
+            match status {
+                Ok(s) => answers.push((ep, s)),
+                Err(e) => errors.push(format!("{ep}: {e:#}")),
+            }
+        }
+        if answers.is_empty() {
+            bail!("no etcd endpoint answered: {}", errors.join("; "));
+        }
+        let Some((leader, s)) = answers.iter().find(|(_, s)| s.member_id == s.leader) else {
+            let seen: Vec<String> = answers
+                .iter()
+                .map(|(ep, s)| {
+                    format!(
+                        "{ep} is member {} and names leader {}",
+                        s.member_id, s.leader
+                    )
+                })
+                .collect();
+            bail!(
+                "none of the endpoints that answered is the leader ({}); pass the leader's client URL too",
+                seen.join("; ")
+            );
+        };
+        for e in &errors {
+            tracing::warn!("etcd endpoint {e} (going on with the leader)");
+        }
+        let run = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        Ok(EtcdTarget {
+            put_uri: format!("{leader}{}/kv/put", s.prefix).parse()?,
+            health_uri: format!("{leader}/health").parse()?,
+            leader: leader.clone(),
+            leader_id: s.leader.clone(),
+            version: s.version.clone(),
+            prefix: s.prefix,
+            key_prefix: format!("replog-bench/{run}/"),
+        })
+    }
+}
+
+impl Target for EtcdTarget {
+    type Session = HttpClient;
+
+    /// Opens the client's connection with a `GET /health`.
+    async fn connect(&self, _client: usize) -> Result<HttpClient> {
+        let client = http_client();
+        let (status, body) = call(&client, Method::GET, self.health_uri.clone(), Bytes::new())
+            .await
+            .with_context(|| format!("GET {}", self.health_uri))?;
+        if !status.is_success() {
+            bail!(
+                "GET {} answered {status}: {}",
+                self.health_uri,
+                String::from_utf8_lossy(&body)
+            );
+        }
+        Ok(client)
+    }
+
+    async fn put(&self, client: &mut HttpClient, seq: u64, payload: Bytes) -> Result<()> {
+        let key = BASE64.encode(format!("{}{seq:010}", self.key_prefix));
+        let value = BASE64.encode(&payload);
+        let body = format!(r#"{{"key":"{key}","value":"{value}"}}"#);
+        let (status, body) = call(
+            client,
+            Method::POST,
+            self.put_uri.clone(),
+            Bytes::from(body),
+        )
+        .await
+        .with_context(|| format!("POST {}", self.put_uri))?;
+        if !status.is_success() {
+            bail!("etcd answered {status}: {}", String::from_utf8_lossy(&body));
+        }
+        // The gateway answers {"header":{...}} for a put; anything else
+        // (an "error" object) is a failure even with a 2xx status.
+        let v: serde_json::Value = serde_json::from_slice(&body).with_context(|| {
+            format!("etcd answered no JSON: {}", String::from_utf8_lossy(&body))
+        })?;
+        if v.get("error").is_some() || v.get("header").is_none() {
+            bail!(
+                "etcd did not acknowledge the put: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// the command line
+
+fn progress_bar(len: u64, what: &str, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// How long one operation may take before the run fails.
+const OP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `replog benchmark --etcd URL[,URL...]`: puts `--count` values of
+/// `--value-size` bytes into the etcd cluster's leader from
+/// `--concurrency` closed-loop clients and prints the report like the
+/// replog benchmark does.
+pub fn etcd_benchmark(a: BenchmarkArgs) -> Result<()> {
+    if a.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    if a.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = rt.block_on(async {
+        let target = EtcdTarget::discover(&a.etcd).await?;
+        eprintln!(
+            "etcd {}: leader {} (member {}), JSON gateway {}/kv/put",
+            target.version, target.leader, target.leader_id, target.prefix
+        );
+        let spec = LoadSpec {
+            label: format!("etcd put c={}", a.concurrency),
+            clients: a.concurrency,
+            count: a.count,
+            value_size: a.value_size,
+            op_timeout: Some(OP_TIMEOUT),
+        };
+        let show = !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let pb = progress_bar(a.count, "etcd put", show);
+        let r = run(Arc::new(target), &spec, &pb).await;
+        pb.finish_and_clear();
+        r
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&[&report])?);
+    } else {
+        println!("{}", report.line());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    /// An in-process target: records who put what; op `fail_at` fails; op
+    /// `seq` takes `latency(seq)` of (tokio) time.
+    struct Fake {
+        puts: Mutex<Vec<(usize, u64, usize)>>,
+        fail_at: Option<u64>,
+        latency: fn(u64) -> Duration,
+    }
+
+    impl Fake {
+        fn new(fail_at: Option<u64>, latency: fn(u64) -> Duration) -> Arc<Self> {
+            Arc::new(Fake {
+                puts: Mutex::new(Vec::new()),
+                fail_at,
+                latency,
+            })
+        }
+    }
+
+    impl Target for Fake {
+        type Session = usize;
+        async fn connect(&self, client: usize) -> Result<usize> {
+            Ok(client)
+        }
+        async fn put(&self, client: &mut usize, seq: u64, payload: Bytes) -> Result<()> {
+            tokio::time::sleep((self.latency)(seq)).await;
+            if Some(seq) == self.fail_at {
+                bail!("injected failure");
+            }
+            self.puts
+                .lock()
+                .unwrap()
+                .push((*client, seq, payload.len()));
+            Ok(())
+        }
+    }
+
+    fn spec(clients: usize, count: u64) -> LoadSpec {
+        LoadSpec {
+            label: "fake".into(),
+            clients,
+            count,
+            value_size: 256,
+            op_timeout: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runs_exactly_count_ops_across_clients() {
+        for (clients, count) in [(1, 10), (7, 1000), (64, 5000), (50, 3)] {
+            let fake = Fake::new(None, |s| Duration::from_micros(s % 50));
+            let r = run(fake.clone(), &spec(clients, count), &ProgressBar::hidden())
+                .await
+                .unwrap();
+            let puts = fake.puts.lock().unwrap();
+            assert_eq!(r.count as u64, count);
+            assert_eq!(puts.len() as u64, count);
+            assert_eq!(r.bytes, count * 256);
+            assert!(puts.iter().all(|&(_, _, len)| len == 256));
+            let seqs: HashSet<u64> = puts.iter().map(|&(_, s, _)| s).collect();
+            assert_eq!(
+                seqs,
+                (0..count).collect::<HashSet<u64>>(),
+                "each op exactly once"
+            );
+            let used: HashSet<usize> = puts.iter().map(|&(c, _, _)| c).collect();
+            assert!(used.iter().all(|&c| c < clients));
+            if count >= 10 * clients as u64 {
+                assert_eq!(used.len(), clients, "every client took part");
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stops_on_the_first_error() {
+        let fake = Fake::new(Some(100), |_| Duration::from_micros(50));
+        let e = run(fake.clone(), &spec(8, 100_000), &ProgressBar::hidden())
+            .await
+            .unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("operation 100 failed"), "{msg}");
+        assert!(msg.contains("operations had succeeded"), "{msg}");
+        assert!(msg.contains("injected failure"), "{msg}");
+        // The other clients stop after their operation in flight: nowhere
+        // near the whole count is issued.
+        let n = fake.puts.lock().unwrap().len();
+        assert!(
+            (92..=120).contains(&n),
+            "{n} ops went through after the failure"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn percentiles_of_known_latencies() {
+        // Op i takes (i+1) ms: latencies 1..=100 ms, one client.
+        let fake = Fake::new(None, |s| Duration::from_millis(s + 1));
+        let r = run(fake, &spec(1, 100), &ProgressBar::hidden())
+            .await
+            .unwrap();
+        assert_eq!(r.count, 100);
+        assert_eq!(r.p50_us, 50_000);
+        assert_eq!(r.p99_us, 99_000);
+        assert_eq!(r.max_us, 100_000);
+        assert!((r.seconds - 5.050).abs() < 1e-6, "{}", r.seconds);
+        assert!((r.ops_per_sec - 100.0 / 5.050).abs() < 1e-6);
+
+        // Four clients, the same ops: the latencies stay the op's own, the
+        // run takes about a quarter of the time.
+        let fake = Fake::new(None, |s| Duration::from_millis(s + 1));
+        let r = run(fake, &spec(4, 100), &ProgressBar::hidden())
+            .await
+            .unwrap();
+        assert_eq!((r.p50_us, r.p99_us, r.max_us), (50_000, 99_000, 100_000));
+        assert!(r.seconds < 1.5, "{}", r.seconds);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_op_times_out() {
+        let fake = Fake::new(None, |s| Duration::from_secs(if s == 3 { 60 } else { 0 }));
+        let mut sp = spec(1, 10);
+        sp.op_timeout = Some(Duration::from_secs(1));
+        let e = run(fake, &sp, &ProgressBar::hidden()).await.unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("operation 3 failed; 3 of 10"), "{msg}");
+        assert!(msg.contains("no answer within"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn zero_clients_or_ops_are_refused() {
+        let fake = Fake::new(None, |_| Duration::ZERO);
+        assert!(run(fake.clone(), &spec(0, 10), &ProgressBar::hidden())
+            .await
+            .is_err());
+        assert!(run(fake, &spec(1, 0), &ProgressBar::hidden())
+            .await
+            .is_err());
+    }
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            parse_endpoint(" http://127.0.0.1:2379/ ").unwrap(),
+            "http://127.0.0.1:2379"
+        );
+        assert!(parse_endpoint("https://127.0.0.1:2379").is_err());
+        assert!(parse_endpoint("127.0.0.1:2379").is_err());
+        assert!(parse_endpoint("http://127.0.0.1:2379/v3").is_err());
+    }
+
+    #[tokio::test]
+    async fn discover_fails_clearly_without_etcd() {
+        // Port 1 on loopback: nothing listens there.
+        let e = EtcdTarget::discover(&["http://127.0.0.1:1".to_string()])
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("no etcd endpoint answered"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn benchmark_flags() {
+        use crate::cli::{Cli, Command};
+        use clap::Parser;
+        let parse = |args: &[&str]| Cli::try_parse_from(["replog", "benchmark"].iter().chain(args));
+        let Command::Benchmark(a) = parse(&[
+            "--etcd",
+            "http://a:1,http://b:2",
+            "--concurrency",
+            "64",
+            "--count",
+            "5",
+            "--value-size",
+            "1KB",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not a benchmark")
+        };
+        assert_eq!(a.etcd, ["http://a:1", "http://b:2"]);
+        assert_eq!((a.concurrency, a.count, a.value_size), (64, 5, 1024));
+        let Command::Benchmark(a) = parse(&["--path", "/p", "--input", "/t"]).unwrap().command
+        else {
+            panic!("not a benchmark")
+        };
+        assert!(a.etcd.is_empty());
+        assert_eq!(a.value_size, 256);
+        assert!(
+            parse(&[]).is_err(),
+            "the replog benchmark still needs --path and --input"
+        );
+        assert!(parse(&["--path", "/p"]).is_err());
+        assert!(parse(&["--etcd", "http://a:1", "--path", "/p"]).is_err());
+    }
+}
