@@ -54,8 +54,9 @@ pub enum Command {
     ///
     /// Example: replog benchmark --path /tmp/bench --input trace.txt --concurrency 64
     Benchmark(BenchmarkArgs),
-    /// Run a local demo on an embedded replica: initialize, append, read,
-    /// truncate, restart, verify.
+    /// Run a local demo: a cluster of 3 replica processes on 127.0.0.1
+    /// (append, kill the leader, fail over, keep appending, bring it back,
+    /// verify every replica), or with --embedded a single embedded replica.
     Demo(DemoArgs),
     /// Run a replica server: one replica of a cluster, serving its peers and
     /// clients on one gRPC port (flags also from REPLOG_* variables).
@@ -195,6 +196,13 @@ pub struct DemoArgs {
     /// Wipe the demo directory first.
     #[arg(long)]
     pub fresh: bool,
+    /// Run the single embedded replica demo (initialize, append, read,
+    /// truncate, restart, verify) instead of the cluster.
+    #[arg(long)]
+    pub embedded: bool,
+    /// First of the three ports the cluster demo's replicas listen on.
+    #[arg(long, default_value_t = 7101)]
+    pub base_port: u16,
 }
 
 fn init_tracing(filter: &str) {

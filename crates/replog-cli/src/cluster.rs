@@ -310,8 +310,12 @@ fn member_rows(s: &StatusResponse) -> Vec<MemberRow> {
 
 /// `replog status --endpoint`: every replica's view, side by side.
 pub fn status_endpoints(endpoints: &[String], json: bool) -> Result<()> {
-    let rt = runtime()?;
-    let rows = rt.block_on(async {
+    runtime()?.block_on(status_endpoints_async(endpoints, json))
+}
+
+/// [`status_endpoints`] inside a running async runtime.
+pub async fn status_endpoints_async(endpoints: &[String], json: bool) -> Result<()> {
+    let rows = async {
         let client = Client::with_config(
             endpoints,
             replog_client::ClientConfig {
@@ -365,7 +369,8 @@ pub fn status_endpoints(endpoints: &[String], json: bool) -> Result<()> {
                 },
             })
             .collect::<Vec<_>>()
-    });
+    }
+    .await;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());

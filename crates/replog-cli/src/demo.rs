@@ -20,7 +20,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn progress_bar(len: u64, what: &str) -> ProgressBar {
+pub(crate) fn progress_bar(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
         ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
@@ -37,7 +37,7 @@ fn init_single(path: &Path, cluster_id: &str) -> Result<()> {
     Ok(())
 }
 
-fn default_demo_path() -> PathBuf {
+pub(crate) fn default_demo_path() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
         return PathBuf::from(d).join("replog/demo");
     }
@@ -48,6 +48,9 @@ fn default_demo_path() -> PathBuf {
 }
 
 pub fn demo(a: DemoArgs) -> Result<()> {
+    if !a.embedded {
+        return crate::cluster_demo::cluster_demo(&a);
+    }
     let path = a.path.unwrap_or_else(default_demo_path);
     if a.fresh && path.exists() {
         std::fs::remove_dir_all(&path)

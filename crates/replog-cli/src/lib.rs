@@ -4,6 +4,7 @@
 pub mod benchmark;
 pub mod cli;
 pub mod cluster;
+mod cluster_demo;
 mod demo;
 mod inspect;
 pub mod loadgen;

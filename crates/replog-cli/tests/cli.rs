@@ -118,11 +118,11 @@ fn status_of_a_missing_replica_is_a_clear_error() {
 }
 
 #[test]
-fn demo_runs_and_survives_a_rerun() {
+fn embedded_demo_runs_and_survives_a_rerun() {
     let d = tempfile::tempdir().unwrap();
     let path = d.path().join("demo");
     for _ in 0..2 {
-        let o = replog(&["demo", "--path", p(&path), "--entries", "300"]);
+        let o = replog(&["demo", "--embedded", "--path", p(&path), "--entries", "300"]);
         let (out, err) = text(&o);
         assert!(o.status.success(), "{out}{err}");
         assert!(
@@ -131,6 +131,44 @@ fn demo_runs_and_survives_a_rerun() {
         );
         assert!(out.contains("done"), "{out}");
     }
+}
+
+/// Three free consecutive ports (bound and released; good enough here).
+fn free_base_port() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = l.local_addr().unwrap().port();
+        drop(l);
+        if base < 65000
+            && (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+        {
+            return base;
+        }
+    }
+}
+
+#[test]
+fn cluster_demo_fails_over_and_verifies_every_replica() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("demo");
+    let port = free_base_port().to_string();
+    let o = replog(&[
+        "demo",
+        "--path",
+        p(&path),
+        "--entries",
+        "300",
+        "--base-port",
+        &port,
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("took over"), "{out}");
+    assert!(out.contains("caught up"), "{out}");
+    assert!(
+        out.contains("are on all 3 replicas, byte for byte"),
+        "{out}"
+    );
 }
 
 #[test]
