@@ -26,9 +26,21 @@ fn config(
         .filter(|(p, _)| **p != id)
         .map(|(p, a)| (*p, a.to_string()))
         .collect();
-    c.log.tick_interval = Duration::from_millis(20);
+    c.log.tick_interval = Duration::from_millis(50);
     c.ping_timeout = Duration::from_millis(200);
     c
+}
+
+/// Appends, writing again when a leader change left the outcome unknown
+/// (fine here: these tests count positions, not payloads).
+async fn append(client: &Client, data: &[u8]) -> u64 {
+    loop {
+        match client.append(data.to_vec()).await {
+            Ok(r) => return r.position,
+            Err(ClientError::OutcomeUnknown { .. }) | Err(ClientError::NoLeader { .. }) => continue,
+            Err(e) => panic!("append failed: {e}"),
+        }
+    }
 }
 
 async fn eventually<F, Fut>(what: &str, mut f: F)
@@ -142,7 +154,9 @@ async fn a_cluster_serves_clients_and_refuses_another_cluster() {
         async move {
             reg.gather().iter().any(|f| {
                 f.name() == "replog_transport_refused_connections_total"
-                    && f.get_metric().iter().any(|m| m.get_counter().get_value() > 0.0)
+                    && f.get_metric()
+                        .iter()
+                        .any(|m| m.get_counter().get_value() > 0.0)
             })
         }
     })
@@ -155,6 +169,117 @@ async fn a_cluster_serves_clients_and_refuses_another_cluster() {
     let after = client.append(&b"still-serving"[..]).await.unwrap();
     assert!(after.position > last);
     drop(red);
+    for (_, s) in servers {
+        s.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn truncation_is_replicated_and_a_lagging_replica_catches_up_by_snapshot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let addrs: BTreeMap<u64, SocketAddr> = (1..=3).map(|i| (i, free_port())).collect();
+    let members: Vec<Member> = addrs
+        .iter()
+        .map(|(id, a)| Member {
+            id: *id,
+            address: a.to_string(),
+        })
+        .collect();
+    let dirs: BTreeMap<u64, std::path::PathBuf> = (1..=3)
+        .map(|i| (i, tmp.path().join(format!("r{i}"))))
+        .collect();
+    let mut servers = BTreeMap::new();
+    for id in 1..=3u64 {
+        RocksStorage::initialize(
+            &dirs[&id],
+            &InitOptions {
+                cluster_id: "trunc".into(),
+                replica_id: id,
+                members: members.clone(),
+            },
+        )
+        .unwrap();
+        servers.insert(
+            id,
+            ReplicaServer::start(config(&dirs[&id], "trunc", id, &addrs))
+                .await
+                .unwrap(),
+        );
+    }
+    let endpoints: Vec<String> = addrs.values().map(|a| a.to_string()).collect();
+    let client = Client::new(&endpoints);
+    let leader_endpoint = client.leader().await.unwrap();
+    let leader = client.status_of(&leader_endpoint).await.unwrap().replica_id;
+    let lagging = (1..=3u64).find(|id| *id != leader).unwrap();
+    let payload = vec![7u8; 1024];
+    for _ in 0..200 {
+        append(&client, &payload).await;
+    }
+    // One follower stops; the others go on and truncate past its log.
+    servers.remove(&lagging).unwrap().shutdown().await.unwrap();
+    let mut last = 0;
+    for _ in 0..300 {
+        last = append(&client, &payload).await;
+    }
+    let cut = last - 50;
+    client.truncate(cut).await.unwrap();
+    let live: Vec<String> = endpoints
+        .iter()
+        .filter(|e| **e != addrs[&lagging].to_string())
+        .cloned()
+        .collect();
+    eventually("the live replicas to truncate", || {
+        let client = client.clone();
+        let live = live.clone();
+        async move {
+            let mut all = true;
+            for e in &live {
+                all &= client
+                    .status_of(e)
+                    .await
+                    .is_ok_and(|s| s.first_index == cut);
+            }
+            all
+        }
+    })
+    .await;
+    let err = client.read(cut - 10, cut, false).await.unwrap_err();
+    assert_eq!(err.code(), Some("TRUNCATED"), "{err}");
+
+    // The lagging replica comes back behind the truncation point: it gets a
+    // snapshot, then the tail.
+    servers.insert(
+        lagging,
+        ReplicaServer::start(config(&dirs[&lagging], "trunc", lagging, &addrs))
+            .await
+            .unwrap(),
+    );
+    let lag_endpoint = addrs[&lagging].to_string();
+    let after = client
+        .append(&b"after-truncate"[..])
+        .await
+        .unwrap()
+        .position;
+    eventually("the lagging replica to catch up", || {
+        let client = client.clone();
+        let e = lag_endpoint.clone();
+        async move {
+            client
+                .status_of(&e)
+                .await
+                .is_ok_and(|s| s.applied >= after && s.first_index == cut)
+        }
+    })
+    .await;
+    let only = Client::new([lag_endpoint.clone()]);
+    let r = only.read(cut, after, false).await.unwrap();
+    assert_eq!(r.entries.first().unwrap().position, cut);
+    assert_eq!(r.entries.last().unwrap().data.as_ref(), b"after-truncate");
+    assert_eq!(
+        r.entries.len() as u64,
+        after - cut + 1 - 1,
+        "every position but the truncation entry"
+    );
     for (_, s) in servers {
         s.shutdown().await.unwrap();
     }
