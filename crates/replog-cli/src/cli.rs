@@ -142,7 +142,7 @@ pub struct BenchmarkArgs {
     // without --etcd both flags are required.
     #[arg(
         long,
-        required_unless_present = "etcd",
+        required_unless_present_any = ["etcd", "endpoint"],
         default_value = "unused-with-etcd",
         hide_default_value = true
     )]
@@ -150,7 +150,7 @@ pub struct BenchmarkArgs {
     /// Trace file: one entry size per line, e.g. `256B`, `4KB`, `2MB`.
     #[arg(
         long,
-        required_unless_present = "etcd",
+        required_unless_present_any = ["etcd", "endpoint"],
         default_value = "unused-with-etcd",
         hide_default_value = true
     )]
@@ -158,8 +158,13 @@ pub struct BenchmarkArgs {
     /// Benchmark an etcd cluster instead: its client URLs, comma separated
     /// (e.g. from benches/etcd/start-cluster.sh). Values are put into the
     /// leader through etcd's JSON gateway by --concurrency closed-loop clients.
-    #[arg(long, value_delimiter = ',', conflicts_with_all = ["path", "input", "repeat", "sync", "probe_iterations"])]
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["path", "input", "repeat", "sync", "probe_iterations", "endpoint"])]
     pub etcd: Vec<String>,
+    /// Benchmark a running replog cluster instead: its replica servers,
+    /// comma separated. Entries are appended through the leader by
+    /// --concurrency closed-loop clients (the same generator as --etcd).
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["path", "input", "repeat", "sync", "probe_iterations"])]
+    pub endpoint: Vec<String>,
     /// Operations in total (with --etcd).
     #[arg(long, default_value_t = 10_000)]
     pub count: u64,
@@ -239,6 +244,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Replica(a) => crate::cluster::replica(a),
         Command::Members(a) => crate::cluster::members(a),
         Command::Benchmark(a) if !a.etcd.is_empty() => crate::loadgen::etcd_benchmark(a),
+        Command::Benchmark(a) if !a.endpoint.is_empty() => crate::loadgen::replog_benchmark(a),
         Command::Benchmark(a) => demo::benchmark(a),
         Command::Demo(a) => demo::demo(a),
     }

@@ -422,6 +422,97 @@ fn progress_bar(len: u64, what: &str, show: bool) -> ProgressBar {
     pb
 }
 
+/// Appends to a replog cluster through the Rust client (gRPC), each client
+/// on its own connections, writes going to the leader.
+pub struct ReplogTarget {
+    endpoints: Vec<String>,
+    /// The leader found before the run (not timed).
+    pub leader: String,
+}
+
+impl ReplogTarget {
+    /// Finds the cluster's leader among `endpoints`.
+    pub async fn discover(endpoints: &[String]) -> Result<Self> {
+        let client = replog_client::Client::new(endpoints);
+        let leader = client
+            .leader()
+            .await
+            .context("cannot find the replog cluster's leader")?;
+        Ok(ReplogTarget {
+            endpoints: endpoints.to_vec(),
+            leader,
+        })
+    }
+}
+
+impl Target for ReplogTarget {
+    type Session = replog_client::Client;
+
+    fn connect(&self, _client: usize) -> impl Future<Output = Result<Self::Session>> + Send {
+        let mut endpoints = vec![self.leader.clone()];
+        endpoints.extend(
+            self.endpoints
+                .iter()
+                .filter(|e| **e != self.leader)
+                .cloned(),
+        );
+        async move {
+            let c = replog_client::Client::new(&endpoints);
+            // Open the connection before the clock starts.
+            c.status_of(&endpoints[0]).await?;
+            Ok(c)
+        }
+    }
+
+    fn put(
+        &self,
+        session: &mut Self::Session,
+        _seq: u64,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let c = session.clone();
+        async move {
+            c.append(payload).await?;
+            Ok(())
+        }
+    }
+}
+
+/// `replog benchmark --endpoint E[,E...]`: appends `--count` entries of
+/// `--value-size` bytes to a running replog cluster from `--concurrency`
+/// closed-loop clients (the same generator as `--etcd`).
+pub fn replog_benchmark(a: BenchmarkArgs) -> Result<()> {
+    if a.concurrency == 0 || a.count == 0 {
+        bail!("--concurrency and --count must be at least 1");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = rt.block_on(async {
+        let target = ReplogTarget::discover(&a.endpoint).await?;
+        eprintln!("replog: leader at {}", target.leader);
+        let spec = LoadSpec {
+            label: format!("replog append c={}", a.concurrency),
+            clients: a.concurrency,
+            count: a.count,
+            value_size: a.value_size,
+            op_timeout: Some(OP_TIMEOUT),
+        };
+        let show = !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let pb = progress_bar(a.count, "replog append", show);
+        let r = run(Arc::new(target), &spec, &pb).await;
+        pb.finish_and_clear();
+        r
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&[&report])?);
+    } else {
+        println!("{}", report.line());
+    }
+    Ok(())
+}
+
 /// How long one operation may take before the run fails.
 const OP_TIMEOUT: Duration = Duration::from_secs(30);
 

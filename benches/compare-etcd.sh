@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Measures replog and etcd with the same closed-loop load generator, in one
+# run on one machine: a 3-replica replog cluster and a 3-member etcd cluster
+# on 127.0.0.1, fsync on, 256 B values, 1, 64 and 1000 concurrent clients.
+#
+# Usage: benches/compare-etcd.sh [WORKDIR]
+#   REPLOG=path/to/replog (default: target/debug/replog, built by tools/run-demo)
+#   COUNTS="2000 20000 50000" (operations per concurrency level 1, 64, 1000)
+# Prints one JSON report per run and a Markdown table at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-$(mktemp -d /tmp/replog-vs-etcd.XXXXXX)}
+REPLOG=${REPLOG:-${CARGO_TARGET_DIR:-target}/debug/replog}
+read -r N1 N64 N1000 <<<"${COUNTS:-2000 20000 50000}"
+PORTS=(7301 7302 7303)
+[ -x "$REPLOG" ] || { echo "no replog binary at $REPLOG (run tools/run-demo or cargo build)" >&2; exit 1; }
+mkdir -p "$WORK"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  benches/etcd/stop-cluster.sh "$WORK/etcd" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+members=""
+for i in 1 2 3; do members+="$i=127.0.0.1:${PORTS[$((i-1))]},"; done
+members=${members%,}
+for i in 1 2 3; do
+  rm -rf "$WORK/replica-$i"
+  "$REPLOG" initialize --path "$WORK/replica-$i" --cluster-id bench --replica-id "$i" --members "$members" >/dev/null
+  peers=""
+  for j in 1 2 3; do [ "$j" = "$i" ] || peers+="$j=127.0.0.1:${PORTS[$((j-1))]},"; done
+  "$REPLOG" replica --path "$WORK/replica-$i" --listen "127.0.0.1:${PORTS[$((i-1))]}" \
+    --cluster-id bench --replica-id "$i" --peers "${peers%,}" 2>"$WORK/replica-$i.log" &
+  pids+=($!)
+done
+ENDPOINTS="127.0.0.1:${PORTS[0]},127.0.0.1:${PORTS[1]},127.0.0.1:${PORTS[2]}"
+ETCD=$(benches/etcd/start-cluster.sh "$WORK/etcd")
+sleep 2
+
+results=()
+for spec in "1 $N1" "64 $N64" "1000 $N1000"; do
+  read -r c n <<<"$spec"
+  r=$("$REPLOG" benchmark --endpoint "$ENDPOINTS" --concurrency "$c" --count "$n" --value-size 256 --json)
+  echo "$r"
+  results+=("$(echo "$r" | python3 -c 'import json,sys; d=json.load(sys.stdin)[0]; print(f"| replog | '"$c"' | {d["count"]} | {d["ops_per_sec"]:,.0f} | {d["p50_us"]/1000:.2f} ms | {d["p99_us"]/1000:.2f} ms |")')")
+  e=$("$REPLOG" benchmark --etcd "$ETCD" --concurrency "$c" --count "$n" --value-size 256 --json)
+  echo "$e"
+  results+=("$(echo "$e" | python3 -c 'import json,sys; d=json.load(sys.stdin)[0]; print(f"| etcd | '"$c"' | {d["count"]} | {d["ops_per_sec"]:,.0f} | {d["p50_us"]/1000:.2f} ms | {d["p99_us"]/1000:.2f} ms |")')")
+done
+etcd_version=$(etcd --version 2>/dev/null | head -1 || true)
+echo
+echo "replog: $("$REPLOG" --version); $etcd_version; $(nproc) cores"
+echo "| system | clients | ops | ops/s | p50 | p99 |"
+echo "|---|---:|---:|---:|---:|---:|"
+printf '%s\n' "${results[@]}"
