@@ -83,6 +83,11 @@ pub struct CoreConfig {
     pub recover_interval_ticks: u64,
     /// The leader promotes a learner to voter once it has caught up.
     pub auto_promote: bool,
+    /// Election timeout range in ticks, `[min, max)`. `None`: raft-rs's
+    /// default `[election_tick, 2 * election_tick)`, drawn from its own
+    /// random generator. A deterministic harness sets a range of one tick,
+    /// chosen from its seed.
+    pub election_tick_range: Option<(usize, usize)>,
 }
 
 impl Default for CoreConfig {
@@ -97,6 +102,7 @@ impl Default for CoreConfig {
             auto_initialize: false,
             recover_interval_ticks: 10,
             auto_promote: true,
+            election_tick_range: None,
         }
     }
 }
@@ -304,7 +310,10 @@ pub struct ReplicaCore<S: LogStorage> {
 }
 
 fn raft_config(id: u64, applied: u64, c: &CoreConfig) -> Config {
+    let (min_election_tick, max_election_tick) = c.election_tick_range.unwrap_or((0, 0));
     Config {
+        min_election_tick,
+        max_election_tick,
         id,
         election_tick: c.election_tick,
         heartbeat_tick: c.heartbeat_tick,

@@ -25,7 +25,8 @@ use raft::eraftpb::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use replog_core::{
-    classify, Command, CoreConfig, EntryContent, Input, Output, PeerMessage, ReplicaCore,
+    classify, Command, CoreConfig, EntryContent, Input, MembershipChange, Output, PeerMessage,
+    ReplicaCore,
 };
 use replog_storage::{LogStorage, MemoryStorage, ReplicaStatus};
 
@@ -82,6 +83,11 @@ struct Sim {
     leaders: BTreeMap<u64, u64>,
     disk_losses: u32,
     crashes: u32,
+    /// A replica taken out of the membership (and wiped), to be added back.
+    removed: Option<u64>,
+    /// An add of the removed replica was proposed.
+    readding: bool,
+    membership_changes: u32,
 }
 
 impl Sim {
@@ -130,6 +136,9 @@ impl Sim {
             leaders: BTreeMap::new(),
             disk_losses: 0,
             crashes: 0,
+            removed: None,
+            readding: false,
+            membership_changes: 0,
         };
         for i in 0..sim.nodes.len() {
             sim.start(i);
@@ -138,9 +147,17 @@ impl Sim {
     }
 
     fn start(&mut self, i: usize) {
+        // raft-rs draws election timeouts from its own generator; a range of
+        // one tick, drawn here from the seed, keeps the run reproducible.
+        let t = self.rng.gen_range(10..20);
+        let config = CoreConfig {
+            election_tick: 10,
+            election_tick_range: Some((t, t + 1)),
+            ..self.config.clone()
+        };
         let n = &mut self.nodes[i];
         n.core = Some(
-            ReplicaCore::new(n.storage.clone(), &self.config).unwrap_or_else(|e| {
+            ReplicaCore::new(n.storage.clone(), &config).unwrap_or_else(|e| {
                 panic!("seed {}: replica {} cannot start: {e}", self.seed, n.id)
             }),
         );
@@ -197,7 +214,10 @@ impl Sim {
                         }
                     }
                 }
-                Output::Failed { id, .. } => {
+                Output::Failed { id, error } => {
+                    if std::env::var_os("SIM_DEBUG").is_some() {
+                        eprintln!("t={} r{from} failed {id}: {error}", self.now);
+                    }
                     // Outcome unknown or refused: not acknowledged.
                     self.proposals.remove(&(from, id));
                 }
@@ -283,6 +303,73 @@ impl Sim {
         })
     }
 
+    /// Membership under load: take a follower out of the cluster (it is
+    /// wiped, like a decommissioned host) and later add it back as a new
+    /// learner, which must catch up (by snapshot when the log was truncated)
+    /// and be promoted.
+    fn membership(&mut self, allow: bool) {
+        let Some(l) = self.leader() else { return };
+        let leader_id = self.nodes[l].id;
+        match self.removed {
+            None if allow && self.rng.gen_bool(0.0005) && self.all_voting(usize::MAX) => {
+                let x = loop {
+                    let x = self.rng.gen_range(1..=self.nodes.len() as u64);
+                    if x != leader_id {
+                        break x;
+                    }
+                };
+                let id = self.next_id;
+                self.next_id += 1;
+                self.input(
+                    l,
+                    Input::ChangeMembership {
+                        id,
+                        changes: vec![MembershipChange::Remove(x)],
+                        addresses: Vec::new(),
+                    },
+                );
+                self.membership_changes += 1;
+                self.removed = Some(x);
+                let node = &mut self.nodes[Self::idx(x)];
+                node.core = None;
+                node.storage = MemoryStorage::new_empty(CLUSTER, x);
+                node.down_until = self.now + self.rng.gen_range(20..800);
+            }
+            Some(x) if self.rng.gen_bool(0.01) => {
+                let conf = self.nodes[l].storage.meta().conf_state;
+                let member = conf.voters.contains(&x) || conf.learners.contains(&x);
+                let x_voting = self.nodes[Self::idx(x)].core.is_some()
+                    && self.nodes[Self::idx(x)].storage.meta().status == ReplicaStatus::Voting;
+                if member && (self.readding || x_voting) {
+                    // Added back, or the removal was lost and the wiped
+                    // replica rejoined as a member that lost its disk.
+                    self.removed = None;
+                    self.readding = false;
+                } else if !member && conf.voters_outgoing.is_empty() {
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    if std::env::var_os("SIM_DEBUG").is_some() {
+                        eprintln!(
+                            "t={} leader {leader_id} adds learner {x} (conf {:?})",
+                            self.now, conf
+                        );
+                    }
+                    self.input(
+                        l,
+                        Input::ChangeMembership {
+                            id,
+                            changes: vec![MembershipChange::AddLearner(x)],
+                            addresses: Vec::new(),
+                        },
+                    );
+                    self.membership_changes += 1;
+                    self.readding = true;
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn fault(&mut self, allow: bool) {
         if !allow {
             return;
@@ -362,6 +449,7 @@ impl Sim {
             self.propose_truncate();
         }
         self.fault(faults);
+        self.membership(faults);
         self.check_one_leader_per_term();
     }
 
@@ -507,7 +595,7 @@ impl Sim {
     }
 }
 
-fn run_seed(seed: u64, size: u64) -> (usize, u32, u32) {
+fn run_seed(seed: u64, size: u64) -> (usize, u32, u32, u32) {
     let mut sim = Sim::new(seed, size);
     let load = sim.rng.gen_range(0.05..0.4);
     for _ in 0..6_000 {
@@ -558,7 +646,12 @@ fn run_seed(seed: u64, size: u64) -> (usize, u32, u32) {
         panic!("seed {seed}: the cluster did not settle after healing: {state:?}");
     }
     sim.final_checks();
-    (sim.acked.len(), sim.crashes, sim.disk_losses)
+    (
+        sim.acked.len(),
+        sim.crashes,
+        sim.disk_losses,
+        sim.membership_changes,
+    )
 }
 
 fn seeds() -> Vec<u64> {
@@ -574,13 +667,14 @@ fn seeds() -> Vec<u64> {
 
 fn run_many(size: u64) {
     let mut failed = Vec::new();
-    let (mut acked, mut crashes, mut losses) = (0, 0, 0);
+    let (mut acked, mut crashes, mut losses, mut changes) = (0, 0, 0, 0);
     for seed in seeds() {
         match std::panic::catch_unwind(|| run_seed(seed, size)) {
-            Ok((a, c, l)) => {
+            Ok((a, c, l, m)) => {
                 acked += a;
                 crashes += c;
                 losses += l;
+                changes += m;
             }
             Err(_) => {
                 eprintln!(
@@ -591,7 +685,7 @@ fn run_many(size: u64) {
         }
     }
     eprintln!(
-        "cluster of {size}: {acked} acknowledged appends, {crashes} crashes, {losses} disk losses; failed seeds: {failed:?}"
+        "cluster of {size}: {acked} acknowledged appends, {crashes} crashes, {losses} disk losses, {changes} membership changes; failed seeds: {failed:?}"
     );
     assert!(
         failed.is_empty(),

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Sender};
 use parking_lot::Mutex;
 use replog_log::{
-    ClusterOptions, Envelope, Log, LogOptions, Member, MembershipChange, PeerLink, Position,
-    ReplicaStatus,
+    ClusterOptions, Envelope, Log, LogOptions, Member, MembershipChange, PeerLink, ReplicaStatus,
 };
 use replog_storage::{InitOptions, RocksStorage};
 
@@ -207,7 +206,29 @@ async fn three_replicas_replicate_and_a_wiped_replica_rejoins() {
         .members
         .iter()
         .any(|m| m.id == 4 && m.address == "replica-4"));
-    let _ = Position::new(0);
+
+    // Leadership moves away: the old writer fails with a distinct error and
+    // the leadership watch tells the embedding scheduler.
+    let mut watch = logs[&l].watch_leadership();
+    let to = *logs.keys().find(|id| **id != l).unwrap();
+    logs[&l].transfer_leader(to).unwrap();
+    eventually("leadership to move", || logs[&to].progress().leader_ready);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while watch.borrow_and_update().is_leader {
+            watch.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the watch reports the lost leadership");
+    match w.append(&b"from-the-old-writer"[..]).await {
+        Err(replog_log::LogError::LeadershipLost { term }) => assert_eq!(Some(term), w.term()),
+        other => panic!("expected LeadershipLost, got {other:?}"),
+    }
+    let mut w2 = logs[&to].writer();
+    w2.start().await.unwrap();
+    let p2 = w2.append(&b"from-the-new-writer"[..]).await.unwrap();
+    assert!(p2 > p);
+    drop(r4);
 }
 
 /// Runs a future to completion from synchronous test code.

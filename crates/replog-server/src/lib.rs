@@ -288,29 +288,59 @@ impl ReplicaServer {
             ReplicaStatus::Recovering => 3,
             ReplicaStatus::Voting => 4,
         };
-        gauge("replog_replica_status", "1 EMPTY, 2 STARTING, 3 RECOVERING, 4 VOTING", status);
+        gauge(
+            "replog_replica_status",
+            "1 EMPTY, 2 STARTING, 3 RECOVERING, 4 VOTING",
+            status,
+        );
         gauge("replog_raft_term", "current Raft term", p.term as i64);
-        gauge("replog_is_leader", "1 when this replica leads", p.is_leader as i64);
-        gauge("replog_commit_position", "last committed position applied here", p.commit as i64);
-        gauge("replog_first_position", "first position not truncated", p.first_index as i64);
-        gauge("replog_last_position", "last position written here", p.last_index as i64);
+        gauge(
+            "replog_is_leader",
+            "1 when this replica leads",
+            p.is_leader as i64,
+        );
+        gauge(
+            "replog_commit_position",
+            "last committed position applied here",
+            p.commit as i64,
+        );
+        gauge(
+            "replog_first_position",
+            "first position not truncated",
+            p.first_index as i64,
+        );
+        gauge(
+            "replog_last_position",
+            "last position written here",
+            p.last_index as i64,
+        );
         if let Ok(cs) = self.log.cluster_status().await {
             let reachable = GaugeVec::new(
-                Opts::new("replog_member_reachable", "1 while a member answers within --ping-timeout x --max-ping-timeouts"),
+                Opts::new(
+                    "replog_member_reachable",
+                    "1 while a member answers within --ping-timeout x --max-ping-timeouts",
+                ),
                 &["member"],
             )
             .expect("valid metric");
             let lag = GaugeVec::new(
-                Opts::new("replog_member_lag_positions", "positions a member is behind the commit (leader only)"),
+                Opts::new(
+                    "replog_member_lag_positions",
+                    "positions a member is behind the commit (leader only)",
+                ),
                 &["member"],
             )
             .expect("valid metric");
             for m in &cs.members {
                 let id = m.id.to_string();
-                reachable.with_label_values(&[&id]).set(m.reachable as i64 as f64);
+                reachable
+                    .with_label_values(&[&id])
+                    .set(m.reachable as i64 as f64);
                 lag.with_label_values(&[&id]).set(m.lag as f64);
             }
-            scrape.register(Box::new(reachable)).expect("registered once");
+            scrape
+                .register(Box::new(reachable))
+                .expect("registered once");
             scrape.register(Box::new(lag)).expect("registered once");
         }
         let mut families = self.registry.gather();

@@ -88,6 +88,10 @@ async fn a_cluster_serves_clients_and_refuses_another_cluster() {
     let endpoints: Vec<String> = addrs.values().map(|a| a.to_string()).collect();
     let client = Client::new(&endpoints);
     let leader = client.leader().await.unwrap();
+    let mut watch = client.watch_leadership(&leader).await.unwrap();
+    let first = watch.message().await.unwrap().unwrap();
+    assert!(first.is_writer, "{first:?}");
+    assert_eq!(first.leader_address, leader);
 
     // Writes through any endpoint reach the leader.
     let mut positions = Vec::new();
