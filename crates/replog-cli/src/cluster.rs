@@ -235,10 +235,22 @@ pub fn replica(a: ReplicaArgs) -> Result<()> {
                 }
             }
         };
+        let failed = {
+            let s = server.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if let Some(why) = s.log().failure() {
+                        return anyhow::anyhow!("replica {} stopped: {why}", a.replica_id);
+                    }
+                }
+            }
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot watch SIGTERM")?;
         let outcome = tokio::select! {
             r = recovery => r,
+            e = failed => Err(e),
             _ = tokio::signal::ctrl_c() => { info!("interrupted; stopping"); Ok(()) }
             _ = term.recv() => { info!("terminated; stopping"); Ok(()) }
         };

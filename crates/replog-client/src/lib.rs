@@ -109,6 +109,8 @@ struct Inner {
     channels: Mutex<HashMap<String, ReplogClientClient<Channel>>>,
     /// The endpoint believed to lead.
     leader: Mutex<Option<String>>,
+    /// Round-robin position over `endpoints` while no leader is known.
+    rotation: std::sync::atomic::AtomicUsize,
 }
 
 fn normalize(endpoint: &str) -> String {
@@ -163,6 +165,7 @@ impl Client {
                 endpoints,
                 channels: Mutex::new(HashMap::new()),
                 leader: Mutex::new(None),
+                rotation: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -209,14 +212,18 @@ impl Client {
 
     /// Candidate endpoints: the believed leader first, then the others in
     /// turn.
-    async fn candidate(&self, attempt: u32) -> String {
+    async fn candidate(&self) -> String {
         if let Some(l) = self.inner.leader.lock().await.clone() {
-            if attempt == 0 || !attempt.is_multiple_of(3) {
-                return l;
-            }
+            return l;
         }
+        // No leader known: go round the endpoints (a shared counter, so
+        // that every attempt tries the next one whatever the call).
         let n = self.inner.endpoints.len().max(1);
-        self.inner.endpoints[(attempt as usize) % n].clone()
+        let i = self
+            .inner
+            .rotation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.endpoints[i % n].clone()
     }
 
     /// Runs a leader-only call, following leader hints. `may_have_happened`
@@ -234,7 +241,7 @@ impl Client {
         for attempt in 0..self.inner.config.max_attempts {
             let endpoint = match hinted.take() {
                 Some(h) => h,
-                None => self.candidate(attempt).await,
+                None => self.candidate().await,
             };
             let rpc = self.rpc(&endpoint).await?;
             match call(rpc).await {
@@ -255,14 +262,18 @@ impl Client {
                             }
                             last = format!("{endpoint}: {}", status.message());
                         }
-                        Some("LEADERSHIP_LOST") if may_have_happened => {
+                        // A write that reached a leader which then lost its
+                        // leadership or stopped may be committed or not.
+                        Some("LEADERSHIP_LOST") | Some("CLOSED") if may_have_happened => {
                             *self.inner.leader.lock().await = None;
                             return Err(ClientError::OutcomeUnknown {
                                 endpoint,
                                 message: status.message().to_string(),
                             });
                         }
-                        Some("BUSY") | Some("NOT_VOTING") | Some("CLOSED") => {
+                        // Not executed: retry elsewhere or later.
+                        Some("BUSY") | Some("NOT_VOTING") | Some("CLOSED") | Some("TIMEOUT") => {
+                            *self.inner.leader.lock().await = None;
                             last = format!("{endpoint}: {}", status.message());
                             tokio::time::sleep(self.backoff(attempt)).await;
                         }

@@ -874,6 +874,16 @@ impl<S: LogStorage> ReplicaCore<S> {
             ));
             return;
         }
+        let me = self.id;
+        if changes.iter().any(|c| {
+            matches!(c, MembershipChange::Remove(r) | MembershipChange::AddLearner(r) if *r == me)
+        }) {
+            out.push(refuse(format!(
+                "replica {me} is the leader: transfer leadership to another voter first \
+                 (replog members transfer-leader), then remove or demote it"
+            )));
+            return;
+        }
         let mut voters: BTreeSet<u64> = conf.voters.iter().copied().collect();
         let mut seen = BTreeSet::new();
         for c in changes {
@@ -1083,6 +1093,19 @@ impl<S: LogStorage> ReplicaCore<S> {
                             info!(replica = self.id, position = e.index, voters = ?cs.voters,
                                   learners = ?cs.learners, outgoing = ?cs.voters_outgoing,
                                   "membership changed");
+                            if self.node.raft.state == StateRole::Leader && !is_voter(&cs, self.id)
+                            {
+                                // A change proposed by an earlier leader removed
+                                // or demoted this one. raft-rs would keep leading
+                                // without a progress of its own (and panic on the
+                                // next commit): step down, the voters elect.
+                                let term = self.node.raft.term;
+                                warn!(
+                                    replica = self.id,
+                                    term, "this leader is no longer a voter; stepping down"
+                                );
+                                self.node.raft.become_follower(term + 1, raft::INVALID_ID);
+                            }
                             self.note_own_membership(&cs, true, update);
                             update.conf_changes.push((e.index, cs));
                             membership_applied = true;

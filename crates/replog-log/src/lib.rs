@@ -347,6 +347,13 @@ impl Log {
         rx.await.map_err(|_| self.shared.closed_error())
     }
 
+    /// Why the replica stopped, if it stopped on a fatal error (storage
+    /// failure, fsync error, a bug caught in the driver). A process serving
+    /// this replica should exit then, so that its supervisor restarts it.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure.lock().clone()
+    }
+
     /// The replica's metadata record.
     pub fn meta(&self) -> ReplicaMeta {
         replog_storage::LogStorage::meta(&self.storage)

@@ -166,8 +166,21 @@ pub(crate) fn start(
                     last_heard: HashMap::new(),
                     started: Instant::now(),
                 };
-                let result = d.run(outs, req_rx, persisted_rx, inbound);
-                d.stop(result.err());
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    d.run(outs, req_rx, persisted_rx, inbound)
+                }));
+                let failure = match result {
+                    Ok(r) => r.err(),
+                    Err(panic) => Some(format!(
+                        "the replica's driver panicked: {}",
+                        panic
+                            .downcast_ref::<String>()
+                            .map(String::as_str)
+                            .or_else(|| panic.downcast_ref::<&str>().copied())
+                            .unwrap_or("unknown cause")
+                    )),
+                };
+                d.stop(failure);
             })
             .map_err(|e| LogError::Invalid(format!("cannot start driver thread: {e}")))?
     };

@@ -29,7 +29,7 @@ use replog_storage::{InitOptions, Member, RocksStorage, StorageError};
 use replog_transport::{Transport, TransportConfig, TransportError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub use service::ClientService;
 
@@ -134,8 +134,12 @@ pub struct ReplicaServer {
     local_addr: SocketAddr,
     registry: prometheus::Registry,
     stop: Option<oneshot::Sender<()>>,
+    stopping: tokio::sync::watch::Sender<bool>,
     serving: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
 }
+
+/// How long a graceful shutdown waits for open calls before it drops them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// True when `dir` is missing or holds nothing.
 fn is_empty_dir(dir: &Path) -> Result<bool, ServerError> {
@@ -216,7 +220,8 @@ impl ReplicaServer {
             )));
         }
         let log = Arc::new(log);
-        let client = ClientService::new(log.clone());
+        let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+        let client = ClientService::new(log.clone(), stopping_rx);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Bind {
@@ -252,6 +257,7 @@ impl ReplicaServer {
             local_addr,
             registry,
             stop: Some(stop_tx),
+            stopping: stopping_tx,
             serving: Some(serving),
         })
     }
@@ -377,15 +383,23 @@ impl ReplicaServer {
 
     async fn stop_serving(&mut self) -> Result<(), ServerError> {
         self.transport.close();
+        let _ = self.stopping.send(true);
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(serving) = self.serving.take() {
-            if let Ok(Err(source)) = serving.await {
-                return Err(ServerError::Serve {
-                    addr: self.local_addr,
-                    source,
-                });
+        if let Some(mut serving) = self.serving.take() {
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut serving).await {
+                Ok(Ok(Err(source))) => {
+                    return Err(ServerError::Serve {
+                        addr: self.local_addr,
+                        source,
+                    })
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    warn!("calls still open after {SHUTDOWN_GRACE:?}; dropping them");
+                    serving.abort();
+                }
             }
         }
         Ok(())
@@ -395,6 +409,7 @@ impl ReplicaServer {
 impl Drop for ReplicaServer {
     fn drop(&mut self) {
         self.transport.close();
+        let _ = self.stopping.send(true);
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

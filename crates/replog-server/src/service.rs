@@ -31,6 +31,9 @@ use crate::MAX_CLIENT_MESSAGE_BYTES;
 pub struct ClientService {
     log: Arc<Log>,
     writer: Arc<Mutex<Option<Arc<Writer>>>>,
+    /// Turns true when the server shuts down: open streams end, so a
+    /// graceful shutdown never waits for a watcher.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The stable error code of a log error (`replog-error` metadata).
@@ -53,10 +56,11 @@ pub fn error_code(e: &LogError) -> &'static str {
 }
 
 impl ClientService {
-    pub fn new(log: Arc<Log>) -> Self {
+    pub fn new(log: Arc<Log>, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
         ClientService {
             log,
             writer: Arc::new(Mutex::new(None)),
+            stopping,
         }
     }
 
@@ -249,6 +253,7 @@ impl ReplogClient for ClientService {
     ) -> Result<Response<Self::WatchLeadershipStream>, Status> {
         let mut rx = self.log.watch_leadership();
         let svc = self.clone();
+        let mut stopping = self.stopping.clone();
         let stream = async_stream(move |tx| async move {
             let mut last = None;
             loop {
@@ -272,7 +277,11 @@ impl ReplogClient for ClientService {
                         return;
                     }
                 }
-                if rx.changed().await.is_err() {
+                let stopped = tokio::select! {
+                    r = rx.changed() => r.is_err(),
+                    _ = stopping.wait_for(|s| *s) => true,
+                };
+                if stopped {
                     let _ = tx
                         .send(Err(Status::unavailable("the replica stopped")))
                         .await;

@@ -1,0 +1,1127 @@
+//! Real-process cluster tests: every replica is a `replog replica` process on
+//! 127.0.0.1 with its own RocksDB directory under a tempdir, driven through
+//! `replog_client::Client` and the `replog` CLI, and killed with SIGKILL.
+//!
+//! The `replog` binary must be built in the same target directory first
+//! (`cargo build -p replog-cli --bin replog`); `REPLOG_BIN` overrides where
+//! it is looked for.
+//!
+//! Every replica's stdout and stderr go to `rN.log` in the test's tempdir
+//! (`--log info`); when a test fails, the tails of those files are printed.
+//! The tests run one at a time (they are timing-sensitive on small machines)
+//! and every wait polls against a deadline: they assert behaviour, not speed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use replog_client::{Client, ClientConfig, ClientError, StatusResponse};
+use replog_tests::{check_payload, copy_dir, payload};
+
+/// Replica statuses as the status RPC reports them.
+const EMPTY: i32 = 1;
+const RECOVERING: i32 = 3;
+const VOTING: i32 = 4;
+
+/// How long any one wait may take before the test fails.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The tests start several processes each; running them one at a time keeps
+/// the machine from being the thing under test.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn status_name(s: i32) -> &'static str {
+    match s {
+        EMPTY => "EMPTY",
+        2 => "STARTING",
+        RECOVERING => "RECOVERING",
+        VOTING => "VOTING",
+        _ => "UNKNOWN",
+    }
+}
+
+/// The `replog` binary of this target directory.
+fn replog_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("REPLOG_BIN") {
+        return p.into();
+    }
+    // target/debug/deps/cluster_processes-HASH -> target/debug/replog
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary lives in <target>/<profile>/deps");
+    let bin = dir.join("replog");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build -p replog-cli --bin replog` \
+         (same CARGO_TARGET_DIR), or point REPLOG_BIN at it",
+        bin.display()
+    );
+    bin
+}
+
+/// A port nobody listens on, outside Linux's ephemeral range (32768-60999),
+/// so that no outgoing connection takes it while a replica is down between
+/// a kill and its restart. Ports are handed out once per test process.
+fn free_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const BASE: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = (BASE + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {BASE} and {}", BASE + SPAN);
+}
+
+/// Runs a test body on a multi-threaded runtime, one test at a time.
+fn run<F: std::future::Future<Output = ()>>(body: F) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(body);
+}
+
+/// The last `n` lines of a file.
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("<cannot read: {e}>"));
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+struct Node {
+    cluster_id: String,
+    port: u16,
+    dir: PathBuf,
+    log: PathBuf,
+    /// The other replicas this one is started with (`--peers`).
+    peers: BTreeMap<u64, u16>,
+    child: Mutex<Option<Child>>,
+}
+
+impl Node {
+    fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn running(&self) -> bool {
+        self.child.lock().unwrap().is_some()
+    }
+}
+
+/// Replica processes of one test. Dropping it SIGKILLs every process; when
+/// the test is failing it prints the tail of every replica's log first.
+struct Cluster {
+    root: tempfile::TempDir,
+    bin: PathBuf,
+    nodes: BTreeMap<u64, Node>,
+    /// Used for status calls only.
+    status_client: Client,
+    started: Instant,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in self.nodes.values() {
+            if let Some(mut child) = node.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            let mut logs: Vec<PathBuf> = self.nodes.values().map(|n| n.log.clone()).collect();
+            logs.push(self.root.path().join("cli.log"));
+            for log in logs.iter().filter(|l| l.exists()) {
+                eprintln!("\n===== tail of {} =====\n{}", log.display(), tail(log, 60));
+            }
+            // Keep the directory for a post-mortem when asked to.
+            if std::env::var_os("REPLOG_KEEP_TEST_DIRS").is_some() {
+                let path = std::mem::replace(&mut self.root, tempfile::tempdir().unwrap()).keep();
+                eprintln!("kept the test directory {}", path.display());
+            }
+        }
+    }
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        Cluster {
+            root: tempfile::tempdir().unwrap(),
+            bin: replog_bin(),
+            nodes: BTreeMap::new(),
+            status_client: Client::with_config(
+                Vec::<String>::new(),
+                ClientConfig {
+                    connect_timeout: Duration::from_secs(1),
+                    request_timeout: Duration::from_secs(3),
+                    ..Default::default()
+                },
+            ),
+            started: Instant::now(),
+        }
+    }
+
+    /// `n` replicas of `cluster_id`, initialized with `replog initialize`,
+    /// started, and serving under a leader.
+    async fn initialized(cluster_id: &str, n: u64) -> Cluster {
+        let mut c = Cluster::new();
+        let ports: BTreeMap<u64, u16> = (1..=n).map(|id| (id, free_port())).collect();
+        for id in 1..=n {
+            c.add_node(id, cluster_id, ports[&id], &ports);
+            c.initialize(id, &ports);
+        }
+        for id in 1..=n {
+            c.start(id, &[]);
+        }
+        for id in 1..=n {
+            c.wait_serving(id).await;
+        }
+        c.wait_leader("the first leader", |_, _| true).await;
+        c
+    }
+
+    /// Declares replica `id` (not started); its peers are `all` but itself.
+    fn add_node(&mut self, id: u64, cluster_id: &str, port: u16, all: &BTreeMap<u64, u16>) {
+        let peers = all
+            .iter()
+            .filter(|(p, _)| **p != id)
+            .map(|(p, port)| (*p, *port))
+            .collect();
+        let dir = self.root.path().join(format!("r{id}"));
+        let log = self.root.path().join(format!("r{id}.log"));
+        self.nodes.insert(
+            id,
+            Node {
+                cluster_id: cluster_id.to_string(),
+                port,
+                dir,
+                log,
+                peers,
+                child: Mutex::new(None),
+            },
+        );
+    }
+
+    fn node(&self, id: u64) -> &Node {
+        self.nodes
+            .get(&id)
+            .unwrap_or_else(|| panic!("no replica {id}"))
+    }
+
+    fn endpoint(&self, id: u64) -> String {
+        self.node(id).endpoint()
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        self.nodes.values().map(Node::endpoint).collect()
+    }
+
+    fn running(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.running())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn note(&self, what: &str) {
+        eprintln!("[{:>6.2}s] {what}", self.started.elapsed().as_secs_f64());
+    }
+
+    /// Appends a harness line to a log file, so restarts show in it.
+    fn mark(&self, log: &Path, what: &str) {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        writeln!(
+            f,
+            "===== [{:.2}s] test harness: {what}",
+            self.started.elapsed().as_secs_f64()
+        )
+        .unwrap();
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("REPLOG_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("NO_COLOR", "1").stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs a short `replog` command to completion; its output goes to
+    /// `cli.log` and is returned.
+    fn cli(&self, args: &[String]) -> Output {
+        let out = self
+            .command()
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
+        let log = self.root.path().join("cli.log");
+        self.mark(
+            &log,
+            &format!("replog {} -> {}", args.join(" "), out.status),
+        );
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(&out.stdout).unwrap();
+        f.write_all(&out.stderr).unwrap();
+        out
+    }
+
+    fn initialize(&self, id: u64, members: &BTreeMap<u64, u16>) {
+        let node = self.node(id);
+        let members: Vec<String> = members
+            .iter()
+            .map(|(id, port)| format!("{id}=127.0.0.1:{port}"))
+            .collect();
+        let args: Vec<String> = [
+            "initialize",
+            "--path",
+            &node.dir.to_string_lossy(),
+            "--cluster-id",
+            &node.cluster_id,
+            "--replica-id",
+            &id.to_string(),
+            "--members",
+            &members.join(","),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = self.cli(&args);
+        assert!(
+            out.status.success(),
+            "replog initialize of replica {id} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The `replog replica` arguments of replica `id` on `dir`, `port`.
+    fn replica_args(&self, id: u64, dir: &Path, port: u16, extra: &[&str]) -> Vec<String> {
+        let node = self.node(id);
+        let mut args: Vec<String> = vec![
+            "replica".into(),
+            "--log".into(),
+            "info".into(),
+            "--path".into(),
+            dir.to_string_lossy().into_owned(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--cluster-id".into(),
+            node.cluster_id.clone(),
+            "--replica-id".into(),
+            id.to_string(),
+            "--tick-interval".into(),
+            "20ms".into(),
+            "--ping-timeout".into(),
+            "500ms".into(),
+        ];
+        if !node.peers.is_empty() {
+            let peers: Vec<String> = node
+                .peers
+                .iter()
+                .map(|(p, port)| format!("{p}=127.0.0.1:{port}"))
+                .collect();
+            args.push("--peers".into());
+            args.push(peers.join(","));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    fn spawn_logged(&self, args: &[String], log: &Path) -> Child {
+        self.mark(log, &format!("starting replog {}", args.join(" ")));
+        let file = OpenOptions::new().append(true).open(log).unwrap();
+        self.command()
+            .args(args)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()))
+    }
+
+    /// Starts replica `id` on its directory (`extra`: more flags).
+    fn start(&self, id: u64, extra: &[&str]) {
+        let node = self.node(id);
+        let mut slot = node.child.lock().unwrap();
+        assert!(slot.is_none(), "replica {id} is already running");
+        let args = self.replica_args(id, &node.dir, node.port, extra);
+        *slot = Some(self.spawn_logged(&args, &node.log));
+        drop(slot);
+        self.note(&format!("started replica {id} {extra:?}"));
+    }
+
+    /// SIGKILLs replica `id` and reaps it.
+    fn kill(&self, id: u64) {
+        let node = self.node(id);
+        let mut child = node
+            .child
+            .lock()
+            .unwrap()
+            .take()
+            .unwrap_or_else(|| panic!("replica {id} is not running"));
+        child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
+        let status = child.wait().unwrap();
+        self.mark(&node.log, &format!("SIGKILLed replica {id} ({status})"));
+        self.note(&format!("SIGKILLed replica {id}"));
+    }
+
+    /// Fails the test if a replica process exited by itself.
+    fn check_alive(&self) {
+        for (id, node) in &self.nodes {
+            let mut slot = node.child.lock().unwrap();
+            if let Some(child) = slot.as_mut() {
+                if let Some(status) = child.try_wait().unwrap() {
+                    slot.take();
+                    panic!("replica {id} exited by itself with {status}");
+                }
+            }
+        }
+    }
+
+    fn log_text(&self, id: u64) -> String {
+        std::fs::read_to_string(&self.node(id).log).unwrap_or_default()
+    }
+
+    /// What replica `id` logged since it was last started.
+    fn last_run_log(&self, id: u64) -> String {
+        let text = self.log_text(id);
+        let start = text.rfind("test harness: starting").unwrap_or(0);
+        text[start..].to_string()
+    }
+
+    async fn status(&self, id: u64) -> Option<StatusResponse> {
+        self.status_client.status_of(&self.endpoint(id)).await.ok()
+    }
+
+    /// Polls `f` until it gives a value; fails the test after [`WAIT`] or
+    /// when a replica process dies.
+    async fn wait<T>(&self, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            self.check_alive();
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {WAIT:?} waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_serving(&self, id: u64) {
+        self.wait(&format!("replica {id} to serve"), async || {
+            self.status(id).await
+        })
+        .await;
+    }
+
+    /// The running replica that leads in the highest term, if any.
+    async fn leader(&self) -> Option<(u64, StatusResponse)> {
+        let mut best: Option<(u64, StatusResponse)> = None;
+        for id in self.running() {
+            if let Some(s) = self.status(id).await {
+                if s.is_leader
+                    && s.status == VOTING
+                    && best.as_ref().is_none_or(|b| b.1.term < s.term)
+                {
+                    best = Some((id, s));
+                }
+            }
+        }
+        best
+    }
+
+    /// Waits for a leader that `ok` accepts.
+    async fn wait_leader(
+        &self,
+        what: &str,
+        ok: impl Fn(u64, &StatusResponse) -> bool,
+    ) -> (u64, StatusResponse) {
+        self.wait(what, async || {
+            self.leader().await.filter(|(id, s)| ok(*id, s))
+        })
+        .await
+    }
+
+    /// Waits until replica `id` is VOTING with everything up to `position`
+    /// applied, and the leader counts it as a voter.
+    async fn wait_caught_up_voter(&self, id: u64, position: u64) {
+        self.wait(
+            &format!("replica {id} to be a VOTING voter with position {position} applied"),
+            async || {
+                let s = self.status(id).await?;
+                let (_, l) = self.leader().await?;
+                let voter = l.members.iter().any(|m| m.id == id && m.voter);
+                (s.status == VOTING && s.applied >= position && voter).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Polls replica `id`'s status as fast as it answers until it is VOTING
+    /// and a voter at the leader; returns every status seen, in order.
+    async fn watch_until_voting(&self, id: u64) -> Vec<i32> {
+        let mut seen: Vec<i32> = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            self.check_alive();
+            if let Some(s) = self.status(id).await {
+                if seen.last() != Some(&s.status) {
+                    self.note(&format!("replica {id} is {}", status_name(s.status)));
+                    seen.push(s.status);
+                }
+                if s.status == VOTING {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {WAIT:?} waiting for replica {id} to be VOTING (seen {:?})",
+                seen.iter().map(|s| status_name(*s)).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        seen
+    }
+
+    /// A client of every replica the cluster knows.
+    fn client(&self) -> Client {
+        Client::with_config(
+            self.endpoints(),
+            ClientConfig {
+                request_timeout: Duration::from_secs(5),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Runs `replog members --endpoint <running replicas> ARGS`.
+    fn members(&self, args: &[&str]) -> Output {
+        let endpoints: Vec<String> = self
+            .running()
+            .into_iter()
+            .map(|id| self.endpoint(id))
+            .collect();
+        let mut all: Vec<String> = vec!["members".into(), "--endpoint".into(), endpoints.join(",")];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let out = self.cli(&all);
+        self.note(&format!(
+            "replog members {} -> {}",
+            args.join(" "),
+            out.status
+        ));
+        out
+    }
+}
+
+fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Writers appending `payload(seq)` through one client, each recording what
+/// was acknowledged.
+struct Load {
+    stop: Arc<AtomicBool>,
+    /// position -> seq of every acknowledged append.
+    acked: Arc<Mutex<BTreeMap<u64, u64>>>,
+    /// Failed appends by kind (none of them was acknowledged).
+    failures: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Broken promises seen by the writers (a position acknowledged twice).
+    violations: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn failure_kind(e: &ClientError) -> String {
+    match e {
+        ClientError::Replica { code, .. } => code.clone(),
+        ClientError::OutcomeUnknown { .. } => "OutcomeUnknown".into(),
+        ClientError::NoLeader { .. } => "NoLeader".into(),
+        ClientError::Unreachable { .. } => "Unreachable".into(),
+        ClientError::InvalidEndpoint(_) => "InvalidEndpoint".into(),
+    }
+}
+
+impl Load {
+    /// `writers` tasks, each appending one entry at a time, pausing `pace`
+    /// between appends. Sequence numbers start at `base`.
+    fn start(client: Client, writers: u64, pace: Duration, base: u64) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(BTreeMap::new()));
+        let failures = Arc::new(Mutex::new(BTreeMap::new()));
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        let tasks = (0..writers)
+            .map(|w| {
+                let (client, stop, acked, failures, violations) = (
+                    client.clone(),
+                    stop.clone(),
+                    acked.clone(),
+                    failures.clone(),
+                    violations.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut seq = base + w * 10_000_000;
+                    while !stop.load(Ordering::SeqCst) {
+                        seq += 1;
+                        match client.append(payload(seq)).await {
+                            Ok(r) => {
+                                if let Some(prev) = acked.lock().unwrap().insert(r.position, seq) {
+                                    violations.lock().unwrap().push(format!(
+                                        "position {} acknowledged twice (seq {prev} and {seq})",
+                                        r.position
+                                    ));
+                                }
+                                if !pace.is_zero() {
+                                    tokio::time::sleep(pace).await;
+                                }
+                            }
+                            Err(e) => {
+                                *failures
+                                    .lock()
+                                    .unwrap()
+                                    .entry(failure_kind(&e))
+                                    .or_default() += 1;
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            acked,
+            failures,
+            violations,
+            tasks,
+        }
+    }
+
+    fn acks(&self) -> usize {
+        let v = self.violations.lock().unwrap();
+        assert!(v.is_empty(), "{v:?}");
+        self.acked.lock().unwrap().len()
+    }
+
+    fn last_position(&self) -> u64 {
+        self.acked
+            .lock()
+            .unwrap()
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Waits until `more` further appends are acknowledged; returns how
+    /// many there are in all.
+    async fn wait_more(&self, c: &Cluster, what: &str, more: usize) -> usize {
+        let target = self.acks() + more;
+        let n = c
+            .wait(
+                &format!("{more} more acknowledged appends ({what})"),
+                async || {
+                    let n = self.acks();
+                    (n >= target).then_some(n)
+                },
+            )
+            .await;
+        c.note(&format!("{n} appends acknowledged ({what})"));
+        n
+    }
+
+    /// Stops the writers; returns what was acknowledged.
+    async fn stop(self) -> BTreeMap<u64, u64> {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.expect("a writer task panicked");
+        }
+        let v = self.violations.lock().unwrap();
+        assert!(v.is_empty(), "{v:?}");
+        eprintln!(
+            "load stopped: {} acknowledged, failures {:?}",
+            self.acked.lock().unwrap().len(),
+            self.failures.lock().unwrap()
+        );
+        let acked = self.acked.lock().unwrap().clone();
+        acked
+    }
+}
+
+/// Waits until every replica in `ids` is VOTING with the last acknowledged
+/// position applied, then reads the log from each one's endpoint
+/// (linearizable) and checks: every acknowledged position holds exactly its
+/// payload, every entry is a whole payload written once, and all replicas
+/// hold the same entries.
+async fn verify_replicas(c: &Cluster, ids: &[u64], acked: &BTreeMap<u64, u64>) {
+    assert!(!acked.is_empty(), "nothing was acknowledged");
+    let last = *acked.keys().next_back().unwrap();
+    let mut reference: Option<(u64, BTreeMap<u64, Vec<u8>>)> = None;
+    for &id in ids {
+        let s = c
+            .wait(
+                &format!("replica {id} to be VOTING with position {last} applied"),
+                async || {
+                    c.status(id)
+                        .await
+                        .filter(|s| s.status == VOTING && s.applied >= last)
+                },
+            )
+            .await;
+        let client = Client::with_config(
+            [c.endpoint(id)],
+            ClientConfig {
+                request_timeout: Duration::from_secs(10),
+                max_attempts: 5,
+                ..Default::default()
+            },
+        );
+        let mut got: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut from = s.first_index.max(1);
+        while from <= last {
+            let to = (from + 999).min(last);
+            let r = client
+                .read(from, to, true)
+                .await
+                .unwrap_or_else(|e| panic!("linearizable read {from}..={to} on replica {id}: {e}"));
+            for e in r.entries {
+                got.insert(e.position, e.data.to_vec());
+            }
+            from = to + 1;
+        }
+        for (p, seq) in acked {
+            let data = got.get(p).unwrap_or_else(|| {
+                panic!("replica {id}: acknowledged position {p} (seq {seq}) is missing")
+            });
+            assert!(
+                *data == payload(*seq),
+                "replica {id}: acknowledged position {p} holds other data than seq {seq}"
+            );
+        }
+        let mut seqs: BTreeMap<u64, u64> = BTreeMap::new();
+        for (p, data) in &got {
+            let seq = check_payload(data).unwrap_or_else(|| {
+                panic!(
+                    "replica {id}: position {p} holds a torn or foreign entry of {} bytes",
+                    data.len()
+                )
+            });
+            if let Some(q) = seqs.insert(seq, *p) {
+                panic!("replica {id}: seq {seq} was written twice, at {q} and {p}");
+            }
+        }
+        match &reference {
+            None => reference = Some((id, got)),
+            Some((rid, r)) => assert!(
+                *r == got,
+                "replicas {rid} and {id} hold different entries up to {last}"
+            ),
+        }
+        c.note(&format!(
+            "replica {id}: all {} acknowledged appends read back (linearizable, up to {last})",
+            acked.len()
+        ));
+    }
+}
+
+#[test]
+fn leader_sigkill_under_load_loses_no_acknowledged_append() {
+    run(async {
+        let c = Cluster::initialized("kill", 3).await;
+        let load = Load::start(c.client(), 4, Duration::from_millis(5), 1_000_000_000);
+        for round in 1..=3 {
+            load.wait_more(&c, &format!("before kill {round}"), 300)
+                .await;
+            let (old, old_s) = c
+                .wait_leader(&format!("a leader (round {round})"), |_, _| true)
+                .await;
+            c.kill(old);
+            let (new, new_s) = c
+                .wait_leader(&format!("a new leader after killing {old}"), |id, s| {
+                    id != old && s.term > old_s.term
+                })
+                .await;
+            c.note(&format!(
+                "round {round}: killed leader {old} (term {}); replica {new} leads in term {}",
+                old_s.term, new_s.term
+            ));
+            assert_ne!(new, old);
+            assert!(new_s.term > old_s.term);
+            c.start(old, &[]);
+            c.wait_serving(old).await;
+            load.wait_more(&c, &format!("after failover {round}"), 300)
+                .await;
+        }
+        let acked = load.stop().await;
+        verify_replicas(&c, &[1, 2, 3], &acked).await;
+    });
+}
+
+#[test]
+fn wiped_follower_rejoins_empty_recovering_voting() {
+    run(async {
+        let c = Cluster::initialized("wipe", 3).await;
+        let load = Load::start(c.client(), 3, Duration::from_millis(5), 2_000_000_000);
+        load.wait_more(&c, "before the wipe", 300).await;
+        let (leader, _) = c.wait_leader("a leader", |_, _| true).await;
+        let f = (1..=3).find(|id| *id != leader).unwrap();
+        c.kill(f);
+        std::fs::remove_dir_all(&c.node(f).dir).unwrap();
+        c.note(&format!("wiped replica {f}'s directory"));
+        load.wait_more(&c, &format!("with replica {f} gone"), 200)
+            .await;
+
+        c.start(f, &[]);
+        let seen = c.watch_until_voting(f).await;
+        let log = c.last_run_log(f);
+        assert!(
+            log.contains("created an EMPTY replica"),
+            "replica {f} did not start EMPTY on its wiped directory"
+        );
+        assert_ne!(
+            seen[0], VOTING,
+            "a wiped replica must not start VOTING (statuses seen: {seen:?})"
+        );
+        let recovering_logged = log
+            .lines()
+            .any(|l| l.contains("replica status changed") && l.contains("to=RECOVERING"));
+        assert!(
+            seen.contains(&RECOVERING) || recovering_logged,
+            "replica {f} never showed RECOVERING (statuses seen: {seen:?})"
+        );
+        assert!(
+            log.contains("Received a recover response from a replica in VOTING status"),
+            "replica {f}'s log lacks the recover protocol's lines"
+        );
+        c.wait_caught_up_voter(f, load.last_position()).await;
+        load.wait_more(&c, "after the rejoin", 100).await;
+        let acked = load.stop().await;
+        verify_replicas(&c, &[1, 2, 3], &acked).await;
+        // It holds the log from its beginning, not only what came after the
+        // wipe.
+        let s = c.status(f).await.unwrap();
+        assert!(
+            s.first_index <= *acked.keys().next().unwrap(),
+            "replica {f} lacks the log's beginning (first index {})",
+            s.first_index
+        );
+    });
+}
+
+/// Flips one byte in the middle of the largest WAL or SST file of `dir`.
+fn flip_largest_data_file(dir: &Path) -> String {
+    let (path, len) = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy().into_owned();
+            n.ends_with(".log") || n.ends_with(".sst")
+        })
+        .map(|p| {
+            let len = std::fs::metadata(&p).unwrap().len();
+            (p, len)
+        })
+        .max_by_key(|(_, len)| *len)
+        .expect("a WAL or SST file");
+    let offset = (len / 2) as usize;
+    let mut data = std::fs::read(&path).unwrap();
+    data[offset] ^= 0xA5;
+    std::fs::write(&path, data).unwrap();
+    format!(
+        "{} at byte {offset} of {len}",
+        path.file_name().unwrap().to_string_lossy()
+    )
+}
+
+#[test]
+fn corrupted_follower_restarted_non_strict_rejoins() {
+    run(async {
+        let c = Cluster::initialized("corrupt", 3).await;
+        let load = Load::start(c.client(), 16, Duration::ZERO, 3_000_000_000);
+        c.wait("3000 acknowledged appends", async || {
+            (load.acks() >= 3000).then_some(())
+        })
+        .await;
+        let mut acked = load.stop().await;
+        let last = *acked.keys().next_back().unwrap();
+        for id in 1..=3 {
+            c.wait_caught_up_voter(id, last).await;
+        }
+        let (leader, _) = c.wait_leader("a leader", |_, _| true).await;
+        let f = (1..=3).find(|id| *id != leader).unwrap();
+        c.kill(f);
+        let dir = c.node(f).dir.clone();
+        let flipped = flip_largest_data_file(&dir);
+        c.note(&format!("replica {f}: flipped a byte of {flipped}"));
+
+        // Strict (the default) refuses the damaged directory: on a copy.
+        let copy = c.root.path().join(format!("r{f}-strict-copy"));
+        copy_dir(&dir, &copy).unwrap();
+        let strict_log = c.root.path().join(format!("r{f}-strict.log"));
+        let args = c.replica_args(f, &copy, free_port(), &["--strict=true"]);
+        let mut strict = c.spawn_logged(&args, &strict_log);
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(s) = strict.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = strict.kill();
+                let _ = strict.wait();
+                panic!(
+                    "a strict replica kept running on a directory with a flip in {flipped}:\n{}",
+                    tail(&strict_log, 40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let text = std::fs::read_to_string(&strict_log).unwrap();
+        assert!(
+            !status.success(),
+            "strict start on a flip in {flipped} exited with {status}"
+        );
+        assert!(
+            text.to_lowercase().contains("corrupt"),
+            "the strict refusal does not mention corruption:\n{}",
+            tail(&strict_log, 20)
+        );
+        c.note(&format!(
+            "strict start refused the damage ({status}): {}",
+            text.lines()
+                .find(|l| l.starts_with("error:"))
+                .unwrap_or("<no error line>")
+        ));
+
+        // Non-strict keeps the intact prefix and rejoins.
+        c.start(f, &["--strict=false"]);
+        let load = Load::start(c.client(), 2, Duration::from_millis(5), 3_500_000_000);
+        let seen = c.watch_until_voting(f).await;
+        let log = c.last_run_log(f);
+        assert!(
+            seen.contains(&RECOVERING)
+                || log
+                    .lines()
+                    .any(|l| l.contains("status changed") && l.contains("RECOVERING")),
+            "replica {f} did not recover through RECOVERING (statuses seen: {seen:?})"
+        );
+        assert_ne!(seen[0], VOTING, "a damaged replica must not start VOTING");
+        c.wait_caught_up_voter(f, load.last_position()).await;
+        load.wait_more(&c, "after the rejoin", 100).await;
+        acked.extend(load.stop().await);
+        verify_replicas(&c, &[1, 2, 3], &acked).await;
+    });
+}
+
+#[test]
+fn membership_changes_and_leader_transfer_under_load() {
+    run(async {
+        let mut c = Cluster::initialized("members", 3).await;
+        let port4 = free_port();
+        let mut all: BTreeMap<u64, u16> = c.nodes.iter().map(|(id, n)| (*id, n.port)).collect();
+        all.insert(4, port4);
+        c.add_node(4, "members", port4, &all);
+        let load = Load::start(c.client(), 3, Duration::from_millis(5), 4_000_000_000);
+        load.wait_more(&c, "three replicas", 200).await;
+
+        // Add replica 4: started EMPTY, then added; it catches up as a
+        // learner and is promoted by the leader.
+        c.start(4, &[]);
+        c.wait_serving(4).await;
+        let out = c.members(&["add", "4", &c.endpoint(4)]);
+        assert!(out.status.success(), "members add: {}", output_text(&out));
+        c.wait_caught_up_voter(4, load.last_position()).await;
+        assert!(
+            (1..=3).any(|id| c.log_text(id).lines().any(|l| l
+                .contains("learner has caught up; promoting it to voter")
+                && l.contains("replica=4"))),
+            "no leader logged the promotion of learner 4"
+        );
+        let (_, l) = c.wait_leader("a leader", |_, _| true).await;
+        assert_eq!(
+            l.members.iter().filter(|m| m.voter).count(),
+            4,
+            "{:?}",
+            l.members
+        );
+        load.wait_more(&c, "after adding 4", 100).await;
+
+        // Remove a follower among the first three.
+        let (leader, _) = c.wait_leader("a leader", |_, _| true).await;
+        let x = (1..=3).find(|id| *id != leader).unwrap();
+        let out = c.members(&["remove", &x.to_string()]);
+        assert!(
+            out.status.success(),
+            "members remove: {}",
+            output_text(&out)
+        );
+        c.wait(
+            &format!("replica {x} to leave the leader's members"),
+            async || {
+                let (_, l) = c.leader().await?;
+                (!l.members.iter().any(|m| m.id == x)).then_some(())
+            },
+        )
+        .await;
+        c.kill(x);
+        load.wait_more(&c, &format!("after removing {x}"), 100)
+            .await;
+
+        // Hand leadership to another voter (replica 4 if it does not lead).
+        let (leader, _) = c.wait_leader("a leader", |_, _| true).await;
+        let to = if leader != 4 {
+            4
+        } else {
+            c.running().into_iter().find(|id| *id != leader).unwrap()
+        };
+        let out = c.members(&["transfer-leader", &to.to_string()]);
+        assert!(
+            out.status.success(),
+            "transfer-leader: {}",
+            output_text(&out)
+        );
+        let (now, _) = c
+            .wait_leader(&format!("replica {to} to lead"), |id, _| id == to)
+            .await;
+        assert_eq!(now, to);
+        load.wait_more(&c, &format!("after moving leadership to {to}"), 100)
+            .await;
+
+        // Every replica is VOTING with the whole log; the removed one is out.
+        let acked = load.stop().await;
+        let remaining = c.running();
+        assert_eq!(remaining.len(), 3, "{remaining:?}");
+        verify_replicas(&c, &remaining, &acked).await;
+    });
+}
+
+/// `replog members remove <the leader>`: the remaining voters must keep
+/// taking writes without the removed leader having to be stopped, and no
+/// append may be committed twice.
+///
+/// Today (raft-rs 0.7) the removed leader either keeps leading and drops
+/// every proposal (appends get BUSY) or, when entries commit after its
+/// removal, its driver thread panics in raft-rs (`raft.rs:943`,
+/// `maybe_commit` unwraps the leader's own progress); the process then stays
+/// up answering CLOSED, the client retries CLOSED appends (an append the
+/// dead driver had already replicated is committed twice), and a client
+/// whose first endpoint is the dead leader never finds the new one.
+#[test]
+fn removing_the_leader_is_refused_until_leadership_moves() {
+    run(async {
+        let c = Cluster::initialized("rmleader", 3).await;
+        let load = Load::start(c.client(), 3, Duration::from_millis(5), 5_000_000_000);
+        load.wait_more(&c, "three replicas", 200).await;
+        let (leader, _) = c.wait_leader("a leader", |_, _| true).await;
+        // raft-rs cannot run a leader that removed itself: refused, clearly.
+        let out = c.members(&["remove", &leader.to_string()]);
+        assert!(!out.status.success(), "removing the leader must be refused");
+        assert!(
+            output_text(&out).contains("transfer leadership"),
+            "{}",
+            output_text(&out)
+        );
+        // Move leadership, then the old leader can go.
+        let to = (1..=3u64).find(|id| *id != leader).unwrap();
+        let out = c.members(&["transfer-leader", &to.to_string()]);
+        assert!(
+            out.status.success(),
+            "transfer-leader: {}",
+            output_text(&out)
+        );
+        c.wait_leader("the new leader", |id, _| id == to).await;
+        let out = c.members(&["remove", &leader.to_string()]);
+        assert!(
+            out.status.success(),
+            "members remove: {}",
+            output_text(&out)
+        );
+        c.wait(
+            &format!("replica {leader} to leave the members"),
+            async || {
+                let (_, l) = c.leader().await?;
+                (!l.members.iter().any(|m| m.id == leader)).then_some(())
+            },
+        )
+        .await;
+        load.wait_more(&c, &format!("after removing {leader}"), 100)
+            .await;
+        c.kill(leader);
+        let acked = load.stop().await;
+        let remaining = c.running();
+        verify_replicas(&c, &remaining, &acked).await;
+    });
+}
+
+#[test]
+fn replica_of_another_cluster_is_refused() {
+    run(async {
+        let mut c = Cluster::initialized("blue", 3).await;
+        let client = c.client();
+        let before = client.append(&b"blue-before"[..]).await.unwrap();
+        let blue: BTreeMap<u64, u16> = c.nodes.iter().map(|(id, n)| (*id, n.port)).collect();
+        let mut with_red = blue.clone();
+        with_red.insert(4, free_port());
+        c.add_node(4, "red", with_red[&4], &with_red);
+        c.start(4, &[]);
+        c.wait_serving(4).await;
+        let blue_logs = async || {
+            (1..=3)
+                .map(|id| c.log_text(id))
+                .find(|l| {
+                    l.lines().any(|line| {
+                        line.contains("refused a peer stream") && line.contains("cluster 'red'")
+                    })
+                })
+                .map(|_| ())
+        };
+        c.wait(
+            "a blue replica to log the refusal of cluster 'red'",
+            blue_logs,
+        )
+        .await;
+        // Blue keeps serving; red stays EMPTY and out of blue's membership.
+        for i in 0..20 {
+            let r = client
+                .append(format!("blue-{i}").into_bytes())
+                .await
+                .unwrap();
+            assert!(r.position > before.position);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let red = c.status(4).await.expect("red answers status");
+        assert_eq!(red.cluster_id, "red");
+        assert_eq!(red.status, EMPTY, "red is {}", status_name(red.status));
+        let (_, l) = c.wait_leader("a blue leader", |_, _| true).await;
+        assert_eq!(l.cluster_id, "blue");
+        let ids: BTreeSet<u64> = l.members.iter().map(|m| m.id).collect();
+        assert_eq!(ids, BTreeSet::from([1, 2, 3]));
+        assert!(!c.log_text(4).contains("status changed"));
+    });
+}
