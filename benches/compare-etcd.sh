@@ -43,10 +43,10 @@ for spec in "1 $N1" "64 $N64" "1000 $N1000"; do
   read -r c n <<<"$spec"
   r=$("$REPLOG" benchmark --endpoint "$ENDPOINTS" --concurrency "$c" --count "$n" --value-size 256 --json)
   echo "$r"
-  results+=("$(echo "$r" | python3 -c 'import json,sys; d=json.load(sys.stdin)[0]; print(f"| replog | '"$c"' | {d["count"]} | {d["ops_per_sec"]:,.0f} | {d["p50_us"]/1000:.2f} ms | {d["p99_us"]/1000:.2f} ms |")')")
+  results+=("$(echo "$r" | python3 benches/report-row.py replog "$c")")
   e=$("$REPLOG" benchmark --etcd "$ETCD" --concurrency "$c" --count "$n" --value-size 256 --json)
   echo "$e"
-  results+=("$(echo "$e" | python3 -c 'import json,sys; d=json.load(sys.stdin)[0]; print(f"| etcd | '"$c"' | {d["count"]} | {d["ops_per_sec"]:,.0f} | {d["p50_us"]/1000:.2f} ms | {d["p99_us"]/1000:.2f} ms |")')")
+  results+=("$(echo "$e" | python3 benches/report-row.py etcd "$c")")
 done
 etcd_version=$(etcd --version 2>/dev/null | head -1 || true)
 echo
