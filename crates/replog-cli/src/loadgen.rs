@@ -482,35 +482,12 @@ impl Target for ReplogTarget {
 /// `--value-size` bytes to a running replog cluster from `--concurrency`
 /// closed-loop clients (the same generator as `--etcd`).
 pub fn replog_benchmark(a: BenchmarkArgs) -> Result<()> {
-    if a.concurrency == 0 || a.count == 0 {
-        bail!("--concurrency and --count must be at least 1");
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let report = rt.block_on(async {
-        let target = ReplogTarget::discover(&a.endpoint).await?;
+    let endpoints = a.endpoint.clone();
+    closed_loop_benchmark(&a, "replog append", async move {
+        let target = ReplogTarget::discover(&endpoints).await?;
         eprintln!("replog: leader at {}", target.leader);
-        let spec = LoadSpec {
-            label: format!("replog append c={}", a.concurrency),
-            clients: a.concurrency,
-            count: a.count,
-            value_size: a.value_size,
-            op_timeout: Some(OP_TIMEOUT),
-        };
-        let show = !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let pb = progress_bar(a.count, "replog append", show);
-        let r = run(Arc::new(target), &spec, &pb).await;
-        pb.finish_and_clear();
-        r
-    })?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&[&report])?);
-    } else {
-        println!("{}", report.line());
-    }
-    Ok(())
+        Ok(target)
+    })
 }
 
 /// How long one operation may take before the run fails.
@@ -521,6 +498,24 @@ const OP_TIMEOUT: Duration = Duration::from_secs(30);
 /// `--concurrency` closed-loop clients and prints the report like the
 /// replog benchmark does.
 pub fn etcd_benchmark(a: BenchmarkArgs) -> Result<()> {
+    let endpoints = a.etcd.clone();
+    closed_loop_benchmark(&a, "etcd put", async move {
+        let target = EtcdTarget::discover(&endpoints).await?;
+        eprintln!(
+            "etcd {}: leader {} (member {}), JSON gateway {}/kv/put",
+            target.version, target.leader, target.leader_id, target.prefix
+        );
+        Ok(target)
+    })
+}
+
+/// Runs the closed loop of `a` (`--concurrency`, `--count`, `--value-size`)
+/// against the target `discover` finds, and prints the report (`--json`).
+fn closed_loop_benchmark<T: Target>(
+    a: &BenchmarkArgs,
+    what: &str,
+    discover: impl Future<Output = Result<T>>,
+) -> Result<()> {
     if a.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
@@ -532,20 +527,16 @@ pub fn etcd_benchmark(a: BenchmarkArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let report = rt.block_on(async {
-        let target = EtcdTarget::discover(&a.etcd).await?;
-        eprintln!(
-            "etcd {}: leader {} (member {}), JSON gateway {}/kv/put",
-            target.version, target.leader, target.leader_id, target.prefix
-        );
+        let target = discover.await?;
         let spec = LoadSpec {
-            label: format!("etcd put c={}", a.concurrency),
+            label: format!("{what} c={}", a.concurrency),
             clients: a.concurrency,
             count: a.count,
             value_size: a.value_size,
             op_timeout: Some(OP_TIMEOUT),
         };
         let show = !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let pb = progress_bar(a.count, "etcd put", show);
+        let pb = progress_bar(a.count, what, show);
         let r = run(Arc::new(target), &spec, &pb).await;
         pb.finish_and_clear();
         r

@@ -269,19 +269,10 @@ impl Log {
     /// confirmed by the leader (Raft ReadIndex), once this replica has
     /// applied it.
     pub async fn linearizable_ending(&self) -> Result<Position> {
-        let permit = self
+        let index = self
             .shared
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| self.shared.closed_error())?;
-        let (tx, rx) = oneshot::channel();
-        self.shared
-            .requests
-            .send(Control::Read { reply: tx, permit })
-            .map_err(|_| self.shared.closed_error())?;
-        let index = rx.await.map_err(|_| self.shared.closed_error())??;
+            .call(|permit, reply| Control::Read { reply, permit })
+            .await?;
         let mut progress = self.shared.progress.subscribe();
         let wait = async {
             loop {
@@ -307,24 +298,14 @@ impl Log {
         changes: Vec<MembershipChange>,
         addresses: Vec<Member>,
     ) -> Result<Position> {
-        let permit = self
-            .shared
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| self.shared.closed_error())?;
-        let (tx, rx) = oneshot::channel();
         self.shared
-            .requests
-            .send(Control::Membership {
+            .call(|permit, reply| Control::Membership {
                 changes,
                 addresses,
-                reply: tx,
+                reply,
                 permit,
             })
-            .map_err(|_| self.shared.closed_error())?;
-        rx.await.map_err(|_| self.shared.closed_error())?
+            .await
     }
 
     /// Asks the leader to hand leadership to replica `to` (best effort:
@@ -469,24 +450,16 @@ impl Writer {
 
     async fn propose(&self, command: Command) -> Result<Position> {
         let term = self.term.ok_or(LogError::WriterNotStarted)?;
-        let permit = self
-            .shared
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| self.shared.closed_error())?;
-        let (tx, rx) = oneshot::channel();
         self.shared
-            .requests
-            .send(Control::Request(Request {
-                command,
-                writer_term: Some(term),
-                reply: tx,
-                permit,
-            }))
-            .map_err(|_| self.shared.closed_error())?;
-        rx.await.map_err(|_| self.shared.closed_error())?
+            .call(|permit, reply| {
+                Control::Request(Request {
+                    command,
+                    writer_term: Some(term),
+                    reply,
+                    permit,
+                })
+            })
+            .await
     }
 }
 

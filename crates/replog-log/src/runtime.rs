@@ -79,6 +79,25 @@ impl Shared {
     pub fn closed_error(&self) -> LogError {
         LogError::Closed(self.failure.lock().clone())
     }
+
+    /// Sends the driver the request `make` builds (holding an in-flight
+    /// permit and a reply channel) and waits for its answer.
+    pub async fn call<T>(
+        &self,
+        make: impl FnOnce(OwnedSemaphorePermit, oneshot::Sender<Result<T>>) -> Control,
+    ) -> Result<T> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| self.closed_error())?;
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(make(permit, tx))
+            .map_err(|_| self.closed_error())?;
+        rx.await.map_err(|_| self.closed_error())?
+    }
 }
 
 /// Tunables of the runtime.
