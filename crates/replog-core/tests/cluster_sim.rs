@@ -92,18 +92,29 @@ struct Sim {
 
 impl Sim {
     fn new(seed: u64, size: u64) -> Sim {
+        Self::with_storage(seed, size, false)
+    }
+
+    /// A cluster whose replicas all start EMPTY (`auto_initialize` on), or
+    /// initialized like `replog initialize`.
+    fn with_storage(seed: u64, size: u64, empty: bool) -> Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let ids: Vec<u64> = (1..=size).collect();
         let config = CoreConfig {
             peers: ids.clone(),
             recover_interval_ticks: 5,
+            auto_initialize: empty,
             ..Default::default()
         };
         let nodes = ids
             .iter()
             .map(|&id| Node {
                 id,
-                storage: MemoryStorage::new_initialized(CLUSTER, id, ids.clone()),
+                storage: if empty {
+                    MemoryStorage::new_empty(CLUSTER, id)
+                } else {
+                    MemoryStorage::new_initialized(CLUSTER, id, ids.clone())
+                },
                 core: None,
                 sync_asked: None,
                 down_until: 0,
@@ -702,4 +713,113 @@ fn three_replicas_under_faults() {
 #[test]
 fn five_replicas_under_faults() {
     run_many(5);
+}
+
+/// `auto_initialize`: replicas that all start EMPTY found the log together
+/// (two-phase rule); once it exists, a replica that loses its disk rejoins
+/// as RECOVERING and never founds a second log.
+#[test]
+fn auto_initialize_founds_one_log_and_a_lost_disk_never_founds_another() {
+    for seed in seeds().into_iter().take(40) {
+        let mut sim = Sim::with_storage(seed, 3, true);
+        sim.faults.crash = 0.0;
+        sim.faults.disk_loss = 0.0;
+        sim.faults.partition = 0.0;
+        let mut founded = false;
+        for _ in 0..20_000 {
+            sim.step(false, 0.05);
+            if sim.leader().is_some() && !sim.acked.is_empty() {
+                founded = true;
+                break;
+            }
+        }
+        assert!(
+            founded,
+            "seed {seed}: EMPTY replicas with auto-initialize never founded the log"
+        );
+        for n in &sim.nodes {
+            let m = n.storage.meta();
+            assert_eq!(
+                m.status,
+                ReplicaStatus::Voting,
+                "seed {seed}: replica {}",
+                n.id
+            );
+            assert_eq!(
+                m.conf_state.voters,
+                vec![1, 2, 3],
+                "seed {seed}: one founding membership"
+            );
+        }
+        // A replica loses its disk: it must rejoin, not found a new log.
+        let lost = (seed % 3) as usize;
+        let acked_before = sim.acked.clone();
+        sim.nodes[lost].core = None;
+        sim.nodes[lost].storage = MemoryStorage::new_empty(CLUSTER, sim.nodes[lost].id);
+        sim.nodes[lost].down_until = sim.now + 50;
+        let mut saw_starting = false;
+        for _ in 0..30_000 {
+            sim.step(false, 0.02);
+            let st = sim.nodes[lost].storage.meta().status;
+            saw_starting |= st == ReplicaStatus::Starting;
+            if st == ReplicaStatus::Voting
+                && sim.nodes[lost].storage.meta().applied_index
+                    >= *acked_before.keys().last().unwrap()
+            {
+                break;
+            }
+        }
+        eprintln!(
+            "auto-initialize seed {seed}: founded, {} appends acknowledged, replica {} rejoined at t={}",
+            sim.acked.len(),
+            lost + 1,
+            sim.now
+        );
+        assert!(
+            !saw_starting,
+            "seed {seed}: a replica that lost its disk began founding a log"
+        );
+        let m = sim.nodes[lost].storage.meta();
+        assert_eq!(
+            m.status,
+            ReplicaStatus::Voting,
+            "seed {seed}: the replica did not rejoin"
+        );
+        // Settle without new writes (every replica a VOTING voter with
+        // everything), then check everything.
+        for _ in 0..30_000 {
+            sim.step(false, 0.0);
+            let metas: Vec<_> = sim.nodes.iter().map(|n| n.storage.meta()).collect();
+            let applied: BTreeSet<u64> = metas.iter().map(|m| m.applied_index).collect();
+            if applied.len() == 1
+                && metas.iter().all(|m| {
+                    m.status == ReplicaStatus::Voting && m.conf_state.voters.contains(&m.replica_id)
+                })
+            {
+                break;
+            }
+        }
+        for n in &sim.nodes {
+            n.storage.sync().unwrap();
+        }
+        sim.final_checks();
+    }
+}
+
+/// Without `auto_initialize`, replicas that are all EMPTY wait for
+/// `replog initialize`: nobody founds a log.
+#[test]
+fn empty_replicas_without_auto_initialize_wait() {
+    let mut sim = Sim::with_storage(7, 3, true);
+    sim.config.auto_initialize = false;
+    for i in 0..sim.nodes.len() {
+        sim.start(i);
+    }
+    for _ in 0..5_000 {
+        sim.step(false, 0.05);
+    }
+    for n in &sim.nodes {
+        assert_eq!(n.storage.meta().status, ReplicaStatus::Empty);
+    }
+    assert!(sim.acked.is_empty() && sim.leader().is_none());
 }
