@@ -792,12 +792,8 @@ impl<S: LogStorage> ReplicaCore<S> {
                 return;
             }
         }
-        if raft.state != StateRole::Leader {
-            let leader = (raft.leader_id != 0).then_some(raft.leader_id);
-            out.push(Output::Failed {
-                id,
-                error: ProposalError::NotLeader { leader },
-            });
+        if let Some(refusal) = not_leader(raft, id) {
+            out.push(refusal);
             return;
         }
         let term = raft.term;
@@ -849,12 +845,8 @@ impl<S: LogStorage> ReplicaCore<S> {
             id,
             error: ProposalError::Membership(why),
         };
-        if raft.state != StateRole::Leader {
-            let leader = (raft.leader_id != 0).then_some(raft.leader_id);
-            out.push(Output::Failed {
-                id,
-                error: ProposalError::NotLeader { leader },
-            });
+        if let Some(refusal) = not_leader(raft, id) {
+            out.push(refusal);
             return;
         }
         if changes.is_empty() {
@@ -1206,6 +1198,16 @@ impl<S: LogStorage> ReplicaCore<S> {
             last_index: raft.raft_log.last_index(),
         }
     }
+}
+
+/// The refusal of proposal `id` when this replica does not lead.
+fn not_leader<S: raft::Storage>(raft: &raft::Raft<S>, id: ProposalId) -> Option<Output> {
+    (raft.state != StateRole::Leader).then(|| Output::Failed {
+        id,
+        error: ProposalError::NotLeader {
+            leader: (raft.leader_id != 0).then_some(raft.leader_id),
+        },
+    })
 }
 
 /// The raft-rs change for `changes` (joint consensus when more than one

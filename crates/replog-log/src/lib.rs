@@ -150,13 +150,7 @@ pub struct Log {
 impl Log {
     /// Opens the replica in `path` (initialized by `replog initialize`).
     pub fn open(path: impl AsRef<Path>, opts: LogOptions) -> Result<Log> {
-        let open = OpenOptions {
-            strict: opts.strict,
-            sync: opts.sync,
-            expected_cluster_id: opts.expected_cluster_id.clone(),
-            ..Default::default()
-        };
-        let (storage, recovery) = RocksStorage::open(path.as_ref(), &open)?;
+        let (storage, recovery) = Self::open_storage(path.as_ref(), &opts)?;
         let status = replog_storage::LogStorage::meta(&storage).status;
         if status != ReplicaStatus::Voting {
             return Err(LogError::NotVoting(status));
@@ -175,19 +169,23 @@ impl Log {
         link: Arc<dyn PeerLink>,
         inbound: crossbeam_channel::Receiver<Envelope>,
     ) -> Result<Log> {
-        let open = OpenOptions {
-            strict: opts.strict,
-            sync: opts.sync,
-            expected_cluster_id: opts.expected_cluster_id.clone(),
-            ..Default::default()
-        };
-        let (storage, recovery) = RocksStorage::open(path.as_ref(), &open)?;
+        let (storage, recovery) = Self::open_storage(path.as_ref(), &opts)?;
         let wiring = PeerWiring {
             cluster,
             link,
             inbound,
         };
         Self::start(storage, recovery, opts, Some(wiring))
+    }
+
+    fn open_storage(path: &Path, opts: &LogOptions) -> Result<(RocksStorage, RecoveryReport)> {
+        let open = OpenOptions {
+            strict: opts.strict,
+            sync: opts.sync,
+            expected_cluster_id: opts.expected_cluster_id.clone(),
+            ..Default::default()
+        };
+        Ok(RocksStorage::open(path, &open)?)
     }
 
     fn start(
