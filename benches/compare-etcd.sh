@@ -6,7 +6,10 @@
 # Usage: benches/compare-etcd.sh [WORKDIR]
 #   REPLOG=path/to/replog (default: target/debug/replog, built by tools/run-demo)
 #   COUNTS="2000 20000 50000" (operations per concurrency level 1, 64, 1000)
-# Prints one JSON report per run and a Markdown table at the end.
+#   ROUNDS=3 (each round runs every level against replog and etcd; which of
+#   the two goes first alternates between rounds)
+# Prints one JSON report per run and, at the end, a Markdown table of the
+# medians over the rounds (benches/report-row.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-$(mktemp -d /tmp/replog-vs-etcd.XXXXXX)}
@@ -38,19 +41,26 @@ ENDPOINTS="127.0.0.1:${PORTS[0]},127.0.0.1:${PORTS[1]},127.0.0.1:${PORTS[2]}"
 ETCD=$(benches/etcd/start-cluster.sh "$WORK/etcd")
 sleep 2
 
-results=()
-for spec in "1 $N1" "64 $N64" "1000 $N1000"; do
-  read -r c n <<<"$spec"
-  r=$("$REPLOG" benchmark --endpoint "$ENDPOINTS" --concurrency "$c" --count "$n" --value-size 256 --json)
+RESULTS="$WORK/results.tsv"
+: >"$RESULTS"
+one() { # system clients count
+  local r
+  if [ "$1" = replog ]; then
+    r=$("$REPLOG" benchmark --endpoint "$ENDPOINTS" --concurrency "$2" --count "$3" --value-size 256 --json)
+  else
+    r=$("$REPLOG" benchmark --etcd "$ETCD" --concurrency "$2" --count "$3" --value-size 256 --json)
+  fi
   echo "$r"
-  results+=("$(echo "$r" | python3 benches/report-row.py replog "$c")")
-  e=$("$REPLOG" benchmark --etcd "$ETCD" --concurrency "$c" --count "$n" --value-size 256 --json)
-  echo "$e"
-  results+=("$(echo "$e" | python3 benches/report-row.py etcd "$c")")
+  printf '%s\t%s\t%s\n' "$1" "$2" "$(echo "$r" | tr -d '\n')" >>"$RESULTS"
+}
+for round in $(seq 1 "${ROUNDS:-3}"); do
+  if [ $((round % 2)) = 1 ]; then systems="replog etcd"; else systems="etcd replog"; fi
+  for spec in "1 $N1" "64 $N64" "1000 $N1000"; do
+    read -r c n <<<"$spec"
+    for s in $systems; do one "$s" "$c" "$n"; done
+  done
 done
 etcd_version=$(etcd --version 2>/dev/null | head -1 || true)
 echo
-echo "replog: $("$REPLOG" --version); $etcd_version; $(nproc) cores"
-echo "| system | clients | ops | ops/s | p50 | p99 |"
-echo "|---|---:|---:|---:|---:|---:|"
-printf '%s\n' "${results[@]}"
+echo "replog: $("$REPLOG" --version); $etcd_version; $(nproc) cores; ${ROUNDS:-3} rounds"
+python3 benches/report-row.py "$RESULTS"

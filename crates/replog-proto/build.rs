@@ -12,6 +12,8 @@ const FILES: &[&str] = &[
     "replog/storage/v1/storage.proto",
     "replog/replica/v1/replica.proto",
     "replog/client/v1/client.proto",
+    // Not replog's: the subset of etcd's API the etcd benchmark target uses.
+    "etcd/etcdserverpb/rpc.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -157,7 +157,7 @@ pub struct BenchmarkArgs {
     pub input: PathBuf,
     /// Benchmark an etcd cluster instead: its client URLs, comma separated
     /// (e.g. from benches/etcd/start-cluster.sh). Values are put into the
-    /// leader through etcd's JSON gateway by --concurrency closed-loop clients.
+    /// leader through etcd's gRPC API (KV/Put) by --concurrency closed-loop clients.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["path", "input", "repeat", "sync", "probe_iterations", "endpoint"])]
     pub etcd: Vec<String>,
     /// Benchmark a running replog cluster instead: its replica servers,

@@ -7,10 +7,10 @@
 //! first failed operation stops the run with an error that names it and
 //! tells how many operations had succeeded: nothing is retried.
 //!
-//! What is loaded is a [`Target`]. [`EtcdTarget`] puts values into an etcd
-//! cluster through its JSON gateway (`--etcd`); another target (a replog
-//! cluster over gRPC, say) only has to implement [`Target`] and get a branch
-//! in the command line.
+//! What is loaded is a [`Target`]: [`ReplogTarget`] appends to a replog
+//! cluster (`--endpoint`), [`EtcdTarget`] puts values into an etcd cluster
+//! (`--etcd`). Both speak gRPC over one HTTP/2 connection per client, so
+//! the two are measured through the same kind of client stack.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,17 +18,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine as _;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinSet;
+use replog_proto::client::replog_client_client::ReplogClientClient;
+use replog_proto::client::AppendRequest;
+use replog_proto::etcd;
+use replog_proto::etcd::kv_client::KvClient;
+use replog_proto::etcd::maintenance_client::MaintenanceClient;
 use tokio::time::Instant;
+use tonic::codegen::http::Uri;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::benchmark::Report;
 use crate::cli::BenchmarkArgs;
@@ -174,38 +174,6 @@ pub async fn run<T: Target>(
 // ---------------------------------------------------------------------------
 // etcd
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-/// One HTTP/1.1 client keeping (at most) one keep-alive connection: a
-/// closed-loop client never has two requests in flight. A connection the
-/// server closed is an error, not a silent retry.
-fn http_client() -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(1)
-        .retry_canceled_requests(false)
-        .build(connector)
-}
-
-async fn call(
-    client: &HttpClient,
-    method: Method,
-    uri: Uri,
-    body: Bytes,
-) -> Result<(StatusCode, Bytes)> {
-    let req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(body))
-        .context("cannot build the request")?;
-    let resp = client.request(req).await?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok((status, body))
-}
-
 /// A client URL such as `http://127.0.0.1:2379`, without a trailing `/`.
 fn parse_endpoint(s: &str) -> Result<String> {
     let s = s.trim().trim_end_matches('/');
@@ -221,99 +189,50 @@ fn parse_endpoint(s: &str) -> Result<String> {
     Ok(s.to_string())
 }
 
-/// The gRPC gateway prefixes etcd versions serve, newest first (3.4+ /v3,
-/// 3.3 /v3beta, 3.2 /v3alpha).
-const GATEWAY_PREFIXES: [&str; 3] = ["/v3", "/v3beta", "/v3alpha"];
-
-/// What `maintenance/status` tells about one member.
-#[derive(Debug)]
-struct MemberStatus {
-    prefix: &'static str,
-    member_id: String,
-    leader: String,
-    version: String,
+/// Opens one gRPC connection (HTTP/2) to an etcd member.
+async fn etcd_channel(endpoint: &str) -> Result<Channel> {
+    Endpoint::from_shared(endpoint.to_string())
+        .with_context(|| format!("'{endpoint}' is not a URL"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {endpoint}"))
 }
 
-/// etcd renders uint64 fields as JSON strings; accept numbers too.
-fn id_field(v: &serde_json::Value) -> Option<String> {
-    match v {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-async fn member_status(client: &HttpClient, endpoint: &str) -> Result<MemberStatus> {
-    for prefix in GATEWAY_PREFIXES {
-        let uri: Uri = format!("{endpoint}{prefix}/maintenance/status").parse()?;
-        let (status, body) = call(client, Method::POST, uri, Bytes::from_static(b"{}")).await?;
-        if status == StatusCode::NOT_FOUND {
-            continue;
-        }
-        if !status.is_success() {
-            bail!(
-                "{prefix}/maintenance/status answered {status}: {}",
-                String::from_utf8_lossy(&body)
-            );
-        }
-        let v: serde_json::Value = serde_json::from_slice(&body)
-            .with_context(|| format!("{prefix}/maintenance/status did not answer JSON"))?;
-        let member_id = id_field(&v["header"]["member_id"]);
-        let leader = id_field(&v["leader"]);
-        let (Some(member_id), Some(leader)) = (member_id, leader) else {
-            bail!(
-                "{prefix}/maintenance/status lacks header.member_id or leader: {}",
-                String::from_utf8_lossy(&body)
-            );
-        };
-        let version = v["version"].as_str().unwrap_or("unknown").to_string();
-        return Ok(MemberStatus {
-            prefix,
-            member_id,
-            leader,
-            version,
-        });
-    }
-    bail!(
-        "no etcd v3 JSON gateway here (tried {})",
-        GATEWAY_PREFIXES.join(", ")
-    )
-}
-
-/// Puts values into an etcd cluster's leader through its v3 JSON gateway
-/// (`POST <prefix>/kv/put`, key and value in base64). Each client keeps one
-/// keep-alive HTTP/1.1 connection to the leader.
+/// Puts values into an etcd cluster's leader through etcd's own gRPC API
+/// (`etcdserverpb.KV/Put`), the way etcd's Go client does. Each client
+/// keeps its own HTTP/2 connection to the leader, like the replog target.
 #[derive(Debug)]
 pub struct EtcdTarget {
     /// The leader's client URL.
     pub leader: String,
     /// The leader's member id.
-    pub leader_id: String,
+    pub leader_id: u64,
     /// The leader's etcd version.
     pub version: String,
-    /// The gateway prefix it serves (`/v3`, ...).
-    pub prefix: &'static str,
-    put_uri: Uri,
-    health_uri: Uri,
     key_prefix: String,
 }
 
 impl EtcdTarget {
-    /// Asks every endpoint for its status and picks the one that is the
-    /// leader. Unreachable endpoints are only warned about, as long as one
-    /// that answers is the leader.
+    /// Asks every endpoint for its status (`Maintenance/Status`) and picks
+    /// the one that is the leader. Unreachable endpoints are only warned
+    /// about, as long as one that answers is the leader.
     pub async fn discover(endpoints: &[String]) -> Result<Self> {
         if endpoints.is_empty() {
             bail!("no etcd endpoint given");
         }
-        let client = http_client();
         let mut answers = Vec::new();
         let mut errors = Vec::new();
         for ep in endpoints {
             let ep = parse_endpoint(ep)?;
-            let status = tokio::time::timeout(Duration::from_secs(5), member_status(&client, &ep))
-                .await
-                .unwrap_or_else(|_| Err(anyhow!("no answer within 5s")));
+            let status = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut m = MaintenanceClient::new(etcd_channel(&ep).await?);
+                let r = m.status(etcd::StatusRequest {}).await?.into_inner();
+                anyhow::Ok(r)
+            })
+            .await
+            .unwrap_or_else(|_| Err(anyhow!("no answer within 5s")));
             match status {
                 Ok(s) => answers.push((ep, s)),
                 Err(e) => errors.push(format!("{ep}: {e:#}")),
@@ -322,13 +241,18 @@ impl EtcdTarget {
         if answers.is_empty() {
             bail!("no etcd endpoint answered: {}", errors.join("; "));
         }
-        let Some((leader, s)) = answers.iter().find(|(_, s)| s.member_id == s.leader) else {
+        let member = |s: &etcd::StatusResponse| s.header.as_ref().map_or(0, |h| h.member_id);
+        let Some((leader, s)) = answers
+            .iter()
+            .find(|(_, s)| s.leader != 0 && member(s) == s.leader)
+        else {
             let seen: Vec<String> = answers
                 .iter()
                 .map(|(ep, s)| {
                     format!(
-                        "{ep} is member {} and names leader {}",
-                        s.member_id, s.leader
+                        "{ep} is member {:x} and names leader {:x}",
+                        member(s),
+                        s.leader
                     )
                 })
                 .collect();
@@ -345,61 +269,35 @@ impl EtcdTarget {
             .map(|d| d.as_millis())
             .unwrap_or(0);
         Ok(EtcdTarget {
-            put_uri: format!("{leader}{}/kv/put", s.prefix).parse()?,
-            health_uri: format!("{leader}/health").parse()?,
             leader: leader.clone(),
-            leader_id: s.leader.clone(),
+            leader_id: s.leader,
             version: s.version.clone(),
-            prefix: s.prefix,
             key_prefix: format!("replog-bench/{run}/"),
         })
     }
 }
 
 impl Target for EtcdTarget {
-    type Session = HttpClient;
+    type Session = KvClient<Channel>;
 
-    /// Opens the client's connection with a `GET /health`.
-    async fn connect(&self, _client: usize) -> Result<HttpClient> {
-        let client = http_client();
-        let (status, body) = call(&client, Method::GET, self.health_uri.clone(), Bytes::new())
-            .await
-            .with_context(|| format!("GET {}", self.health_uri))?;
-        if !status.is_success() {
-            bail!(
-                "GET {} answered {status}: {}",
-                self.health_uri,
-                String::from_utf8_lossy(&body)
-            );
-        }
-        Ok(client)
+    /// Opens the client's own connection to the leader.
+    async fn connect(&self, _client: usize) -> Result<KvClient<Channel>> {
+        Ok(KvClient::new(etcd_channel(&self.leader).await?))
     }
 
-    async fn put(&self, client: &mut HttpClient, seq: u64, payload: Bytes) -> Result<()> {
-        let key = BASE64.encode(format!("{}{seq:010}", self.key_prefix));
-        let value = BASE64.encode(&payload);
-        let body = format!(r#"{{"key":"{key}","value":"{value}"}}"#);
-        let (status, body) = call(
-            client,
-            Method::POST,
-            self.put_uri.clone(),
-            Bytes::from(body),
-        )
-        .await
-        .with_context(|| format!("POST {}", self.put_uri))?;
-        if !status.is_success() {
-            bail!("etcd answered {status}: {}", String::from_utf8_lossy(&body));
-        }
-        // The gateway answers {"header":{...}} for a put; anything else
-        // (an "error" object) is a failure even with a 2xx status.
-        let v: serde_json::Value = serde_json::from_slice(&body).with_context(|| {
-            format!("etcd answered no JSON: {}", String::from_utf8_lossy(&body))
-        })?;
-        if v.get("error").is_some() || v.get("header").is_none() {
-            bail!(
-                "etcd did not acknowledge the put: {}",
-                String::from_utf8_lossy(&body)
-            );
+    async fn put(&self, client: &mut KvClient<Channel>, seq: u64, payload: Bytes) -> Result<()> {
+        let req = etcd::PutRequest {
+            key: Bytes::from(format!("{}{seq:010}", self.key_prefix)),
+            value: payload,
+            ..Default::default()
+        };
+        let r = client
+            .put(req)
+            .await
+            .with_context(|| format!("put to {}", self.leader))?
+            .into_inner();
+        if r.header.is_none() {
+            bail!("etcd answered a put without a response header");
         }
         Ok(())
     }
@@ -422,10 +320,12 @@ fn progress_bar(len: u64, what: &str, show: bool) -> ProgressBar {
     pb
 }
 
-/// Appends to a replog cluster through the Rust client (gRPC), each client
-/// on its own connections, writes going to the leader.
+/// Appends to a replog cluster's leader through the generated gRPC stub
+/// (`replog.client.v1.ReplogClient/Append`), each client on its own HTTP/2
+/// connection: the same client stack as [`EtcdTarget`]. The leader is found
+/// once, before the clock starts, with the `replog-client` crate; during the
+/// run nothing is retried or redirected (a leader change fails the run).
 pub struct ReplogTarget {
-    endpoints: Vec<String>,
     /// The leader found before the run (not timed).
     pub leader: String,
 }
@@ -438,43 +338,31 @@ impl ReplogTarget {
             .leader()
             .await
             .context("cannot find the replog cluster's leader")?;
-        Ok(ReplogTarget {
-            endpoints: endpoints.to_vec(),
-            leader,
-        })
+        Ok(ReplogTarget { leader })
     }
 }
 
 impl Target for ReplogTarget {
-    type Session = replog_client::Client;
+    type Session = ReplogClientClient<Channel>;
 
-    fn connect(&self, _client: usize) -> impl Future<Output = Result<Self::Session>> + Send {
-        let mut endpoints = vec![self.leader.clone()];
-        endpoints.extend(
-            self.endpoints
-                .iter()
-                .filter(|e| **e != self.leader)
-                .cloned(),
-        );
-        async move {
-            let c = replog_client::Client::new(&endpoints);
-            // Open the connection before the clock starts.
-            c.status_of(&endpoints[0]).await?;
-            Ok(c)
-        }
+    /// Opens the client's own connection to the leader.
+    async fn connect(&self, _client: usize) -> Result<Self::Session> {
+        let channel = Endpoint::from_shared(format!("http://{}", self.leader))
+            .with_context(|| format!("'{}' is not an address", self.leader))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {}", self.leader))?;
+        Ok(ReplogClientClient::new(channel))
     }
 
-    fn put(
-        &self,
-        session: &mut Self::Session,
-        _seq: u64,
-        payload: Bytes,
-    ) -> impl Future<Output = Result<()>> + Send {
-        let c = session.clone();
-        async move {
-            c.append(payload).await?;
-            Ok(())
-        }
+    async fn put(&self, session: &mut Self::Session, _seq: u64, payload: Bytes) -> Result<()> {
+        session
+            .append(AppendRequest { data: payload })
+            .await
+            .with_context(|| format!("append to {}", self.leader))?;
+        Ok(())
     }
 }
 
@@ -502,8 +390,8 @@ pub fn etcd_benchmark(a: BenchmarkArgs) -> Result<()> {
     closed_loop_benchmark(&a, "etcd put", async move {
         let target = EtcdTarget::discover(&endpoints).await?;
         eprintln!(
-            "etcd {}: leader {} (member {}), JSON gateway {}/kv/put",
-            target.version, target.leader, target.leader_id, target.prefix
+            "etcd {}: leader {} (member {:x}), gRPC KV/Put",
+            target.version, target.leader, target.leader_id
         );
         Ok(target)
     })

@@ -23,4 +23,9 @@ pub use generated::replog::replica::v1 as replica;
 /// `client::replog_client_server::ReplogClientServer`.
 pub use generated::replog::client::v1 as client;
 
+/// The subset of etcd's v3 gRPC API (`KV.Put`, `Maintenance.Status`) that
+/// `replog benchmark --etcd` drives (`proto/etcd/etcdserverpb/rpc.proto`).
+/// Not part of replog's own interfaces.
+pub use generated::etcdserverpb as etcd;
+
 pub use prost::Message;
