@@ -12,6 +12,7 @@ const FILES: &[&str] = &[
     "replog/storage/v1/storage.proto",
     "replog/replica/v1/replica.proto",
     "replog/client/v1/client.proto",
+    "replog/state/v1/state.proto",
     // Not replog's: the subset of etcd's API the etcd benchmark target uses.
     "etcd/etcdserverpb/rpc.proto",
 ];

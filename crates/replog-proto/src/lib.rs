@@ -23,6 +23,10 @@ pub use generated::replog::replica::v1 as replica;
 /// `client::replog_client_server::ReplogClientServer`.
 pub use generated::replog::client::v1 as client;
 
+/// Scheduler state kept on the log (`proto/replog/state/v1/state.proto`):
+/// entities, the typed ops of a transaction, snapshot records.
+pub use generated::replog::state::v1 as state;
+
 /// The subset of etcd's v3 gRPC API (`KV.Put`, `Maintenance.Status`) that
 /// `replog benchmark --etcd` drives (`proto/etcd/etcdserverpb/rpc.proto`).
 /// Not part of replog's own interfaces.

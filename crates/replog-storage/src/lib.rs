@@ -30,6 +30,6 @@ pub use model::{
     Member, ReplicaIdentity, ReplicaMeta, ReplicaStatus, FORMAT_VERSION,
 };
 pub use rocks::{
-    disk_usage, validate_cluster_id, InitOptions, OpenOptions, RecoveryReport, RocksStorage,
+    disk_usage, validate_cluster_id, InitOptions, CF_STAGING, CF_STATE, OpenOptions, RecoveryReport, RocksStorage,
     DEFAULT_MAX_RECORD_BYTES,
 };

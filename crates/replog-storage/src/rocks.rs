@@ -43,6 +43,14 @@ use crate::model::{
 
 const CF_META: &str = "meta";
 const CF_LOG: &str = "log";
+/// Column family of the state machine on the log (the scheduler state):
+/// written by `replog-state` through [`RocksStorage::shared_db`], in the
+/// same database so that an applied position and the state it produced are
+/// one atomic write.
+pub const CF_STATE: &str = "state";
+/// Column family of a staged recovery (a backup loaded for inspection and
+/// editing before it is committed through the log).
+pub const CF_STAGING: &str = "staging";
 const META_KEY: &[u8] = b"replica";
 const META_LIMIT: usize = 16 * 1024 * 1024;
 
@@ -126,7 +134,7 @@ struct State {
 }
 
 struct Inner {
-    db: DB,
+    db: Arc<DB>,
     dir: PathBuf,
     sync: bool,
     read_only: bool,
@@ -163,6 +171,8 @@ fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
     vec![
         ColumnFamilyDescriptor::new(CF_META, Options::default()),
         ColumnFamilyDescriptor::new(CF_LOG, log),
+        ColumnFamilyDescriptor::new(CF_STATE, Options::default()),
+        ColumnFamilyDescriptor::new(CF_STAGING, Options::default()),
     ]
 }
 
@@ -378,12 +388,23 @@ impl RocksStorage {
         // tried strictly first: a lenient WAL mode on its own would cut the
         // log at a damaged record without telling anyone, and a replica that
         // silently forgot acknowledged entries must never stay VOTING.
-        let names = [CF_META, CF_LOG];
+        // A replica made before the state families existed opens with
+        // them created (read-write) or without them (read-only).
+        let names: Vec<String> = match DB::list_cf(&Options::default(), dir) {
+            Ok(found) => [CF_META, CF_LOG, CF_STATE, CF_STAGING]
+                .into_iter()
+                .filter(|n| found.iter().any(|f| f == n))
+                .map(str::to_string)
+                .collect(),
+            Err(_) => vec![CF_META.to_string(), CF_LOG.to_string()],
+        };
         let open_with = |o: &Options| {
             if opts.read_only {
-                DB::open_cf_for_read_only(o, dir, names, false)
+                DB::open_cf_for_read_only(o, dir, &names, false)
             } else {
-                DB::open_cf_descriptors(o, dir, cf_descriptors())
+                let mut o = o.clone();
+                o.create_missing_column_families(true);
+                DB::open_cf_descriptors(&o, dir, cf_descriptors())
             }
         };
         let db = match open_with(&db_options(true)) {
@@ -467,7 +488,7 @@ impl RocksStorage {
         }
         let storage = RocksStorage {
             inner: Arc::new(Inner {
-                db,
+                db: Arc::new(db),
                 dir: dir.to_path_buf(),
                 sync: opts.sync,
                 read_only: opts.read_only,
@@ -529,6 +550,13 @@ impl RocksStorage {
     }
 
     /// The replica's data directory.
+    /// The replica's RocksDB, shared with the state machine on the log
+    /// (`replog-state` writes [`CF_STATE`] and [`CF_STAGING`]; nothing else
+    /// may write the log's own families).
+    pub fn shared_db(&self) -> Arc<DB> {
+        self.inner.db.clone()
+    }
+
     pub fn dir(&self) -> &Path {
         &self.inner.dir
     }
