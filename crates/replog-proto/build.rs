@@ -12,7 +12,9 @@ const FILES: &[&str] = &[
     "replog/storage/v1/storage.proto",
     "replog/replica/v1/replica.proto",
     "replog/client/v1/client.proto",
+    "replog/snapshot/v1/snapshot.proto",
     "replog/state/v1/state.proto",
+    "replog/store/v1/store.proto",
     // Not replog's: the subset of etcd's API the etcd benchmark target uses.
     "etcd/etcdserverpb/rpc.proto",
 ];
@@ -27,6 +29,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(&paths, [&root])?;
     let mut config = prost_build::Config::new();
     config.bytes(["."]);
+    // Maps of the snapshot messages as BTreeMap: encoded in key order, so the
+    // same snapshot always encodes to the same bytes.
+    // The scheduler state's maps too (replog-state): replicas must encode
+    // the same entity to the same bytes (a HashMap's order differs per
+    // process). One call: `btree_map` replaces the previous selection.
+    config.btree_map([".replog.snapshot.v1", ".replog.state.v1"]);
     // One module tree (replog::storage::v1, replog::replica::v1, ...), so the
     // relative paths prost emits for cross-package references resolve.
     config.include_file("replog_protos.rs");

@@ -64,6 +64,18 @@ pub enum Command {
     /// Example: replog replica --path /var/lib/replog --listen 0.0.0.0:7101
     ///   --cluster-id prod-1 --replica-id 1 --peers 2=host2:7101,3=host3:7101
     Replica(crate::cluster::ReplicaArgs),
+    /// Back up the scheduler state of a running cluster into a directory
+    /// (for cron), or check a backup file offline.
+    ///
+    /// Example: replog backup --endpoint host1:7101,host2:7101 --dir /var/backups/replog
+    /// Example: replog backup verify /var/backups/replog/scheduler-backup-2026-11-22-06-00
+    /// Example: replog backup inspect FILE --json
+    Backup(crate::state_cmd::BackupArgs),
+    /// The scheduler state of a running cluster: summary (counts and state
+    /// hash of every replica), tasks (a query), load (generated tasks).
+    ///
+    /// Example: replog state --endpoint host1:7101 summary
+    State(crate::state_cmd::StateArgs),
     /// Operate the membership of a running cluster: list, add, remove,
     /// promote, demote, replace, transfer-leader.
     ///
@@ -247,5 +259,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Benchmark(a) if !a.endpoint.is_empty() => crate::loadgen::replog_benchmark(a),
         Command::Benchmark(a) => demo::benchmark(a),
         Command::Demo(a) => demo::demo(a),
+        Command::Backup(a) => crate::state_cmd::backup(a),
+        Command::State(a) => crate::state_cmd::state(a),
     }
 }

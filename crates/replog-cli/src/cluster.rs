@@ -75,6 +75,11 @@ pub struct ReplicaArgs {
     /// Serve Prometheus metrics over HTTP on this address (`/metrics`).
     #[arg(long, env = "REPLOG_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Run the scheduler-state store on the log and serve its API
+    /// (`replog state`, `replog backup`, `replog recovery`). Every replica
+    /// of a cluster must agree on it: the log then holds only state records.
+    #[arg(long, env = "REPLOG_STATE")]
+    pub state: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -189,6 +194,9 @@ pub fn replica(a: ReplicaArgs) -> Result<()> {
     config.log.tick_interval = a.tick_interval;
     config.ping_timeout = a.ping_timeout;
     config.max_ping_timeouts = a.max_ping_timeouts;
+    if a.state {
+        config.state = Some(replog_server::StoreOptions::default());
+    }
     let rt = runtime()?;
     rt.block_on(async move {
         let server = ReplicaServer::start(config)

@@ -8,5 +8,6 @@ mod cluster_demo;
 mod demo;
 mod inspect;
 pub mod loadgen;
+pub mod state_cmd;
 
 pub use cli::main_entry;

@@ -349,6 +349,14 @@ impl Log {
         self.storage.sync_count()
     }
 
+    /// The replica's RocksDB, for a state machine on this log that keeps
+    /// its state in the same database (`replog-state` on
+    /// [`replog_storage::CF_STATE`]): its applied position and the state it
+    /// produced are then one atomic write.
+    pub fn shared_db(&self) -> Arc<replog_storage::rocksdb::DB> {
+        self.storage.shared_db()
+    }
+
     /// The replica's data directory.
     pub fn path(&self) -> &Path {
         self.storage.dir()

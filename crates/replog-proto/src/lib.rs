@@ -23,9 +23,19 @@ pub use generated::replog::replica::v1 as replica;
 /// `client::replog_client_server::ReplogClientServer`.
 pub use generated::replog::client::v1 as client;
 
+/// The snapshot stream's HEADER and TRAILER payloads
+/// (`proto/replog/snapshot/v1/snapshot.proto`); the stream itself is
+/// written and read by the `replog-snapshot` crate.
+pub use generated::replog::snapshot::v1 as snapshot;
+
 /// Scheduler state kept on the log (`proto/replog/state/v1/state.proto`):
 /// entities, the typed ops of a transaction, snapshot records.
 pub use generated::replog::state::v1 as state;
+
+/// The records the scheduler-state store writes into the log: transactions,
+/// and framed transactions too big for one entry
+/// (`proto/replog/store/v1/store.proto`).
+pub use generated::replog::store::v1 as store;
 
 /// The subset of etcd's v3 gRPC API (`KV.Put`, `Maintenance.Status`) that
 /// `replog benchmark --etcd` drives (`proto/etcd/etcdserverpb/rpc.proto`).

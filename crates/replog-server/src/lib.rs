@@ -17,6 +17,9 @@
 //!   a bounded inbound queue, the log's in-flight limit).
 
 mod service;
+mod state_service;
+
+pub use state_service::StateService;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,7 +28,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use replog_log::{ClusterOptions, Envelope, Log, LogError, LogOptions, PeerLink, ReplicaStatus};
-use replog_storage::{InitOptions, Member, RocksStorage, StorageError};
+use replog_state::{Limits as StateLimits, StateStore};
+use replog_storage::{InitOptions, Member, RocksStorage, StorageError, CF_STATE};
+use replog_store::SchedulerStore;
+pub use replog_store::StoreOptions;
 use replog_transport::{Transport, TransportConfig, TransportError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -54,6 +60,10 @@ pub struct ServerConfig {
     pub max_ping_timeouts: u32,
     /// Largest envelope between replicas.
     pub max_message_bytes: usize,
+    /// Run the scheduler-state store on the log and serve its API
+    /// (`replog.store.v1.SchedulerState`). Its log then holds only store
+    /// records: do not append raw entries to it.
+    pub state: Option<StoreOptions>,
 }
 
 impl ServerConfig {
@@ -76,6 +86,7 @@ impl ServerConfig {
             ping_timeout: Duration::from_secs(15),
             max_ping_timeouts: 5,
             max_message_bytes: 16 * 1024 * 1024,
+            state: None,
         }
     }
 
@@ -136,6 +147,7 @@ pub struct ReplicaServer {
     stop: Option<oneshot::Sender<()>>,
     stopping: tokio::sync::watch::Sender<bool>,
     serving: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    store: Option<Arc<SchedulerStore>>,
 }
 
 /// How long a graceful shutdown waits for open calls before it drops them.
@@ -233,9 +245,24 @@ impl ReplicaServer {
             source,
         })?;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let store = match &config.state {
+            Some(opts) => {
+                let state = StateStore::open(log.shared_db(), CF_STATE, StateLimits::default())
+                    .map_err(|e| {
+                        ServerError::Config(format!("cannot open the state store: {e}"))
+                    })?;
+                Some(Arc::new(SchedulerStore::start(
+                    log.clone(),
+                    state,
+                    opts.clone(),
+                )))
+            }
+            None => None,
+        };
         let router = replog_transport::server_builder()
             .add_service(transport.service())
-            .add_service(client.into_server());
+            .add_service(client.into_server())
+            .add_optional_service(store.clone().map(|s| StateService::new(s).into_server()));
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let serving = tokio::spawn(async move {
             router
@@ -259,12 +286,19 @@ impl ReplicaServer {
             stop: Some(stop_tx),
             stopping: stopping_tx,
             serving: Some(serving),
+            store,
         })
     }
 
     /// The embedded log (writer, reader, leadership watch).
     pub fn log(&self) -> &Arc<Log> {
         &self.log
+    }
+
+    /// The scheduler-state store, when the server runs one
+    /// ([`ServerConfig::state`]).
+    pub fn store(&self) -> Option<&Arc<SchedulerStore>> {
+        self.store.as_ref()
     }
 
     /// Where the server listens (the real port when configured with 0).
@@ -382,6 +416,9 @@ impl ReplicaServer {
     }
 
     async fn stop_serving(&mut self) -> Result<(), ServerError> {
+        if let Some(store) = &self.store {
+            store.close();
+        }
         self.transport.close();
         let _ = self.stopping.send(true);
         if let Some(stop) = self.stop.take() {

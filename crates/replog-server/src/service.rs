@@ -71,48 +71,8 @@ impl ClientService {
             .max_encoding_message_size(MAX_CLIENT_MESSAGE_BYTES)
     }
 
-    fn leader_hint(&self) -> Option<String> {
-        let leader = self.log.progress().leader?;
-        let address = self
-            .log
-            .meta()
-            .members
-            .into_iter()
-            .find(|m| m.id == leader)
-            .map(|m| m.address)
-            .unwrap_or_default();
-        Some(format!("{leader}={address}"))
-    }
-
     fn status(&self, e: LogError) -> Status {
-        let code = match &e {
-            LogError::NotLeader { .. }
-            | LogError::LeadershipLost { .. }
-            | LogError::NotVoting(_) => Code::FailedPrecondition,
-            LogError::Truncated { .. } | LogError::PastEnd { .. } => Code::OutOfRange,
-            LogError::Pending { .. } | LogError::Busy => Code::Unavailable,
-            LogError::EntryTooLarge { .. } | LogError::Invalid(_) | LogError::WriterNotStarted => {
-                Code::InvalidArgument
-            }
-            LogError::Membership(_) => Code::FailedPrecondition,
-            LogError::Timeout(_) => Code::DeadlineExceeded,
-            LogError::Closed(_) => Code::Unavailable,
-            LogError::Storage(_) | LogError::Core(_) => Code::Internal,
-        };
-        let mut status = Status::new(code, e.to_string());
-        let md = status.metadata_mut();
-        md.insert("replog-error", MetadataValue::from_static(error_code(&e)));
-        if matches!(
-            e,
-            LogError::NotLeader { .. } | LogError::LeadershipLost { .. }
-        ) {
-            if let Some(hint) = self.leader_hint() {
-                if let Ok(v) = hint.parse() {
-                    md.insert("replog-leader", v);
-                }
-            }
-        }
-        status
+        log_status(&self.log, e)
     }
 
     /// The writer of the current term, started if needed.
@@ -133,6 +93,51 @@ impl ClientService {
         *slot = Some(w.clone());
         Ok(w)
     }
+}
+
+fn leader_hint(log: &Log) -> Option<String> {
+    let leader = log.progress().leader?;
+    let address = log
+        .meta()
+        .members
+        .into_iter()
+        .find(|m| m.id == leader)
+        .map(|m| m.address)
+        .unwrap_or_default();
+    Some(format!("{leader}={address}"))
+}
+
+/// A log error as a gRPC status: a stable `replog-error` code, and the
+/// leader's `id=address` in `replog-leader` when this replica cannot write.
+pub fn log_status(log: &Log, e: LogError) -> Status {
+    let code = match &e {
+        LogError::NotLeader { .. } | LogError::LeadershipLost { .. } | LogError::NotVoting(_) => {
+            Code::FailedPrecondition
+        }
+        LogError::Truncated { .. } | LogError::PastEnd { .. } => Code::OutOfRange,
+        LogError::Pending { .. } | LogError::Busy => Code::Unavailable,
+        LogError::EntryTooLarge { .. } | LogError::Invalid(_) | LogError::WriterNotStarted => {
+            Code::InvalidArgument
+        }
+        LogError::Membership(_) => Code::FailedPrecondition,
+        LogError::Timeout(_) => Code::DeadlineExceeded,
+        LogError::Closed(_) => Code::Unavailable,
+        LogError::Storage(_) | LogError::Core(_) => Code::Internal,
+    };
+    let mut status = Status::new(code, e.to_string());
+    let md = status.metadata_mut();
+    md.insert("replog-error", MetadataValue::from_static(error_code(&e)));
+    if matches!(
+        e,
+        LogError::NotLeader { .. } | LogError::LeadershipLost { .. }
+    ) {
+        if let Some(hint) = leader_hint(log) {
+            if let Ok(v) = hint.parse() {
+                md.insert("replog-leader", v);
+            }
+        }
+    }
+    status
 }
 
 fn status_pb(s: replog_log::ReplicaStatus) -> i32 {
@@ -261,7 +266,7 @@ impl ReplogClient for ClientService {
                 let now = (p.term, p.leader, p.leader_ready, p.status);
                 if last != Some(now) {
                     last = Some(now);
-                    let hint = svc.leader_hint().unwrap_or_default();
+                    let hint = leader_hint(&svc.log).unwrap_or_default();
                     let leader_address = hint
                         .split_once('=')
                         .map(|(_, a)| a.to_string())

@@ -30,6 +30,8 @@ pub use model::{
     Member, ReplicaIdentity, ReplicaMeta, ReplicaStatus, FORMAT_VERSION,
 };
 pub use rocks::{
-    disk_usage, validate_cluster_id, InitOptions, CF_STAGING, CF_STATE, OpenOptions, RecoveryReport, RocksStorage,
-    DEFAULT_MAX_RECORD_BYTES,
+    disk_usage, validate_cluster_id, InitOptions, OpenOptions, RecoveryReport, RocksStorage,
+    CF_STAGING, CF_STATE, DEFAULT_MAX_RECORD_BYTES,
 };
+/// The RocksDB binding the storage is built on (for [`RocksStorage::shared_db`]).
+pub use rocksdb;

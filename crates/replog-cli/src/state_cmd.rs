@@ -1,0 +1,569 @@
+//! `replog backup ...` and `replog state ...`: the scheduler-state store of
+//! a running cluster (replicas started with `--state`) and its backup files.
+
+use std::io::{IsTerminal, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use replog_proto::state::{
+    op, JobKey, Op, SaveTasks, ScheduleStatus, ScheduledTask, TaskConfig, Transaction,
+};
+use replog_proto::store::scheduler_state_client::SchedulerStateClient;
+use replog_proto::store::{
+    ReadMode, SnapshotRequest, SubmitRequest, SummaryRequest, SummaryResponse, TaskQueryRequest,
+};
+use replog_store::backup::{inspect, BackupDir, Inspection};
+use serde_json::json;
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// Largest gRPC message the state client accepts (a snapshot frame).
+const MAX_MESSAGE_BYTES: usize = 80 * 1024 * 1024;
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub command: Option<BackupCommand>,
+    /// Replica servers of the cluster (`host:port,...`); the first that
+    /// answers serves the snapshot, after a read index (it holds every
+    /// write committed before the backup started).
+    #[arg(long, env = "REPLOG_ENDPOINTS", value_delimiter = ',', required = true)]
+    pub endpoint: Vec<String>,
+    /// Directory of the backups (`scheduler-backup-YYYY-MM-DD-HH-MM`, UTC).
+    #[arg(long, required = true)]
+    pub dir: Option<PathBuf>,
+    /// Keep the newest N backups in --dir; older ones are deleted.
+    #[arg(long, default_value_t = 48)]
+    pub max_saved: usize,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BackupCommand {
+    /// Check a backup file offline: every checksum, the counts, every record.
+    /// Exits non-zero with the reason if anything is wrong.
+    Verify {
+        file: PathBuf,
+        /// Also require this cluster id in the header.
+        #[arg(long)]
+        cluster_id: Option<String>,
+    },
+    /// Show a backup's header, entity counts and tasks by status (checks it
+    /// whole, like verify).
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StateArgs {
+    /// Replica servers of the cluster: `host:port,host:port`.
+    #[arg(
+        long,
+        env = "REPLOG_ENDPOINTS",
+        value_delimiter = ',',
+        required = true,
+        global = true
+    )]
+    pub endpoint: Vec<String>,
+    #[command(subcommand)]
+    pub command: StateCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum StateCommand {
+    /// Each replica's applied position, entity counts and state hash
+    /// (linearizable: replicas first apply everything committed).
+    Summary {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write generated tasks (for tests, demos and benchmarks): --tasks
+    /// tasks over 10 roles, in transactions of --batch tasks.
+    Load {
+        #[arg(long)]
+        tasks: u64,
+        #[arg(long, default_value_t = 500)]
+        batch: u64,
+        /// Bytes of executor data per task (its size on disk).
+        #[arg(long, default_value_t = 200)]
+        task_bytes: usize,
+        /// Task ids start at this number (to add more tasks later).
+        #[arg(long, default_value_t = 0)]
+        first: u64,
+    },
+    /// Print tasks (role, job, instance, status, task id) matching a query.
+    Tasks {
+        #[command(flatten)]
+        query: TaskQueryArgs,
+    },
+}
+
+/// A task query on the command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TaskQueryArgs {
+    #[arg(long)]
+    pub role: Option<String>,
+    #[arg(long)]
+    pub environment: Option<String>,
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Task statuses, e.g. RUNNING,PENDING.
+    #[arg(long, value_delimiter = ',')]
+    pub status: Vec<String>,
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long, value_delimiter = ',')]
+    pub task_id: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub limit: u64,
+}
+
+fn parse_status(s: &str) -> Result<ScheduleStatus> {
+    let up = s.trim().to_ascii_uppercase();
+    ScheduleStatus::from_str_name(&format!("SCHEDULE_STATUS_{up}"))
+        .filter(|s| *s != ScheduleStatus::Unspecified)
+        .ok_or_else(|| anyhow!("unknown task status '{s}' (e.g. RUNNING, PENDING, FINISHED)"))
+}
+
+/// A status without its enum prefix (`RUNNING`).
+pub fn status_name(s: i32) -> String {
+    ScheduleStatus::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("SCHEDULE_STATUS_")
+                .to_string()
+        })
+        .unwrap_or_else(|_| format!("UNKNOWN({s})"))
+}
+
+impl TaskQueryArgs {
+    pub fn to_request(&self, mode: ReadMode) -> Result<TaskQueryRequest> {
+        Ok(TaskQueryRequest {
+            mode: mode as i32,
+            task_ids: self.task_id.clone(),
+            role: self.role.clone().unwrap_or_default(),
+            environment: self.environment.clone().unwrap_or_default(),
+            job_name: self.job.clone().unwrap_or_default(),
+            statuses: self
+                .status
+                .iter()
+                .map(|s| parse_status(s).map(|s| s as i32))
+                .collect::<Result<_>>()?,
+            agent_host: self.host.clone().unwrap_or_default(),
+            limit: self.limit,
+        })
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// A state client of `endpoint`.
+pub async fn connect(endpoint: &str) -> Result<SchedulerStateClient<Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
+        .with_context(|| format!("'{endpoint}' is not host:port"))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {endpoint}"))?;
+    Ok(SchedulerStateClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// The leader's address from a NOT_LEADER answer.
+fn leader_hint(s: &tonic::Status) -> Option<String> {
+    let hint = s.metadata().get("replog-leader")?.to_str().ok()?;
+    let (_, addr) = hint.split_once('=')?;
+    (!addr.is_empty()).then(|| addr.to_string())
+}
+
+/// Submits `txn` to the leader among `endpoints` (following leader hints).
+pub async fn submit(
+    endpoints: &[String],
+    clients: &mut Vec<(String, SchedulerStateClient<Channel>)>,
+    txn: Transaction,
+) -> Result<u64> {
+    let mut target = clients
+        .first()
+        .map(|(e, _)| e.clone())
+        .unwrap_or_else(|| endpoints[0].clone());
+    for attempt in 0..(endpoints.len() * 3 + 3) {
+        if !clients.iter().any(|(e, _)| *e == target) {
+            clients.insert(0, (target.clone(), connect(&target).await?));
+        }
+        let i = clients
+            .iter()
+            .position(|(e, _)| *e == target)
+            .expect("inserted above");
+        clients.swap(0, i);
+        let c = &mut clients[0].1;
+        match c
+            .submit(SubmitRequest {
+                transaction: Some(txn.clone()),
+            })
+            .await
+        {
+            Ok(r) => return Ok(r.into_inner().position),
+            Err(s) if s.code() == Code::FailedPrecondition => {
+                let code = s
+                    .metadata()
+                    .get("replog-error")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if code != "NOT_LEADER" {
+                    bail!("{target} refused the transaction: {}", s.message());
+                }
+                target = match leader_hint(&s) {
+                    Some(l) => l,
+                    None => {
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        endpoints[attempt % endpoints.len()].clone()
+                    }
+                };
+            }
+            Err(s) => bail!("{target}: {} ({:?})", s.message(), s.code()),
+        }
+    }
+    bail!("no leader found among {}", endpoints.join(","))
+}
+
+/// Generated task number `i` (deterministic).
+pub fn generated_task(i: u64, task_bytes: usize) -> ScheduledTask {
+    let statuses = [
+        ScheduleStatus::Running,
+        ScheduleStatus::Running,
+        ScheduleStatus::Running,
+        ScheduleStatus::Pending,
+        ScheduleStatus::Finished,
+        ScheduleStatus::Failed,
+    ];
+    ScheduledTask {
+        task_id: format!("task-{i:09}"),
+        config: Some(TaskConfig {
+            job: Some(JobKey {
+                role: format!("role-{}", i % 10),
+                environment: if i.is_multiple_of(3) { "devel" } else { "prod" }.into(),
+                name: format!("job-{}", i % 100),
+            }),
+            owner_user: "scheduler".into(),
+            is_service: true,
+            executor_data: vec![(i % 251) as u8; task_bytes].into(),
+            ..Default::default()
+        }),
+        instance_id: (i % 1000) as i32,
+        status: statuses[(i % statuses.len() as u64) as usize] as i32,
+        agent_host: format!("host-{}", i % 50),
+        agent_id: format!("agent-{}", i % 50),
+        ..Default::default()
+    }
+}
+
+fn summary_json(endpoint: &str, s: &SummaryResponse) -> serde_json::Value {
+    json!({
+        "endpoint": endpoint,
+        "applied": s.applied,
+        "counts": s.counts,
+        "state_hash": s.state_hash,
+    })
+}
+
+/// `replog state ...`.
+pub fn state(a: StateArgs) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async move {
+        match a.command {
+            StateCommand::Summary { json } => {
+                let mut out = Vec::new();
+                let mut failed = false;
+                for e in &a.endpoint {
+                    let r = async {
+                        let mut c = connect(e).await?;
+                        let s = c
+                            .summary(SummaryRequest {
+                                mode: ReadMode::Linearizable as i32,
+                            })
+                            .await
+                            .map_err(|s| anyhow!("{e}: {}", s.message()))?;
+                        anyhow::Ok(s.into_inner())
+                    }
+                    .await;
+                    match r {
+                        Ok(s) => out.push(summary_json(e, &s)),
+                        Err(err) => {
+                            failed = true;
+                            out.push(json!({"endpoint": e, "error": format!("{err:#}")}))
+                        }
+                    }
+                }
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&out)?);
+                } else {
+                    for o in &out {
+                        println!("{o}");
+                    }
+                }
+                if failed {
+                    bail!("not every replica answered");
+                }
+                Ok(())
+            }
+            StateCommand::Load {
+                tasks,
+                batch,
+                task_bytes,
+                first,
+            } => {
+                let batch = batch.max(1);
+                let pb = bar(tasks, "tasks");
+                let started = Instant::now();
+                let mut clients = Vec::new();
+                let mut i = first;
+                let mut last = 0;
+                while i < first + tasks {
+                    let n = batch.min(first + tasks - i);
+                    let txn = Transaction {
+                        ops: vec![Op {
+                            op: Some(op::Op::SaveTasks(SaveTasks {
+                                tasks: (i..i + n).map(|k| generated_task(k, task_bytes)).collect(),
+                            })),
+                        }],
+                    };
+                    last = submit(&a.endpoint, &mut clients, txn).await?;
+                    i += n;
+                    pb.inc(n);
+                }
+                pb.finish_and_clear();
+                let secs = started.elapsed().as_secs_f64();
+                println!(
+                    "wrote {tasks} tasks in {secs:.2}s ({:.0} tasks/s); last position {last}",
+                    tasks as f64 / secs.max(1e-9)
+                );
+                Ok(())
+            }
+            StateCommand::Tasks { query } => {
+                let req = query.to_request(ReadMode::Linearizable)?;
+                let mut c = connect(&a.endpoint[0]).await?;
+                let mut s = c
+                    .query_tasks(req)
+                    .await
+                    .map_err(|s| anyhow!("{}: {}", a.endpoint[0], s.message()))?
+                    .into_inner();
+                print_task_header();
+                while let Some(t) = s.message().await.map_err(|s| anyhow!("{}", s.message()))? {
+                    print_task(&t);
+                }
+                Ok(())
+            }
+        }
+    })
+}
+
+pub fn print_task_header() {
+    println!(
+        "{:<12} {:<26} {:>8} {:<10} task id",
+        "role", "job", "instance", "status"
+    );
+}
+
+pub fn print_task(t: &ScheduledTask) {
+    let job = t
+        .config
+        .as_ref()
+        .and_then(|c| c.job.as_ref())
+        .cloned()
+        .unwrap_or_default();
+    println!(
+        "{:<12} {:<26} {:>8} {:<10} {}",
+        job.role,
+        format!("{}/{}", job.environment, job.name),
+        t.instance_id,
+        status_name(t.status),
+        t.task_id
+    );
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// `replog backup ...`.
+pub fn backup(a: BackupArgs) -> Result<()> {
+    match a.command {
+        Some(BackupCommand::Verify { file, cluster_id }) => {
+            let i = inspect(&file, cluster_id.as_deref())
+                .with_context(|| format!("{} is not a sound backup", file.display()))?;
+            println!(
+                "{}: OK — cluster '{}', position {}, {} records, {} bytes",
+                file.display(),
+                i.header.cluster_id,
+                i.header.position,
+                i.records,
+                i.stream_bytes
+            );
+            Ok(())
+        }
+        Some(BackupCommand::Inspect { file, json }) => {
+            let i = inspect(&file, None)
+                .with_context(|| format!("{} is not a sound backup", file.display()))?;
+            print_inspection(&i, json)
+        }
+        None => {
+            let dir = a.dir.expect("clap requires --dir without a subcommand");
+            take_backup(&a.endpoint, &dir, a.max_saved)
+        }
+    }
+}
+
+fn print_inspection(i: &Inspection, as_json: bool) -> Result<()> {
+    let created = chrono::DateTime::from_timestamp_millis(i.header.created_at_unix_ms as i64)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default();
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "format_version": i.header.format_version,
+                "cluster_id": i.header.cluster_id,
+                "position": i.header.position,
+                "term": i.header.term,
+                "voters": i.header.voters,
+                "learners": i.header.learners,
+                "created_at": created,
+                "content": i.header.content,
+                "records": i.records,
+                "bytes": i.stream_bytes,
+                "counts": i.counts,
+                "tasks_by_status": i.tasks_by_status,
+            }))?
+        );
+        return Ok(());
+    }
+    println!("format version  {}", i.header.format_version);
+    println!("cluster id      {}", i.header.cluster_id);
+    println!(
+        "position        {} (term {})",
+        i.header.position, i.header.term
+    );
+    println!(
+        "membership      voters {:?} learners {:?}",
+        i.header.voters, i.header.learners
+    );
+    println!("created at      {created}");
+    println!("records         {} ({} bytes)", i.records, i.stream_bytes);
+    for (k, n) in &i.counts {
+        println!("  {k:<22} {n}");
+    }
+    if !i.tasks_by_status.is_empty() {
+        println!("tasks by status");
+        for (s, n) in &i.tasks_by_status {
+            println!("  {s:<22} {n}");
+        }
+    }
+    Ok(())
+}
+
+/// Takes a backup of the cluster at `endpoints` into `dir`.
+pub fn take_backup(endpoints: &[String], dir: &std::path::Path, max_saved: usize) -> Result<()> {
+    let rt = runtime()?;
+    let backups = BackupDir::new(dir, max_saved)?;
+    let started = Instant::now();
+    let mut errors = Vec::new();
+    for e in endpoints {
+        let now = replog_storage::now_unix_ms();
+        let pb = bar(0, "backup");
+        let r = backups.save(now, |w| {
+            let written = rt
+                .block_on(async {
+                    let mut c = connect(e).await?;
+                    let mut s = c
+                        .snapshot(SnapshotRequest {
+                            mode: ReadMode::Linearizable as i32,
+                        })
+                        .await
+                        .map_err(|s| anyhow!("{e}: {}", s.message()))?
+                        .into_inner();
+                    let mut bytes = 0u64;
+                    while let Some(f) = s
+                        .message()
+                        .await
+                        .map_err(|s| anyhow!("{e}: the snapshot stream broke: {}", s.message()))?
+                    {
+                        w.write_all(&f.data).context("writing the backup")?;
+                        bytes += f.data.len() as u64;
+                        pb.set_position(bytes);
+                    }
+                    anyhow::Ok(bytes)
+                })
+                .map_err(|err| replog_store::backup::BackupError::Io {
+                    path: dir.to_path_buf(),
+                    source: std::io::Error::other(format!("{err:#}")),
+                })?;
+            // Check what arrived, whole, before it gets its final name.
+            w.flush()
+                .map_err(|source| replog_store::backup::BackupError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+            let mut f = w.get_ref().try_clone().map_err(|source| {
+                replog_store::backup::BackupError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                }
+            })?;
+            f.seek(SeekFrom::Start(0))
+                .map_err(|source| replog_store::backup::BackupError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+            let summary = replog_snapshot::verify(
+                std::io::BufReader::new(f),
+                replog_snapshot::ReaderOptions::default(),
+            )
+            .map_err(|source| replog_store::backup::BackupError::Snapshot {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            Ok((written, summary))
+        });
+        pb.finish_and_clear();
+        match r {
+            Ok((path, (bytes, summary))) => {
+                println!(
+                    "{}: cluster '{}', position {}, {} records, {bytes} bytes in {:.2}s (from {e})",
+                    path.display(),
+                    summary.header.cluster_id,
+                    summary.header.position,
+                    summary.records,
+                    started.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            Err(err) => {
+                eprintln!("backup from {e} failed: {err:#}");
+                errors.push(format!("{e}: {err:#}"));
+            }
+        }
+    }
+    bail!("no backup taken: {}", errors.join("; "))
+}

@@ -1,0 +1,256 @@
+//! The scheduler-state API (`replog.store.v1.SchedulerState`) of a replica
+//! server started with the state store on.
+//!
+//! Writes go through [`SchedulerStore::submit`] on the leader (a follower
+//! answers NOT_LEADER with the leader's address); reads are served from the
+//! local state, after a read index when the request asks for a
+//! linearizable read. Snapshots are streamed one frame per message from a
+//! RocksDB snapshot of the state, so writers do not pause and memory stays
+//! at one chunk.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use replog_proto::state::{ScheduleStatus, ScheduledTask};
+use replog_proto::store::scheduler_state_server::{SchedulerState, SchedulerStateServer};
+use replog_proto::store::{
+    ReadMode, SnapshotFrame, SnapshotRequest, SubmitRequest, SubmitResponse, SummaryRequest,
+    SummaryResponse, TaskQueryRequest,
+};
+use replog_snapshot::FrameSplitter;
+use replog_state::{
+    kind_name, TaskQuery, KIND_AGENT, KIND_CRON_JOB, KIND_HOST_ATTRIBUTES, KIND_JOB_UPDATE,
+    KIND_MAINTENANCE_REQUEST, KIND_QUOTA, KIND_SCHEDULER_METADATA, KIND_TASK,
+};
+use replog_store::backup::{write_state, SnapshotIdentity};
+use replog_store::{SchedulerStore, StoreError};
+use tokio_stream::Stream;
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::service::log_status;
+use crate::MAX_CLIENT_MESSAGE_BYTES;
+
+/// Most tasks one query answers.
+pub const MAX_QUERY_TASKS: usize = 1_000_000;
+/// Snapshot frames buffered between the exporting thread and the stream.
+const SNAPSHOT_QUEUE: usize = 16;
+
+/// The service.
+#[derive(Clone)]
+pub struct StateService {
+    store: Arc<SchedulerStore>,
+}
+
+fn coded(code: Code, tag: &'static str, msg: String) -> Status {
+    let mut s = Status::new(code, msg);
+    s.metadata_mut()
+        .insert("replog-error", MetadataValue::from_static(tag));
+    s
+}
+
+impl StateService {
+    pub fn new(store: Arc<SchedulerStore>) -> Self {
+        StateService { store }
+    }
+
+    /// The tonic server for this service, with its size limits.
+    pub fn into_server(self) -> SchedulerStateServer<StateService> {
+        SchedulerStateServer::new(self)
+            .max_decoding_message_size(MAX_CLIENT_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_CLIENT_MESSAGE_BYTES)
+    }
+
+    fn status(&self, e: StoreError) -> Status {
+        match e {
+            StoreError::Log(e) => log_status(self.store.log(), e),
+            StoreError::Invalid(e) => coded(Code::InvalidArgument, "INVALID", e.to_string()),
+            e @ StoreError::Record(_) => coded(Code::InvalidArgument, "INVALID", e.to_string()),
+            e @ StoreError::Rejected { .. } => {
+                coded(Code::FailedPrecondition, "REJECTED", e.to_string())
+            }
+            e @ StoreError::Timeout(_) => coded(Code::DeadlineExceeded, "TIMEOUT", e.to_string()),
+            e @ (StoreError::State(_) | StoreError::Stopped(_)) => {
+                coded(Code::Internal, "STORAGE", e.to_string())
+            }
+        }
+    }
+
+    async fn read_point(&self, mode: i32) -> Result<(), Status> {
+        match ReadMode::try_from(mode) {
+            Ok(ReadMode::Local) => Ok(()),
+            Ok(ReadMode::Linearizable) => self
+                .store
+                .sync_for_read()
+                .await
+                .map(|_| ())
+                .map_err(|e| self.status(e)),
+            Err(_) => Err(coded(
+                Code::InvalidArgument,
+                "INVALID",
+                format!("unknown read mode {mode}"),
+            )),
+        }
+    }
+}
+
+type TaskStream = Pin<Box<dyn Stream<Item = Result<ScheduledTask, Status>> + Send>>;
+type FrameStream = Pin<Box<dyn Stream<Item = Result<SnapshotFrame, Status>> + Send>>;
+
+fn query_of(r: &TaskQueryRequest) -> Result<TaskQuery, Status> {
+    let mut statuses = Vec::new();
+    for s in &r.statuses {
+        statuses.push(ScheduleStatus::try_from(*s).map_err(|_| {
+            coded(
+                Code::InvalidArgument,
+                "INVALID",
+                format!("unknown task status {s}"),
+            )
+        })?);
+    }
+    let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let limit = match r.limit {
+        0 => MAX_QUERY_TASKS,
+        n => (n as usize).min(MAX_QUERY_TASKS),
+    };
+    Ok(TaskQuery {
+        task_ids: r.task_ids.clone(),
+        role: some(&r.role),
+        environment: some(&r.environment),
+        job_name: some(&r.job_name),
+        statuses,
+        agent_host: some(&r.agent_host),
+        limit: Some(limit),
+        ..Default::default()
+    })
+}
+
+#[tonic::async_trait]
+impl SchedulerState for StateService {
+    async fn submit(
+        &self,
+        req: Request<SubmitRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
+        let Some(txn) = req.into_inner().transaction else {
+            return Err(coded(
+                Code::InvalidArgument,
+                "INVALID",
+                "the request holds no transaction".into(),
+            ));
+        };
+        let position = self.store.submit(&txn).await.map_err(|e| self.status(e))?;
+        Ok(Response::new(SubmitResponse { position }))
+    }
+
+    type QueryTasksStream = TaskStream;
+
+    async fn query_tasks(
+        &self,
+        req: Request<TaskQueryRequest>,
+    ) -> Result<Response<TaskStream>, Status> {
+        let r = req.into_inner();
+        self.read_point(r.mode).await?;
+        let q = query_of(&r)?;
+        let store = self.store.clone();
+        let tasks = tokio::task::spawn_blocking(move || store.state().tasks(&q))
+            .await
+            .map_err(|e| coded(Code::Internal, "STORAGE", e.to_string()))?
+            .map_err(|e| self.status(StoreError::State(e)))?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            tasks.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn summary(
+        &self,
+        req: Request<SummaryRequest>,
+    ) -> Result<Response<SummaryResponse>, Status> {
+        self.read_point(req.into_inner().mode).await?;
+        let store = self.store.clone();
+        let (applied, counts, hash) = tokio::task::spawn_blocking(move || {
+            // Counts and hash are read one after the other: under concurrent
+            // writes they may be of different positions (compare hashes of
+            // a quiet state).
+            let st = store.state();
+            let counts = st.counts()?;
+            let hash = st.state_hash()?;
+            Ok::<_, replog_state::StateError>((st.applied(), counts, hash))
+        })
+        .await
+        .map_err(|e| coded(Code::Internal, "STORAGE", e.to_string()))?
+        .map_err(|e| self.status(StoreError::State(e)))?;
+        Ok(Response::new(SummaryResponse {
+            applied,
+            counts: [
+                (KIND_TASK, counts.tasks),
+                (KIND_CRON_JOB, counts.cron_jobs),
+                (KIND_QUOTA, counts.quotas),
+                (KIND_HOST_ATTRIBUTES, counts.host_attributes),
+                (KIND_JOB_UPDATE, counts.job_updates),
+                (KIND_MAINTENANCE_REQUEST, counts.maintenance_requests),
+                (KIND_SCHEDULER_METADATA, counts.scheduler_metadata),
+                (KIND_AGENT, counts.agents),
+            ]
+            .into_iter()
+            .map(|(k, n)| (kind_name(k).to_string(), n))
+            .collect(),
+            state_hash: hash,
+        }))
+    }
+
+    type SnapshotStream = FrameStream;
+
+    async fn snapshot(
+        &self,
+        req: Request<SnapshotRequest>,
+    ) -> Result<Response<FrameStream>, Status> {
+        self.read_point(req.into_inner().mode).await?;
+        let store = self.store.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<SnapshotFrame, Status>>(SNAPSHOT_QUEUE);
+        let log = store.log().clone();
+        let meta = log.meta();
+        let id = SnapshotIdentity {
+            cluster_id: meta.cluster_id.clone(),
+            term: log.progress().term,
+            voters: meta.conf_state.voters.clone(),
+            learners: meta.conf_state.learners.clone(),
+            labels: [("replica".to_string(), meta.replica_id.to_string())].into(),
+        };
+        tokio::task::spawn_blocking(move || {
+            let frames = tx.clone();
+            let sink = move |piece: Bytes| {
+                frames
+                    .blocking_send(Ok(SnapshotFrame { data: piece }))
+                    .map_err(|_| std::io::Error::other("the snapshot's receiver went away"))
+            };
+            let result = write_state(store.state(), &id, FrameSplitter::new(sink), |_| {})
+                .and_then(|(splitter, summary)| {
+                    // Checks the stream ended on a whole frame.
+                    let _sink = splitter.finish().map_err(|source| {
+                        replog_store::backup::BackupError::Io {
+                            path: "<stream>".into(),
+                            source,
+                        }
+                    })?;
+                    Ok(summary)
+                });
+            match result {
+                Ok(s) => info!(
+                    position = s.position,
+                    records = s.records,
+                    bytes = s.bytes,
+                    "streamed a state snapshot"
+                ),
+                Err(e) => {
+                    warn!(error = %e, "a state snapshot failed");
+                    let _ = tx.blocking_send(Err(coded(Code::Internal, "STORAGE", e.to_string())));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}

@@ -1,0 +1,447 @@
+//! Scheduler-state snapshots as files: backups, their checks, and loading
+//! one into a state (staged recovery, disaster restore).
+//!
+//! A backup is one snapshot stream (`docs/snapshot-format.md`) whose
+//! records are `replog.state.v1.Entity` messages, kind = the entity's kind
+//! (`replog_state::KIND_*`), header content [`CONTENT`].
+//!
+//! Invariants:
+//! - [`write_state`] reads through a RocksDB snapshot ([`StateStore::export`]):
+//!   the stream is the state at exactly one applied position, and writers
+//!   are never paused; memory stays at one chunk whatever the state's size;
+//! - [`BackupDir::save`] never leaves a partial file under a backup name: it
+//!   writes a temporary name, fsyncs the file, renames it, fsyncs the
+//!   directory, and only then prunes to the newest `max_saved`;
+//! - [`load_into`] checks the whole stream (every checksum, the counts, the
+//!   cluster id when asked) while it writes a new generation of the state,
+//!   and switches to it only when the stream checked out whole: a bad file
+//!   changes nothing.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use replog_proto::snapshot::SnapshotHeader;
+use replog_proto::state::{entity, Entity, ScheduleStatus};
+use replog_snapshot::{
+    check_cluster, ReaderOptions, SnapshotError, SnapshotReader, SnapshotWriter, WriterOptions,
+};
+use replog_state::{entity_kind, kind_name, StateError, StateStore};
+
+/// The header `content` of a scheduler-state snapshot.
+pub const CONTENT: &str = "replog.state.v1";
+/// File names of backups: this prefix, then `YYYY-MM-DD-HH-MM` (UTC).
+pub const BACKUP_PREFIX: &str = "scheduler-backup-";
+
+/// Errors of backups and snapshot files.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Snapshot {
+        path: PathBuf,
+        #[source]
+        source: SnapshotError,
+    },
+    #[error("{path}: the stream holds '{found}', not scheduler state ('{CONTENT}')")]
+    WrongContent { path: PathBuf, found: String },
+    #[error("{path}: record {index} (kind {kind}) is not a valid entity: {reason}")]
+    BadRecord {
+        path: PathBuf,
+        index: u64,
+        kind: u32,
+        reason: String,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> BackupError + '_ {
+    move |source| BackupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn snap_err(path: &Path) -> impl Fn(SnapshotError) -> BackupError + '_ {
+    move |source| BackupError::Snapshot {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Identity written into a snapshot's header.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotIdentity {
+    pub cluster_id: String,
+    pub term: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct WriteSummary {
+    pub position: u64,
+    pub records: u64,
+    pub bytes: u64,
+    pub counts_by_kind: BTreeMap<u32, u64>,
+}
+
+/// Writes the state as one snapshot stream into `w`, from a consistent
+/// snapshot of it; `progress` is called with the records written so far.
+pub fn write_state<W: Write>(
+    state: &StateStore,
+    id: &SnapshotIdentity,
+    w: W,
+    mut progress: impl FnMut(u64),
+) -> Result<(W, WriteSummary), BackupError> {
+    let here = Path::new("<stream>");
+    let export = state.export()?;
+    let header = SnapshotHeader {
+        format_version: replog_snapshot::FORMAT_VERSION,
+        cluster_id: id.cluster_id.clone(),
+        position: export.position(),
+        term: id.term,
+        voters: id.voters.clone(),
+        learners: id.learners.clone(),
+        created_at_unix_ms: replog_storage::now_unix_ms(),
+        content: CONTENT.to_string(),
+        labels: id.labels.clone().into_iter().collect(),
+    };
+    let position = export.position();
+    let mut sw =
+        SnapshotWriter::new(w, &header, WriterOptions::default()).map_err(snap_err(here))?;
+    let mut buf = Vec::new();
+    let mut n = 0u64;
+    for e in export {
+        let e = e?;
+        buf.clear();
+        e.encode(&mut buf).expect("a Vec grows as needed");
+        sw.push(entity_kind(&e), &buf).map_err(snap_err(here))?;
+        n += 1;
+        if n.is_multiple_of(4096) {
+            progress(n);
+        }
+    }
+    progress(n);
+    let bytes = sw.bytes_written();
+    let (w, trailer) = sw.finish().map_err(snap_err(here))?;
+    Ok((
+        w,
+        WriteSummary {
+            position,
+            records: trailer.record_count,
+            bytes,
+            counts_by_kind: trailer.counts_by_kind.into_iter().collect(),
+        },
+    ))
+}
+
+/// A directory of backups, newest kept.
+pub struct BackupDir {
+    dir: PathBuf,
+    max_saved: usize,
+}
+
+impl BackupDir {
+    /// Backups in `dir` (created if missing); [`Self::save`] keeps the newest
+    /// `max_saved` (at least 1).
+    pub fn new(dir: impl Into<PathBuf>, max_saved: usize) -> Result<Self, BackupError> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        Ok(BackupDir {
+            dir,
+            max_saved: max_saved.max(1),
+        })
+    }
+
+    /// The backups there, oldest first.
+    pub fn list(&self) -> Result<Vec<PathBuf>, BackupError> {
+        let mut names: Vec<String> = fs::read_dir(&self.dir)
+            .map_err(io_err(&self.dir))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| is_backup_name(n))
+            .collect();
+        names.sort_by_key(|n| backup_order(n));
+        Ok(names.into_iter().map(|n| self.dir.join(n)).collect())
+    }
+
+    /// Writes a backup with `write` (given the open temporary file), makes
+    /// it durable under its final name, prunes old ones, and returns its
+    /// path with what `write` returned.
+    pub fn save<T>(
+        &self,
+        now_unix_ms: u64,
+        write: impl FnOnce(&mut BufWriter<File>) -> Result<T, BackupError>,
+    ) -> Result<(PathBuf, T), BackupError> {
+        let base = format!("{BACKUP_PREFIX}{}", minute_stamp(now_unix_ms));
+        let mut name = base.clone();
+        let mut n = 1;
+        while self.dir.join(&name).exists() {
+            name = format!("{base}-{n}");
+            n += 1;
+        }
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let target = self.dir.join(&name);
+        let result = (|| {
+            let f = File::create(&tmp).map_err(io_err(&tmp))?;
+            let mut w = BufWriter::with_capacity(1 << 20, f);
+            let out = write(&mut w)?;
+            let f = w.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
+            f.sync_all().map_err(io_err(&tmp))?;
+            drop(f);
+            fs::rename(&tmp, &target).map_err(io_err(&target))?;
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(&self.dir))?;
+            Ok(out)
+        })();
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let all = self.list()?;
+        if all.len() > self.max_saved {
+            for old in &all[..all.len() - self.max_saved] {
+                fs::remove_file(old).map_err(io_err(old))?;
+            }
+        }
+        Ok((target, out))
+    }
+}
+
+/// `YYYY-MM-DD-HH-MM` in UTC.
+pub fn minute_stamp(unix_ms: u64) -> String {
+    let t = chrono::DateTime::from_timestamp_millis(unix_ms as i64).unwrap_or_default();
+    t.format("%Y-%m-%d-%H-%M").to_string()
+}
+
+fn is_backup_name(n: &str) -> bool {
+    let Some(rest) = n.strip_prefix(BACKUP_PREFIX) else {
+        return false;
+    };
+    let (stamp, suffix) = rest.split_at(rest.len().min(16));
+    stamp.len() == 16
+        && stamp.bytes().enumerate().all(|(i, b)| {
+            if [4, 7, 10, 13].contains(&i) {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        })
+        && (suffix.is_empty()
+            || suffix
+                .strip_prefix('-')
+                .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())))
+}
+
+/// Sort key: the stamp, then the clash counter as a number.
+fn backup_order(n: &str) -> (String, u64) {
+    let rest = &n[BACKUP_PREFIX.len()..];
+    let (stamp, suffix) = rest.split_at(16);
+    let k = suffix
+        .strip_prefix('-')
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (stamp.to_string(), k)
+}
+
+/// What a snapshot file holds, after a full check.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    pub header: SnapshotHeader,
+    pub records: u64,
+    pub stream_bytes: u64,
+    /// Entity kind name -> count.
+    pub counts: BTreeMap<&'static str, u64>,
+    /// Task status name -> count.
+    pub tasks_by_status: BTreeMap<String, u64>,
+}
+
+fn open_stream(
+    path: &Path,
+) -> Result<(SnapshotReader<BufReader<File>>, SnapshotHeader), BackupError> {
+    let f = File::open(path).map_err(io_err(path))?;
+    let (r, header) = SnapshotReader::open(
+        BufReader::with_capacity(1 << 20, f),
+        ReaderOptions::default(),
+    )
+    .map_err(snap_err(path))?;
+    if header.content != CONTENT {
+        return Err(BackupError::WrongContent {
+            path: path.to_path_buf(),
+            found: header.content,
+        });
+    }
+    Ok((r, header))
+}
+
+fn decode_entity(path: &Path, index: u64, kind: u32, data: &[u8]) -> Result<Entity, BackupError> {
+    let bad = |reason: String| BackupError::BadRecord {
+        path: path.to_path_buf(),
+        index,
+        kind,
+        reason,
+    };
+    let e = Entity::decode(data).map_err(|e| bad(e.to_string()))?;
+    if e.entity.is_none() {
+        return Err(bad("the entity is empty".into()));
+    }
+    if entity_kind(&e) != kind {
+        return Err(bad(format!(
+            "it holds a {} under the kind of a {}",
+            kind_name(entity_kind(&e)),
+            kind_name(kind)
+        )));
+    }
+    Ok(e)
+}
+
+/// Reads and checks a whole snapshot file (every checksum, the counts,
+/// every record decoded) and sums it up. `expected_cluster` also checks the
+/// cluster id.
+pub fn inspect(path: &Path, expected_cluster: Option<&str>) -> Result<Inspection, BackupError> {
+    let (mut r, header) = open_stream(path)?;
+    if let Some(c) = expected_cluster {
+        check_cluster(&header, c).map_err(snap_err(path))?;
+    }
+    let mut counts = BTreeMap::new();
+    let mut tasks_by_status = BTreeMap::new();
+    let mut index = 0u64;
+    while let Some((kind, data)) = r.next_record().map_err(snap_err(path))? {
+        let e = decode_entity(path, index, kind, &data)?;
+        *counts.entry(kind_name(kind)).or_insert(0) += 1;
+        if let Some(entity::Entity::Task(t)) = &e.entity {
+            let s = ScheduleStatus::try_from(t.status)
+                .map(|s| {
+                    s.as_str_name()
+                        .trim_start_matches("SCHEDULE_STATUS_")
+                        .to_string()
+                })
+                .unwrap_or_else(|_| format!("UNKNOWN({})", t.status));
+            *tasks_by_status.entry(s).or_insert(0) += 1;
+        }
+        index += 1;
+    }
+    Ok(Inspection {
+        header,
+        records: index,
+        stream_bytes: r.offset(),
+        counts,
+        tasks_by_status,
+    })
+}
+
+/// Loads the snapshot file at `path` into `state` as its whole new content
+/// at `position` (see [`StateStore::replace_all`]), checking the cluster id
+/// when `expected_cluster` is given. The state changes only if the whole
+/// file checked out. Returns the file's header.
+pub fn load_into(
+    state: &StateStore,
+    path: &Path,
+    position: u64,
+    expected_cluster: Option<&str>,
+) -> Result<SnapshotHeader, BackupError> {
+    let (r, header) = open_stream(path)?;
+    if let Some(c) = expected_cluster {
+        check_cluster(&header, c).map_err(snap_err(path))?;
+    }
+    load_stream(state, path, r, position)?;
+    Ok(header)
+}
+
+/// Like [`load_into`] for a stream already opened.
+pub fn load_stream<R: Read>(
+    state: &StateStore,
+    path: &Path,
+    mut r: SnapshotReader<R>,
+    position: u64,
+) -> Result<(), BackupError> {
+    let mut failure: Option<BackupError> = None;
+    let mut index = 0u64;
+    let entities = std::iter::from_fn(|| {
+        if failure.is_some() {
+            return None;
+        }
+        match r.next_record() {
+            Ok(Some((kind, data))) => {
+                let item = decode_entity(path, index, kind, &data);
+                index += 1;
+                match item {
+                    Ok(e) => Some(Ok::<Entity, BackupError>(e)),
+                    Err(e) => {
+                        let msg = e.to_string();
+                        failure = Some(e);
+                        Some(Err(BackupError::BadRecord {
+                            path: path.to_path_buf(),
+                            index,
+                            kind,
+                            reason: msg,
+                        }))
+                    }
+                }
+            }
+            Ok(None) => None,
+            Err(e) => {
+                let msg = e.to_string();
+                failure = Some(snap_err(path)(e));
+                Some(Err(BackupError::Snapshot {
+                    path: path.to_path_buf(),
+                    source: SnapshotError::InvalidInput { reason: msg },
+                }))
+            }
+        }
+    });
+    let result = state.replace_all(position, entities);
+    if let Some(f) = failure {
+        return Err(f);
+    }
+    result?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_sort_and_match() {
+        assert_eq!(minute_stamp(0), "1970-01-01-00-00");
+        assert_eq!(minute_stamp(1_795_000_000_000), "2026-11-18-11-06");
+        assert!(is_backup_name("scheduler-backup-2026-11-22-06-15"));
+        assert!(is_backup_name("scheduler-backup-2026-11-22-06-15-12"));
+        assert!(!is_backup_name(".scheduler-backup-2026-11-22-06-15.tmp"));
+        assert!(!is_backup_name("scheduler-backup-2026-11-22-06-1"));
+        assert!(!is_backup_name("scheduler-backup-2026-11-22-06-15-"));
+        assert!(!is_backup_name("scheduler-backup-2026-11-22-06-15x"));
+        let mut v = vec![
+            "scheduler-backup-2026-11-22-06-15-10",
+            "scheduler-backup-2026-11-22-06-15-2",
+            "scheduler-backup-2026-11-22-06-15",
+            "scheduler-backup-2025-01-01-00-00",
+        ];
+        v.sort_by_key(|n| backup_order(n));
+        assert_eq!(
+            v,
+            [
+                "scheduler-backup-2025-01-01-00-00",
+                "scheduler-backup-2026-11-22-06-15",
+                "scheduler-backup-2026-11-22-06-15-2",
+                "scheduler-backup-2026-11-22-06-15-10",
+            ]
+        );
+    }
+}

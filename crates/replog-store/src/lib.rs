@@ -1,0 +1,18 @@
+//! The scheduler-state store on the replicated log.
+//!
+//! A scheduler writes typed transactions (`replog.state.v1.Transaction`);
+//! the store encodes each one as log records ([`record`]), appends them
+//! through the log's writer, and every replica applies the committed
+//! records, in log order, to its state (`replog-state`).
+//!
+//! Invariants:
+//! - the log holds only [`record`] encodings; an entry that is not one is
+//!   reported and skipped, never guessed at;
+//! - a transaction too big for one entry is framed and applied whole at the
+//!   position of its last part, or not at all.
+
+pub mod backup;
+pub mod record;
+pub mod store;
+
+pub use store::{ApplyProgress, SchedulerStore, StoreError, StoreOptions};
