@@ -62,13 +62,7 @@ pub enum BackupCommand {
 #[derive(Debug, clap::Args)]
 pub struct StateArgs {
     /// Replica servers of the cluster: `host:port,host:port`.
-    #[arg(
-        long,
-        env = "REPLOG_ENDPOINTS",
-        value_delimiter = ',',
-        required = true,
-        global = true
-    )]
+    #[arg(long, env = "REPLOG_ENDPOINTS", value_delimiter = ',', required = true)]
     pub endpoint: Vec<String>,
     #[command(subcommand)]
     pub command: StateCommand,
@@ -566,4 +560,74 @@ pub fn take_backup(endpoints: &[String], dir: &std::path::Path, max_saved: usize
         }
     }
     bail!("no backup taken: {}", errors.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn backup_and_state_flags() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["replog"].iter().chain(args));
+        let Command::Backup(b) = parse(&["backup", "--endpoint", "a:1,b:2", "--dir", "/d"])
+            .unwrap()
+            .command
+        else {
+            panic!("not a backup")
+        };
+        assert_eq!(b.endpoint, ["a:1", "b:2"]);
+        assert_eq!(b.max_saved, 48);
+        assert!(b.command.is_none());
+        let Command::Backup(b) = parse(&["backup", "verify", "/f"]).unwrap().command else {
+            panic!("not a backup")
+        };
+        assert!(matches!(b.command, Some(BackupCommand::Verify { .. })));
+        assert!(
+            parse(&["backup", "--dir", "/d"]).is_err(),
+            "needs --endpoint"
+        );
+        assert!(
+            parse(&["backup", "--endpoint", "a:1"]).is_err(),
+            "needs --dir"
+        );
+        let Command::State(s) = parse(&[
+            "state",
+            "--endpoint",
+            "a:1",
+            "tasks",
+            "--role",
+            "www",
+            "--status",
+            "running,PENDING",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not state")
+        };
+        let StateCommand::Tasks { query } = s.command else {
+            panic!("not tasks")
+        };
+        let req = query.to_request(ReadMode::Local).unwrap();
+        assert_eq!(req.role, "www");
+        assert_eq!(
+            req.statuses,
+            [
+                ScheduleStatus::Running as i32,
+                ScheduleStatus::Pending as i32
+            ]
+        );
+        let bad = TaskQueryArgs {
+            status: vec!["SLEEPING".into()],
+            ..query
+        };
+        assert!(bad.to_request(ReadMode::Local).is_err());
+    }
 }

@@ -194,7 +194,15 @@ impl BackupDir {
         let tmp = self.dir.join(format!(".{name}.tmp"));
         let target = self.dir.join(&name);
         let result = (|| {
-            let f = File::create(&tmp).map_err(io_err(&tmp))?;
+            // Readable too: the caller may check what it wrote before the
+            // file gets its final name.
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(io_err(&tmp))?;
             let mut w = BufWriter::with_capacity(1 << 20, f);
             let out = write(&mut w)?;
             let f = w.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
