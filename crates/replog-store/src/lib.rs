@@ -13,6 +13,8 @@
 
 pub mod backup;
 pub mod record;
+pub mod staging;
 pub mod store;
 
+pub use staging::{Staged, Staging, StagingError};
 pub use store::{ApplyProgress, SchedulerStore, StoreError, StoreOptions};

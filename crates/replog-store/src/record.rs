@@ -22,7 +22,7 @@
 use bytes::Bytes;
 use prost::Message;
 use replog_proto::state::Transaction;
-use replog_proto::store::{log_record, FramedBegin, FramedPart, LogRecord};
+use replog_proto::store::{log_record, FramedBegin, FramedKind, FramedPart, LogRecord};
 
 /// Bytes a record adds around a part's data, at most (field tags, lengths
 /// and the id and index varints).
@@ -61,35 +61,60 @@ pub fn encode_transaction(
     if single.encoded_len() <= max_entry_bytes {
         return Ok(vec![Bytes::from(single.encode_to_vec())]);
     }
+    let parts: Vec<&[u8]> = body.chunks(part_bytes(max_entry_bytes)?).collect();
+    let mut out = Vec::with_capacity(parts.len() + 1);
+    out.push(framed_begin(
+        id,
+        FramedKind::Transaction,
+        body.len() as u64,
+        crc32c::crc32c(&body),
+        parts.len() as u32,
+    ));
+    for (index, data) in parts.into_iter().enumerate() {
+        let rec = framed_part(id, index as u32, Bytes::copy_from_slice(data));
+        debug_assert!(rec.len() <= max_entry_bytes);
+        out.push(rec);
+    }
+    Ok(out)
+}
+
+/// The usable data bytes of one part when entries are at most
+/// `max_entry_bytes`.
+pub fn part_bytes(max_entry_bytes: usize) -> Result<usize, RecordError> {
     if max_entry_bytes <= PART_OVERHEAD {
         return Err(RecordError::EntryLimitTooSmall(max_entry_bytes));
     }
-    let part_bytes = max_entry_bytes - PART_OVERHEAD;
-    let parts: Vec<&[u8]> = body.chunks(part_bytes).collect();
-    let mut out = Vec::with_capacity(parts.len() + 1);
-    out.push(Bytes::from(
+    Ok(max_entry_bytes - PART_OVERHEAD)
+}
+
+/// The begin record of a framed write.
+pub fn framed_begin(id: u64, kind: FramedKind, total_bytes: u64, crc: u32, parts: u32) -> Bytes {
+    Bytes::from(
         LogRecord {
             record: Some(log_record::Record::FramedBegin(FramedBegin {
                 id,
-                total_bytes: body.len() as u64,
-                crc32c: crc32c::crc32c(&body),
-                part_count: parts.len() as u32,
+                total_bytes,
+                crc32c: crc,
+                part_count: parts,
+                kind: kind as i32,
             })),
         }
         .encode_to_vec(),
-    ));
-    for (index, data) in parts.into_iter().enumerate() {
-        let rec = LogRecord {
+    )
+}
+
+/// Part `index` of framed write `id`.
+pub fn framed_part(id: u64, index: u32, data: Bytes) -> Bytes {
+    Bytes::from(
+        LogRecord {
             record: Some(log_record::Record::FramedPart(FramedPart {
                 id,
-                index: index as u32,
-                data: Bytes::copy_from_slice(data),
+                index,
+                data,
             })),
-        };
-        debug_assert!(rec.encoded_len() <= max_entry_bytes);
-        out.push(Bytes::from(rec.encode_to_vec()));
-    }
-    Ok(out)
+        }
+        .encode_to_vec(),
+    )
 }
 
 /// Decodes one log entry as a record.
@@ -112,6 +137,17 @@ pub fn decode_record(position: u64, data: &[u8]) -> Result<LogRecord, RecordErro
 pub enum Assembled {
     /// Apply this transaction at this position.
     Apply { position: u64, txn: Transaction },
+    /// A state replacement began: spool the parts that follow.
+    ReplaceBegin {
+        id: u64,
+        begun_at: u64,
+        total_bytes: u64,
+    },
+    /// The next slice of replacement `id` (in order).
+    ReplacePart { id: u64, data: Bytes },
+    /// Replacement `id` arrived whole (size and crc32c checked): replace
+    /// the state with it at `position`.
+    Replace { id: u64, position: u64 },
     /// The framed write that began at `begun_at` will never complete.
     Aborted {
         id: u64,
@@ -122,24 +158,35 @@ pub enum Assembled {
 
 struct Partial {
     id: u64,
+    kind: FramedKind,
     begun_at: u64,
-    total: usize,
+    total: u64,
     crc: u32,
     parts: u32,
     next: u32,
+    /// Bytes received and their running crc32c.
+    received: u64,
+    running_crc: u32,
+    /// A transaction's bytes (a replacement's go to the caller instead).
     buf: Vec<u8>,
 }
 
 /// Puts framed transactions back together (see the module docs).
 pub struct Reassembler {
     max_transaction_bytes: usize,
+    max_replacement_bytes: u64,
     open: Option<Partial>,
 }
+
+/// Largest state replacement a reader accepts by default (1 TiB: it is
+/// spooled to disk, so the bound is only against nonsense).
+pub const DEFAULT_MAX_REPLACEMENT_BYTES: u64 = 1 << 40;
 
 impl Reassembler {
     pub fn new(max_transaction_bytes: usize) -> Self {
         Reassembler {
             max_transaction_bytes,
+            max_replacement_bytes: DEFAULT_MAX_REPLACEMENT_BYTES,
             open: None,
         }
     }
@@ -181,26 +228,46 @@ impl Reassembler {
                     format!("another framed write began at position {position}"),
                     out,
                 );
-                let total = b.total_bytes as usize;
-                if b.total_bytes > self.max_transaction_bytes as u64 || b.part_count == 0 {
+                let kind = FramedKind::try_from(b.kind).ok();
+                let limit = match kind {
+                    Some(FramedKind::Transaction) => self.max_transaction_bytes as u64,
+                    Some(FramedKind::StateReplacement) => self.max_replacement_bytes,
+                    None => 0,
+                };
+                let (Some(kind), true) = (kind, b.total_bytes <= limit && b.part_count > 0) else {
                     out.push(Assembled::Aborted {
                         id: b.id,
                         begun_at: position,
                         reason: format!(
-                            "it announces {} bytes in {} parts (limit {} bytes)",
-                            b.total_bytes, b.part_count, self.max_transaction_bytes
+                            "it announces {} bytes of kind {} in {} parts (limit {limit} bytes)",
+                            b.total_bytes, b.kind, b.part_count
                         ),
                     });
                     return;
+                };
+                if kind == FramedKind::StateReplacement {
+                    out.push(Assembled::ReplaceBegin {
+                        id: b.id,
+                        begun_at: position,
+                        total_bytes: b.total_bytes,
+                    });
                 }
                 self.open = Some(Partial {
                     id: b.id,
+                    kind,
                     begun_at: position,
-                    total,
+                    total: b.total_bytes,
                     crc: b.crc32c,
                     parts: b.part_count,
                     next: 0,
-                    buf: Vec::with_capacity(total.min(16 << 20)),
+                    received: 0,
+                    running_crc: 0,
+                    buf: match kind {
+                        FramedKind::Transaction => {
+                            Vec::with_capacity((b.total_bytes as usize).min(16 << 20))
+                        }
+                        FramedKind::StateReplacement => Vec::new(),
+                    },
                 });
             }
             Some(log_record::Record::FramedPart(part)) => {
@@ -217,7 +284,7 @@ impl Reassembler {
                     self.abort(why, out);
                     return;
                 }
-                if p.buf.len() + part.data.len() > p.total {
+                if p.received + part.data.len() as u64 > p.total {
                     let why = format!(
                         "its parts exceed the announced {} bytes at position {position}",
                         p.total
@@ -225,32 +292,43 @@ impl Reassembler {
                     self.abort(why, out);
                     return;
                 }
-                p.buf.extend_from_slice(&part.data);
+                p.received += part.data.len() as u64;
+                p.running_crc = crc32c::crc32c_append(p.running_crc, &part.data);
+                match p.kind {
+                    FramedKind::Transaction => p.buf.extend_from_slice(&part.data),
+                    FramedKind::StateReplacement => out.push(Assembled::ReplacePart {
+                        id: p.id,
+                        data: part.data,
+                    }),
+                }
                 p.next += 1;
                 if p.next < p.parts {
                     return;
                 }
                 let p = self.open.take().expect("open above");
-                if p.buf.len() != p.total || crc32c::crc32c(&p.buf) != p.crc {
+                if p.received != p.total || p.running_crc != p.crc {
                     out.push(Assembled::Aborted {
                         id: p.id,
                         begun_at: p.begun_at,
                         reason: format!(
                             "its {} bytes do not match the announced size {} and crc32c {:#010x}",
-                            p.buf.len(),
-                            p.total,
-                            p.crc
+                            p.received, p.total, p.crc
                         ),
                     });
                     return;
                 }
-                match Transaction::decode(p.buf.as_slice()) {
-                    Ok(txn) => out.push(Assembled::Apply { position, txn }),
-                    Err(e) => out.push(Assembled::Aborted {
-                        id: p.id,
-                        begun_at: p.begun_at,
-                        reason: format!("its bytes are not a transaction: {e}"),
-                    }),
+                match p.kind {
+                    FramedKind::StateReplacement => {
+                        out.push(Assembled::Replace { id: p.id, position })
+                    }
+                    FramedKind::Transaction => match Transaction::decode(p.buf.as_slice()) {
+                        Ok(txn) => out.push(Assembled::Apply { position, txn }),
+                        Err(e) => out.push(Assembled::Aborted {
+                            id: p.id,
+                            begun_at: p.begun_at,
+                            reason: format!("its bytes are not a transaction: {e}"),
+                        }),
+                    },
                 }
             }
         }
@@ -419,6 +497,83 @@ mod tests {
         assert_eq!(out.len(), 1, "{out:?}");
         assert!(matches!(&out[0], Assembled::Aborted { reason, .. } if reason.contains("limit")));
         assert_eq!(r.in_progress(), None);
+    }
+
+    fn replacement(id: u64, data: &[u8], part: usize) -> Vec<Bytes> {
+        let parts: Vec<&[u8]> = data.chunks(part).collect();
+        let mut v = vec![framed_begin(
+            id,
+            FramedKind::StateReplacement,
+            data.len() as u64,
+            crc32c::crc32c(data),
+            parts.len() as u32,
+        )];
+        for (i, d) in parts.into_iter().enumerate() {
+            v.push(framed_part(id, i as u32, Bytes::copy_from_slice(d)));
+        }
+        v
+    }
+
+    #[test]
+    fn a_replacement_is_streamed_out_and_completes_at_its_last_part() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let e = replacement(9, &data, 1000);
+        let mut r = Reassembler::new(1000);
+        let out = feed(&e, 50, &mut r);
+        assert_eq!(
+            out[0],
+            Assembled::ReplaceBegin {
+                id: 9,
+                begun_at: 50,
+                total_bytes: 10_000
+            }
+        );
+        let mut spooled = Vec::new();
+        for o in &out[1..out.len() - 1] {
+            let Assembled::ReplacePart { id: 9, data } = o else {
+                panic!("{o:?}")
+            };
+            spooled.extend_from_slice(data);
+        }
+        assert_eq!(spooled, data);
+        assert_eq!(
+            out.last().unwrap(),
+            &Assembled::Replace {
+                id: 9,
+                position: 50 + 10
+            }
+        );
+        // Not a transaction: the transaction limit does not apply to it,
+        // and nothing of it was buffered.
+        assert_eq!(r.in_progress(), None);
+    }
+
+    #[test]
+    fn a_replacement_interrupted_or_damaged_is_aborted() {
+        let data = vec![5u8; 5000];
+        let mut e = replacement(1, &data, 1000);
+        e.insert(
+            3,
+            encode_transaction(&remove("x"), 2, 1 << 20, 1 << 20).unwrap()[0].clone(),
+        );
+        let mut r = Reassembler::new(1 << 20);
+        let out = feed(&e, 1, &mut r);
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Assembled::Aborted { id: 1, .. })));
+        assert!(!out.iter().any(|o| matches!(o, Assembled::Replace { .. })));
+
+        // Same size, one byte changed in a part: the crc32c catches it.
+        let mut bad = data.clone();
+        bad[4321] ^= 1;
+        let mut e = replacement(1, &data, 1000);
+        let damaged = replacement(1, &bad, 1000);
+        e[5] = damaged[5].clone();
+        let mut r = Reassembler::new(1 << 20);
+        let out = feed(&e, 1, &mut r);
+        assert!(
+            matches!(out.last().unwrap(), Assembled::Aborted { reason, .. } if reason.contains("crc32c"))
+        );
     }
 
     #[test]

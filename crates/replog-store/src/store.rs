@@ -20,11 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use replog_log::{Log, LogError, Position, Reader, Writer};
+use replog_log::{Log, LogError, Position, Writer};
 use replog_proto::state::Transaction;
 use replog_state::{Applied, StateError, StateStore};
 use tokio::sync::{watch, RwLock};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::record::{decode_record, encode_transaction, Assembled, Reassembler, RecordError};
 
@@ -59,6 +59,15 @@ pub enum StoreError {
     Stopped(String),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// The whole state was replaced at `position` (a staged recovery was
+    /// committed) after this replica's writer started: reload the state
+    /// and start writing again.
+    #[error("the state was replaced at position {position} (a staged recovery was committed): reload it, then write again")]
+    StateReplaced { position: u64 },
+    #[error(transparent)]
+    Staging(#[from] crate::staging::StagingError),
+    #[error("{0}")]
+    Io(String),
 }
 
 /// Limits of a store.
@@ -89,6 +98,10 @@ pub struct ApplyProgress {
     pub applied: u64,
     /// Why the applier stopped, if it did.
     pub failure: Option<String>,
+    /// The position of the last state replacement (a committed staged
+    /// recovery) this replica applied since start: everyone holding state
+    /// read before it must reload.
+    pub replaced_at: Option<u64>,
 }
 
 struct Shared {
@@ -105,6 +118,8 @@ pub struct SchedulerStore {
     log: Arc<Log>,
     opts: StoreOptions,
     writer: RwLock<Option<Writer>>,
+    /// The applied position when the current writer started.
+    writer_started_at: AtomicU64,
     next_frame_id: AtomicU64,
     applier: tokio::task::JoinHandle<()>,
 }
@@ -117,6 +132,7 @@ impl SchedulerStore {
         let (progress, _) = watch::channel(ApplyProgress {
             applied: state.applied(),
             failure: None,
+            replaced_at: None,
         });
         let shared = Arc::new(Shared {
             state,
@@ -126,8 +142,7 @@ impl SchedulerStore {
         });
         let applier = tokio::spawn(apply_loop(
             shared.clone(),
-            log.reader(),
-            log.watch_leadership(),
+            log.clone(),
             opts.max_transaction_bytes,
         ));
         let seed = std::time::SystemTime::now()
@@ -139,6 +154,7 @@ impl SchedulerStore {
             log,
             opts,
             writer: RwLock::new(None),
+            writer_started_at: AtomicU64::new(0),
             next_frame_id: AtomicU64::new(seed),
             applier,
         }
@@ -208,8 +224,10 @@ impl SchedulerStore {
     pub async fn start_writer(&self) -> Result<u64, StoreError> {
         let mut w = self.log.writer();
         let at = w.start().await?.value();
-        *self.writer.write().await = Some(w);
         self.wait_applied(at).await?;
+        self.writer_started_at
+            .store(self.applied(), Ordering::SeqCst);
+        *self.writer.write().await = Some(w);
         Ok(at)
     }
 
@@ -217,6 +235,15 @@ impl SchedulerStore {
     /// this replica leads (again) in a later term. A writer of an ended
     /// term is never reused: its appends fail with `LeadershipLost`.
     async fn ensure_writer(&self) -> Result<(), StoreError> {
+        let replaced = self.shared.progress.borrow().replaced_at;
+        if let Some(position) = replaced {
+            if position > self.writer_started_at.load(Ordering::SeqCst)
+                && self.writer.write().await.take().is_some()
+            {
+                // Once per writer: the next submit starts a new one.
+                return Err(StoreError::StateReplaced { position });
+            }
+        }
         let p = self.log.progress();
         if let Some(w) = self.writer.read().await.as_ref() {
             if w.term() == Some(p.term) {
@@ -270,9 +297,131 @@ impl SchedulerStore {
         Ok(position)
     }
 
-    /// Stops the applier.
+    /// Commits the staged recovery: replicates the staged state through the
+    /// log as one framed state replacement, waits until this replica
+    /// applied it (every replica swaps its whole state at that one
+    /// position), clears the staging area, and steps down as leader so the
+    /// scheduler fails over and reloads. Returns the position of the swap.
+    pub async fn commit_recovery(
+        &self,
+        staging: &Arc<crate::staging::Staging>,
+    ) -> Result<u64, StoreError> {
+        let staged = staging
+            .staged()?
+            .ok_or(crate::staging::StagingError::NothingStaged)?;
+        self.ensure_writer().await?;
+        let meta = self.log.meta();
+        let id = crate::backup::SnapshotIdentity {
+            cluster_id: meta.cluster_id.clone(),
+            term: self.log.progress().term,
+            voters: meta.conf_state.voters.clone(),
+            learners: meta.conf_state.learners.clone(),
+            labels: staged.header.labels.clone().into_iter().collect(),
+        };
+        // Spool the staged state to a file (constant memory), then append it
+        // in parts.
+        let path = self
+            .log
+            .path()
+            .join(format!("commit-recovery-{}.snapshot", std::process::id()));
+        let (total, crc) = {
+            let path = path.clone();
+            let staging = staging.clone();
+            tokio::task::spawn_blocking(move || -> Result<(u64, u32), StoreError> {
+                let f = std::fs::File::create(&path).map_err(|e| StoreError::Io(e.to_string()))?;
+                let w = CrcWriter {
+                    inner: std::io::BufWriter::with_capacity(1 << 20, f),
+                    crc: 0,
+                    bytes: 0,
+                };
+                let (w, _) = crate::backup::write_state(staging.state(), &id, w, |_| {})
+                    .map_err(|e| StoreError::Io(e.to_string()))?;
+                w.inner
+                    .into_inner()
+                    .map_err(|e| StoreError::Io(e.into_error().to_string()))?;
+                Ok((w.bytes, w.crc))
+            })
+            .await
+            .map_err(|e| StoreError::Io(e.to_string()))??
+        };
+        let result = self.append_replacement(&path, total, crc).await;
+        let _ = std::fs::remove_file(&path);
+        let position = result?;
+        self.wait_applied(position).await?;
+        staging.clear()?;
+        // Step down: the scheduler on this host fails over and reloads.
+        let me = meta.replica_id;
+        if let Some(other) = self
+            .log
+            .meta()
+            .conf_state
+            .voters
+            .iter()
+            .copied()
+            .find(|v| *v != me)
+        {
+            if let Err(e) = self.log.transfer_leader(other) {
+                warn!(error = %e, to = other, "could not hand leadership over after the recovery commit");
+            }
+        }
+        Ok(position)
+    }
+
+    async fn append_replacement(
+        &self,
+        path: &std::path::Path,
+        total: u64,
+        crc: u32,
+    ) -> Result<u64, StoreError> {
+        use std::io::Read;
+        let part = crate::record::part_bytes(self.opts.max_entry_bytes)?;
+        let parts = total.div_ceil(part as u64).max(1) as u32;
+        let id = self.next_frame_id.fetch_add(1, Ordering::Relaxed);
+        let guard = self.writer.write().await;
+        let w = guard.as_ref().ok_or(LogError::WriterNotStarted)?;
+        w.append(crate::record::framed_begin(
+            id,
+            replog_proto::store::FramedKind::StateReplacement,
+            total,
+            crc,
+            parts,
+        ))
+        .await?;
+        let mut f = std::io::BufReader::new(
+            std::fs::File::open(path).map_err(|e| StoreError::Io(e.to_string()))?,
+        );
+        let mut last = Position::new(0);
+        for index in 0..parts {
+            let mut buf = vec![0u8; part];
+            let mut n = 0;
+            while n < part {
+                let k = f
+                    .read(&mut buf[n..])
+                    .map_err(|e| StoreError::Io(e.to_string()))?;
+                if k == 0 {
+                    break;
+                }
+                n += k;
+            }
+            buf.truncate(n);
+            last = w
+                .append(crate::record::framed_part(id, index, buf.into()))
+                .await?;
+        }
+        Ok(last.value())
+    }
+
+    /// Stops the applier (it lets go of the log once its task ends; see
+    /// [`Self::shutdown`] to wait for that).
     pub fn close(&self) {
         self.applier.abort();
+    }
+
+    /// Stops the applier and waits until it let go of the log, so that the
+    /// replica's directory can be opened again once the store is dropped.
+    pub async fn shutdown(mut self) {
+        self.applier.abort();
+        let _ = (&mut self.applier).await;
     }
 }
 
@@ -282,12 +431,11 @@ impl Drop for SchedulerStore {
     }
 }
 
-async fn apply_loop(
-    shared: Arc<Shared>,
-    reader: Reader,
-    mut log_progress: watch::Receiver<replog_log::Progress>,
-    max_transaction_bytes: usize,
-) {
+async fn apply_loop(shared: Arc<Shared>, log: Arc<Log>, max_transaction_bytes: usize) {
+    let reader = log.reader();
+    let mut log_progress = log.watch_leadership();
+    let mut spool: Option<Spool> = None;
+    Spool::remove_stale(log.path());
     let mut reassembler = Reassembler::new(max_transaction_bytes);
     // Next position to read; the state applied everything before it.
     let mut next = shared.state.applied() + 1;
@@ -358,6 +506,67 @@ async fn apply_loop(
                     } => {
                         shared.aborted_writes.fetch_add(1, Ordering::Relaxed);
                         warn!(id, begun_at, %reason, "skipping an aborted framed write");
+                        if let Some(s) = spool.take() {
+                            s.discard();
+                        }
+                    }
+                    Assembled::ReplaceBegin {
+                        id,
+                        begun_at,
+                        total_bytes,
+                    } => {
+                        info!(id, begun_at, total_bytes, "a state replacement begins");
+                        match Spool::create(log.path(), id) {
+                            Ok(s) => spool = Some(s),
+                            Err(e) => {
+                                fail(format!("cannot spool the state replacement: {e}"));
+                                return;
+                            }
+                        }
+                    }
+                    Assembled::ReplacePart { id, data } => {
+                        let Some(s) = spool.as_mut().filter(|s| s.id == id) else {
+                            fail(format!("a part of replacement {id} without its spool"));
+                            return;
+                        };
+                        if let Err(e) = s.write(&data) {
+                            fail(format!("cannot spool the state replacement: {e}"));
+                            return;
+                        }
+                    }
+                    Assembled::Replace { id, position } => {
+                        let Some(s) = spool.take().filter(|s| s.id == id) else {
+                            fail(format!("replacement {id} completed without its spool"));
+                            return;
+                        };
+                        let state = shared.clone();
+                        let result = tokio::task::spawn_blocking(move || {
+                            let path = s.finish()?;
+                            let r = crate::backup::load_into(&state.state, &path, position, None);
+                            let _ = std::fs::remove_file(&path);
+                            r.map_err(|e| e.to_string())
+                        })
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r);
+                        match result {
+                            Ok(header) => {
+                                warn!(
+                                    position,
+                                    backup_position = header.position,
+                                    cluster = %header.cluster_id,
+                                    "the whole state was replaced (a staged recovery was committed); everyone must reload"
+                                );
+                                shared.progress.send_modify(|p| {
+                                    p.applied = position;
+                                    p.replaced_at = Some(position);
+                                });
+                            }
+                            Err(e) => {
+                                fail(format!("replacing the state at position {position}: {e}"));
+                                return;
+                            }
+                        }
                     }
                 }
             }
@@ -382,5 +591,75 @@ async fn apply_loop(
             changed
         });
         next = to + 1;
+    }
+}
+
+/// A state replacement being received: its bytes go to a file in the
+/// replica's directory (never to memory), removed once applied or aborted.
+struct Spool {
+    id: u64,
+    path: std::path::PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+}
+
+const SPOOL_PREFIX: &str = "state-replacement-";
+
+impl Spool {
+    fn create(dir: &std::path::Path, id: u64) -> std::io::Result<Spool> {
+        let path = dir.join(format!("{SPOOL_PREFIX}{id}.spool"));
+        let file = std::fs::File::create(&path)?;
+        Ok(Spool {
+            id,
+            path,
+            file: std::io::BufWriter::with_capacity(1 << 20, file),
+        })
+    }
+
+    fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.file.write_all(data)
+    }
+
+    fn finish(self) -> Result<std::path::PathBuf, String> {
+        self.file
+            .into_inner()
+            .map_err(|e| e.into_error().to_string())?;
+        Ok(self.path)
+    }
+
+    fn discard(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    /// Spools left by a replica that stopped while receiving one (the
+    /// replacement is read again from the log).
+    fn remove_stale(dir: &std::path::Path) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(SPOOL_PREFIX) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+/// A writer that counts and checksums what passes through it.
+struct CrcWriter<W> {
+    inner: W,
+    crc: u32,
+    bytes: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }

@@ -137,7 +137,9 @@ async fn writes_apply_through_the_log_and_survive_a_restart() {
             .await
             .unwrap();
         assert_eq!(store.aborted_writes(), 0);
-        (store.state().state_hash().unwrap(), store.applied())
+        let out = (store.state().state_hash().unwrap(), store.applied());
+        store.shutdown().await;
+        out
     };
     // Reopen: the state is where it was; nothing is applied twice.
     let store = open(&path, opts);
@@ -177,4 +179,133 @@ async fn a_framed_write_cut_short_is_skipped_and_counted() {
     assert_eq!(store.aborted_writes(), 1);
     assert_eq!(store.state().counts().unwrap().total(), 1);
     assert!(store.state().task("t0").unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_recovery_replaces_the_state_at_one_position() {
+    use replog_store::backup::{write_state, BackupDir, SnapshotIdentity};
+    use replog_store::{Staging, StagingError};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r");
+    RocksStorage::initialize(&path, &InitOptions::single_replica("store-test")).unwrap();
+    let opts = StoreOptions {
+        max_entry_bytes: 8 * 1024,
+        ..StoreOptions::default()
+    };
+    let store = open(&path, opts);
+    store.start_writer().await.unwrap();
+    let statuses = [ScheduleStatus::Running, ScheduleStatus::Failed];
+    for b in 0..10 {
+        let batch: Vec<ScheduledTask> = (0..100)
+            .map(|i| {
+                let n = b * 100 + i;
+                task(
+                    &format!("t{n:04}"),
+                    &format!("role{}", n % 3),
+                    statuses[n % 2],
+                    50,
+                )
+            })
+            .collect();
+        store.submit(&save(batch)).await.unwrap();
+    }
+    // A backup, taken while the store runs.
+    let backups = BackupDir::new(dir.path().join("backups"), 3).unwrap();
+    let id = SnapshotIdentity {
+        cluster_id: "store-test".into(),
+        ..Default::default()
+    };
+    let (file, _) = backups
+        .save(replog_storage::now_unix_ms(), |w| {
+            write_state(store.state(), &id, w, |_| {}).map(|(_, s)| s)
+        })
+        .unwrap();
+    // Changes after the backup: they will be gone after the commit.
+    store
+        .submit(&save(vec![task(
+            "late",
+            "role0",
+            ScheduleStatus::Running,
+            1,
+        )]))
+        .await
+        .unwrap();
+
+    let staging = Arc::new(Staging::open(store.log().shared_db(), store.log().path()).unwrap());
+    // Nothing staged: commit and unload are refused.
+    assert!(matches!(
+        store.commit_recovery(&staging).await,
+        Err(StoreError::Staging(StagingError::NothingStaged))
+    ));
+    assert!(matches!(staging.unload(), Err(StagingError::NothingStaged)));
+    // A damaged copy and another cluster's backup are refused; nothing staged.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let wrong = {
+        let n = bytes.len();
+        bytes[n / 2] ^= 0x10;
+        bytes.clone()
+    };
+    assert!(staging.stage(&wrong[..], Some("store-test"), 1).is_err());
+    assert!(staging.staged().unwrap().is_none());
+    let good = std::fs::File::open(&file).unwrap();
+    assert!(staging.stage(good, Some("other-cluster"), 1).is_err());
+    assert!(staging.staged().unwrap().is_none());
+
+    let staged = staging
+        .stage(std::fs::File::open(&file).unwrap(), Some("store-test"), 1)
+        .unwrap();
+    assert_eq!(staged.counts.tasks, 1000);
+    // One at a time.
+    assert!(matches!(
+        staging.stage(std::fs::File::open(&file).unwrap(), None, 2),
+        Err(StagingError::AlreadyStaged { .. })
+    ));
+    // Delete the failed tasks of role1 by query, and one task by id.
+    let q = TaskQuery {
+        role: Some("role1".into()),
+        statuses: vec![ScheduleStatus::Failed],
+        ..Default::default()
+    };
+    let doomed = staging.tasks(&q).unwrap().len() as u64;
+    assert!(doomed > 100);
+    assert_eq!(
+        staging.delete_tasks(&["t0000".into()], Some(&q)).unwrap(),
+        doomed + 1
+    );
+    let expected_hash = staging.state().state_hash().unwrap();
+
+    let position = store.commit_recovery(&staging).await.unwrap();
+    assert_eq!(store.applied(), position);
+    assert_eq!(store.state().state_hash().unwrap(), expected_hash);
+    assert!(store.state().task("late").unwrap().is_none());
+    assert_eq!(store.state().counts().unwrap().tasks, 1000 - doomed - 1);
+    assert!(staging.staged().unwrap().is_none());
+    // The writer learns the state was replaced, once; then writes again.
+    match store
+        .submit(&save(vec![task("x", "r", ScheduleStatus::Running, 1)]))
+        .await
+    {
+        Err(StoreError::StateReplaced { position: p }) => assert_eq!(p, position),
+        other => panic!("expected StateReplaced, got {other:?}"),
+    }
+    store
+        .submit(&save(vec![task("x", "r", ScheduleStatus::Running, 1)]))
+        .await
+        .unwrap();
+    let hash = store.state().state_hash().unwrap();
+    let applied = store.applied();
+    drop(staging);
+    store.shutdown().await;
+    // A restart reads the replacement from the log again, or starts past
+    // it: either way the same state.
+    let store = open(
+        &path,
+        StoreOptions {
+            max_entry_bytes: 8 * 1024,
+            ..StoreOptions::default()
+        },
+    );
+    store.wait_applied(applied).await.unwrap();
+    assert_eq!(store.state().state_hash().unwrap(), hash);
 }
