@@ -76,6 +76,13 @@ pub enum Command {
     ///
     /// Example: replog state --endpoint host1:7101 summary
     State(crate::state_cmd::StateArgs),
+    /// Staged recovery from a backup against a running cluster: list, stage,
+    /// print-tasks, delete-tasks, unload, commit (commit replaces the whole
+    /// state at one position on every replica and fails the scheduler over).
+    ///
+    /// Example: replog recovery --endpoint host1:7101 stage /var/backups/replog/scheduler-backup-2026-11-22-06-00
+    /// Example: replog recovery --endpoint host1:7101 delete-tasks --role www --status PENDING
+    Recovery(crate::state_cmd::RecoveryArgs),
     /// Operate the membership of a running cluster: list, add, remove,
     /// promote, demote, replace, transfer-leader.
     ///
@@ -261,5 +268,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo::demo(a),
         Command::Backup(a) => crate::state_cmd::backup(a),
         Command::State(a) => crate::state_cmd::state(a),
+        Command::Recovery(a) => crate::state_cmd::recovery(a),
     }
 }

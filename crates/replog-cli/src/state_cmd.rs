@@ -631,3 +631,204 @@ mod tests {
         assert!(bad.to_request(ReadMode::Local).is_err());
     }
 }
+
+// ---------------------------------------------------------------------------
+// replog recovery
+
+#[derive(Debug, clap::Args)]
+pub struct RecoveryArgs {
+    /// Replica servers of the cluster (`host:port,...`); the commands go to
+    /// the leader, which holds the staged backup.
+    #[arg(long, env = "REPLOG_ENDPOINTS", value_delimiter = ',', required = true)]
+    pub endpoint: Vec<String>,
+    #[command(subcommand)]
+    pub command: RecoveryCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum RecoveryCommand {
+    /// The backups in --dir (newest last) and what the leader has staged.
+    List {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Upload a backup file to the leader and stage it (checked whole; one
+    /// at a time).
+    Stage { file: PathBuf },
+    /// Print the staged backup's tasks matching a query.
+    PrintTasks {
+        #[command(flatten)]
+        query: TaskQueryArgs,
+    },
+    /// Delete tasks from the staged backup: by --task-id, or every task
+    /// matching the query flags.
+    DeleteTasks {
+        #[command(flatten)]
+        query: TaskQueryArgs,
+    },
+    /// Drop the staged backup.
+    Unload,
+    /// Replace the cluster's whole state with the staged backup, at one log
+    /// position on every replica; the leader then steps down so the
+    /// scheduler fails over and reloads.
+    Commit,
+}
+
+async fn leader_state_client(
+    endpoints: &[String],
+) -> Result<(String, SchedulerStateClient<Channel>)> {
+    let client = replog_client::Client::new(endpoints);
+    let leader = client
+        .leader()
+        .await
+        .context("cannot find the cluster's leader")?;
+    let c = connect(&leader).await?;
+    Ok((leader, c))
+}
+
+fn status_err(who: &str, s: tonic::Status) -> anyhow::Error {
+    let code = s
+        .metadata()
+        .get("replog-error")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    if code.is_empty() {
+        anyhow!("{who}: {}", s.message())
+    } else {
+        anyhow!("{who}: {} ({code})", s.message())
+    }
+}
+
+fn print_recovery_status(s: &replog_proto::store::RecoveryStatusResponse) {
+    if !s.staged {
+        println!("nothing staged");
+        return;
+    }
+    let created = chrono::DateTime::from_timestamp_millis(s.created_at_unix_ms as i64)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default();
+    println!(
+        "staged: backup of cluster '{}' at position {} (taken {created})",
+        s.cluster_id, s.backup_position
+    );
+    let mut counts: Vec<_> = s.counts.iter().filter(|(_, n)| **n > 0).collect();
+    counts.sort();
+    for (k, n) in counts {
+        println!("  {k:<22} {n}");
+    }
+}
+
+/// `replog recovery ...`.
+pub fn recovery(a: RecoveryArgs) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let (leader, mut c) = leader_state_client(&a.endpoint).await?;
+        match a.command {
+            RecoveryCommand::List { dir } => {
+                if let Some(dir) = dir {
+                    let backups = BackupDir::new(&dir, usize::MAX)?;
+                    for b in backups.list()? {
+                        let len = std::fs::metadata(&b).map(|m| m.len()).unwrap_or(0);
+                        println!("{}  {len} bytes", b.display());
+                    }
+                }
+                let s = c
+                    .recovery_status(replog_proto::store::RecoveryStatusRequest {})
+                    .await
+                    .map_err(|s| status_err(&leader, s))?
+                    .into_inner();
+                print_recovery_status(&s);
+            }
+            RecoveryCommand::Stage { file } => {
+                let f = std::fs::File::open(&file)
+                    .with_context(|| format!("cannot open {}", file.display()))?;
+                // Upload one frame per message, as the file holds them.
+                let (tx, rx) = tokio::sync::mpsc::channel(8);
+                let reader = tokio::task::spawn_blocking(move || -> Result<()> {
+                    use std::io::Read;
+                    let mut f = std::io::BufReader::with_capacity(1 << 20, f);
+                    let mut splitter = replog_snapshot::FrameSplitter::new(|piece| {
+                        tx.blocking_send(replog_proto::store::SnapshotFrame { data: piece })
+                            .map_err(|_| std::io::Error::other("the upload stopped"))
+                    });
+                    let mut buf = vec![0u8; 1 << 20];
+                    loop {
+                        let n = f.read(&mut buf)?;
+                        if n == 0 {
+                            break;
+                        }
+                        splitter.write_all(&buf[..n])?;
+                    }
+                    let _sink = splitter
+                        .finish()
+                        .context("the file does not end on a whole frame (truncated?)")?;
+                    Ok(())
+                });
+                let r = c
+                    .stage_recovery(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await;
+                let read = reader.await.context("the file reader panicked")?;
+                let s = r.map_err(|s| status_err(&leader, s))?.into_inner();
+                read.with_context(|| format!("reading {}", file.display()))?;
+                println!("staged {} on {leader}", file.display());
+                print_recovery_status(&s);
+            }
+            RecoveryCommand::PrintTasks { query } => {
+                let mut s = c
+                    .recovery_tasks(query.to_request(ReadMode::Local)?)
+                    .await
+                    .map_err(|s| status_err(&leader, s))?
+                    .into_inner();
+                print_task_header();
+                while let Some(t) = s.message().await.map_err(|s| status_err(&leader, s))? {
+                    print_task(&t);
+                }
+            }
+            RecoveryCommand::DeleteTasks { query } => {
+                let ids = query.task_id.clone();
+                let q = TaskQueryArgs {
+                    task_id: Vec::new(),
+                    ..query
+                };
+                let any_filter = q.role.is_some()
+                    || q.environment.is_some()
+                    || q.job.is_some()
+                    || !q.status.is_empty()
+                    || q.host.is_some();
+                if ids.is_empty() && !any_filter {
+                    bail!("name --task-id or query flags (--role, --job, --status, ...): deleting every task is not a query");
+                }
+                let r = c
+                    .delete_recovery_tasks(replog_proto::store::DeleteRecoveryTasksRequest {
+                        task_ids: ids,
+                        query: any_filter
+                            .then(|| q.to_request(ReadMode::Local))
+                            .transpose()?,
+                    })
+                    .await
+                    .map_err(|s| status_err(&leader, s))?
+                    .into_inner();
+                println!("deleted {} tasks from the staged backup", r.deleted);
+            }
+            RecoveryCommand::Unload => {
+                c.unload_recovery(replog_proto::store::UnloadRecoveryRequest {})
+                    .await
+                    .map_err(|s| status_err(&leader, s))?;
+                println!("unloaded the staged backup");
+            }
+            RecoveryCommand::Commit => {
+                let r = c
+                    .commit_recovery(replog_proto::store::CommitRecoveryRequest {})
+                    .await
+                    .map_err(|s| status_err(&leader, s))?
+                    .into_inner();
+                println!(
+                    "committed: every replica replaced its state at position {}; {leader} stepped down, the scheduler fails over and reloads",
+                    r.position
+                );
+            }
+        }
+        Ok(())
+    })
+}

@@ -30,8 +30,8 @@ use std::time::Duration;
 use replog_log::{ClusterOptions, Envelope, Log, LogError, LogOptions, PeerLink, ReplicaStatus};
 use replog_state::{Limits as StateLimits, StateStore};
 use replog_storage::{InitOptions, Member, RocksStorage, StorageError, CF_STATE};
-use replog_store::SchedulerStore;
 pub use replog_store::StoreOptions;
+use replog_store::{SchedulerStore, Staging};
 use replog_transport::{Transport, TransportConfig, TransportError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -245,24 +245,29 @@ impl ReplicaServer {
             source,
         })?;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let store = match &config.state {
+        let (store, staging) = match &config.state {
             Some(opts) => {
                 let state = StateStore::open(log.shared_db(), CF_STATE, StateLimits::default())
                     .map_err(|e| {
                         ServerError::Config(format!("cannot open the state store: {e}"))
                     })?;
-                Some(Arc::new(SchedulerStore::start(
-                    log.clone(),
-                    state,
-                    opts.clone(),
-                )))
+                let staging = Staging::open(log.shared_db(), log.path()).map_err(|e| {
+                    ServerError::Config(format!("cannot open the staging area: {e}"))
+                })?;
+                let store = Arc::new(SchedulerStore::start(log.clone(), state, opts.clone()));
+                (Some(store), Some(Arc::new(staging)))
             }
-            None => None,
+            None => (None, None),
         };
         let router = replog_transport::server_builder()
             .add_service(transport.service())
             .add_service(client.into_server())
-            .add_optional_service(store.clone().map(|s| StateService::new(s).into_server()));
+            .add_optional_service(
+                store
+                    .clone()
+                    .zip(staging)
+                    .map(|(s, st)| StateService::new(s, st).into_server()),
+            );
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let serving = tokio::spawn(async move {
             router

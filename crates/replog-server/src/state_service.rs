@@ -15,19 +15,21 @@ use bytes::Bytes;
 use replog_proto::state::{ScheduleStatus, ScheduledTask};
 use replog_proto::store::scheduler_state_server::{SchedulerState, SchedulerStateServer};
 use replog_proto::store::{
-    ReadMode, SnapshotFrame, SnapshotRequest, SubmitRequest, SubmitResponse, SummaryRequest,
-    SummaryResponse, TaskQueryRequest,
+    CommitRecoveryRequest, CommitRecoveryResponse, DeleteRecoveryTasksRequest,
+    DeleteRecoveryTasksResponse, ReadMode, RecoveryStatusRequest, RecoveryStatusResponse,
+    SnapshotFrame, SnapshotRequest, SubmitRequest, SubmitResponse, SummaryRequest, SummaryResponse,
+    TaskQueryRequest, UnloadRecoveryRequest, UnloadRecoveryResponse,
 };
-use replog_snapshot::FrameSplitter;
+use replog_snapshot::{FrameSplitter, PieceReader};
 use replog_state::{
     kind_name, TaskQuery, KIND_AGENT, KIND_CRON_JOB, KIND_HOST_ATTRIBUTES, KIND_JOB_UPDATE,
     KIND_MAINTENANCE_REQUEST, KIND_QUOTA, KIND_SCHEDULER_METADATA, KIND_TASK,
 };
 use replog_store::backup::{write_state, SnapshotIdentity};
-use replog_store::{SchedulerStore, StoreError};
+use replog_store::{SchedulerStore, Staging, StagingError, StoreError};
 use tokio_stream::Stream;
 use tonic::metadata::MetadataValue;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::service::log_status;
@@ -42,6 +44,7 @@ const SNAPSHOT_QUEUE: usize = 16;
 #[derive(Clone)]
 pub struct StateService {
     store: Arc<SchedulerStore>,
+    staging: Arc<Staging>,
 }
 
 fn coded(code: Code, tag: &'static str, msg: String) -> Status {
@@ -52,8 +55,39 @@ fn coded(code: Code, tag: &'static str, msg: String) -> Status {
 }
 
 impl StateService {
-    pub fn new(store: Arc<SchedulerStore>) -> Self {
-        StateService { store }
+    pub fn new(store: Arc<SchedulerStore>, staging: Arc<Staging>) -> Self {
+        StateService { store, staging }
+    }
+
+    fn staging_status(&self, e: StagingError) -> Status {
+        match e {
+            e @ StagingError::AlreadyStaged { .. } => {
+                coded(Code::FailedPrecondition, "ALREADY_STAGED", e.to_string())
+            }
+            e @ StagingError::NothingStaged => {
+                coded(Code::FailedPrecondition, "NOTHING_STAGED", e.to_string())
+            }
+            e @ (StagingError::WrongContent(_) | StagingError::Backup(_)) => {
+                coded(Code::InvalidArgument, "BAD_BACKUP", e.to_string())
+            }
+            e @ (StagingError::State(_) | StagingError::Marker { .. }) => {
+                coded(Code::Internal, "STORAGE", e.to_string())
+            }
+        }
+    }
+
+    fn recovery_status(&self) -> Result<RecoveryStatusResponse, Status> {
+        let staged = self.staging.staged().map_err(|e| self.staging_status(e))?;
+        Ok(match staged {
+            None => RecoveryStatusResponse::default(),
+            Some(s) => RecoveryStatusResponse {
+                staged: true,
+                cluster_id: s.header.cluster_id.clone(),
+                backup_position: s.header.position,
+                created_at_unix_ms: s.header.created_at_unix_ms,
+                counts: counts_map(&s.counts),
+            },
+        })
     }
 
     /// The tonic server for this service, with its size limits.
@@ -72,9 +106,13 @@ impl StateService {
                 coded(Code::FailedPrecondition, "REJECTED", e.to_string())
             }
             e @ StoreError::Timeout(_) => coded(Code::DeadlineExceeded, "TIMEOUT", e.to_string()),
-            e @ (StoreError::State(_) | StoreError::Stopped(_)) => {
+            e @ (StoreError::State(_) | StoreError::Stopped(_) | StoreError::Io(_)) => {
                 coded(Code::Internal, "STORAGE", e.to_string())
             }
+            e @ StoreError::StateReplaced { .. } => {
+                coded(Code::Aborted, "STATE_REPLACED", e.to_string())
+            }
+            StoreError::Staging(e) => self.staging_status(e),
         }
     }
 
@@ -94,6 +132,22 @@ impl StateService {
             )),
         }
     }
+}
+
+fn counts_map(counts: &replog_state::EntityCounts) -> std::collections::HashMap<String, u64> {
+    [
+        (KIND_TASK, counts.tasks),
+        (KIND_CRON_JOB, counts.cron_jobs),
+        (KIND_QUOTA, counts.quotas),
+        (KIND_HOST_ATTRIBUTES, counts.host_attributes),
+        (KIND_JOB_UPDATE, counts.job_updates),
+        (KIND_MAINTENANCE_REQUEST, counts.maintenance_requests),
+        (KIND_SCHEDULER_METADATA, counts.scheduler_metadata),
+        (KIND_AGENT, counts.agents),
+    ]
+    .into_iter()
+    .map(|(k, n)| (kind_name(k).to_string(), n))
+    .collect()
 }
 
 type TaskStream = Pin<Box<dyn Stream<Item = Result<ScheduledTask, Status>> + Send>>;
@@ -183,19 +237,7 @@ impl SchedulerState for StateService {
         .map_err(|e| self.status(StoreError::State(e)))?;
         Ok(Response::new(SummaryResponse {
             applied,
-            counts: [
-                (KIND_TASK, counts.tasks),
-                (KIND_CRON_JOB, counts.cron_jobs),
-                (KIND_QUOTA, counts.quotas),
-                (KIND_HOST_ATTRIBUTES, counts.host_attributes),
-                (KIND_JOB_UPDATE, counts.job_updates),
-                (KIND_MAINTENANCE_REQUEST, counts.maintenance_requests),
-                (KIND_SCHEDULER_METADATA, counts.scheduler_metadata),
-                (KIND_AGENT, counts.agents),
-            ]
-            .into_iter()
-            .map(|(k, n)| (kind_name(k).to_string(), n))
-            .collect(),
+            counts: counts_map(&counts),
             state_hash: hash,
         }))
     }
@@ -252,5 +294,116 @@ impl SchedulerState for StateService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn recovery_status(
+        &self,
+        _req: Request<RecoveryStatusRequest>,
+    ) -> Result<Response<RecoveryStatusResponse>, Status> {
+        Ok(Response::new(self.recovery_status()?))
+    }
+
+    async fn stage_recovery(
+        &self,
+        req: Request<Streaming<SnapshotFrame>>,
+    ) -> Result<Response<RecoveryStatusResponse>, Status> {
+        let mut incoming = req.into_inner();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(SNAPSHOT_QUEUE);
+        tokio::spawn(async move {
+            loop {
+                let item = match incoming.message().await {
+                    Ok(Some(f)) => Ok(f.data),
+                    Ok(None) => return,
+                    Err(s) => Err(std::io::Error::other(format!(
+                        "the upload broke: {}",
+                        s.message()
+                    ))),
+                };
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let staging = self.staging.clone();
+        let cluster = self.store.log().meta().cluster_id;
+        tokio::task::spawn_blocking(move || {
+            let pieces = std::iter::from_fn(move || rx.blocking_recv());
+            staging.stage(
+                PieceReader::new(pieces),
+                Some(&cluster),
+                replog_storage::now_unix_ms(),
+            )
+        })
+        .await
+        .map_err(|e| coded(Code::Internal, "STORAGE", e.to_string()))?
+        .map_err(|e| self.staging_status(e))?;
+        info!("a backup was staged for recovery");
+        Ok(Response::new(self.recovery_status()?))
+    }
+
+    type RecoveryTasksStream = TaskStream;
+
+    async fn recovery_tasks(
+        &self,
+        req: Request<TaskQueryRequest>,
+    ) -> Result<Response<TaskStream>, Status> {
+        let q = query_of(&req.into_inner())?;
+        let staging = self.staging.clone();
+        let tasks = tokio::task::spawn_blocking(move || staging.tasks(&q))
+            .await
+            .map_err(|e| coded(Code::Internal, "STORAGE", e.to_string()))?
+            .map_err(|e| self.staging_status(e))?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            tasks.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn delete_recovery_tasks(
+        &self,
+        req: Request<DeleteRecoveryTasksRequest>,
+    ) -> Result<Response<DeleteRecoveryTasksResponse>, Status> {
+        let r = req.into_inner();
+        let q = r.query.as_ref().map(query_of).transpose()?;
+        if r.task_ids.is_empty() && q.is_none() {
+            return Err(coded(
+                Code::InvalidArgument,
+                "INVALID",
+                "name task ids or a query of the tasks to delete".into(),
+            ));
+        }
+        let staging = self.staging.clone();
+        let deleted =
+            tokio::task::spawn_blocking(move || staging.delete_tasks(&r.task_ids, q.as_ref()))
+                .await
+                .map_err(|e| coded(Code::Internal, "STORAGE", e.to_string()))?
+                .map_err(|e| self.staging_status(e))?;
+        info!(deleted, "deleted tasks from the staged backup");
+        Ok(Response::new(DeleteRecoveryTasksResponse { deleted }))
+    }
+
+    async fn unload_recovery(
+        &self,
+        _req: Request<UnloadRecoveryRequest>,
+    ) -> Result<Response<UnloadRecoveryResponse>, Status> {
+        let staging = self.staging.clone();
+        tokio::task::spawn_blocking(move || staging.unload())
+            .await
+            .map_err(|e| coded(Code::Internal, "STORAGE", e.to_string()))?
+            .map_err(|e| self.staging_status(e))?;
+        info!("the staged backup was unloaded");
+        Ok(Response::new(UnloadRecoveryResponse {}))
+    }
+
+    async fn commit_recovery(
+        &self,
+        _req: Request<CommitRecoveryRequest>,
+    ) -> Result<Response<CommitRecoveryResponse>, Status> {
+        let position = self
+            .store
+            .commit_recovery(&self.staging)
+            .await
+            .map_err(|e| self.status(e))?;
+        Ok(Response::new(CommitRecoveryResponse { position }))
     }
 }
