@@ -178,14 +178,20 @@ impl Cluster {
     /// `n` replicas of `cluster_id`, initialized with `replog initialize`,
     /// started, and serving under a leader.
     async fn initialized(cluster_id: &str, n: u64) -> Cluster {
+        Cluster::initialized_with(cluster_id, n, &[], &[]).await
+    }
+
+    /// Like [`Cluster::initialized`], with more `replog initialize` flags
+    /// (`init`) and more `replog replica` flags (`flags`).
+    async fn initialized_with(cluster_id: &str, n: u64, init: &[&str], flags: &[&str]) -> Cluster {
         let mut c = Cluster::new();
         let ports: BTreeMap<u64, u16> = (1..=n).map(|id| (id, free_port())).collect();
         for id in 1..=n {
             c.add_node(id, cluster_id, ports[&id], &ports);
-            c.initialize(id, &ports);
+            c.initialize_with(id, &ports, init);
         }
         for id in 1..=n {
-            c.start(id, &[]);
+            c.start(id, flags);
         }
         for id in 1..=n {
             c.wait_serving(id).await;
@@ -287,7 +293,7 @@ impl Cluster {
         out
     }
 
-    fn initialize(&self, id: u64, members: &BTreeMap<u64, u16>) {
+    fn initialize_with(&self, id: u64, members: &BTreeMap<u64, u16>, extra: &[&str]) {
         let node = self.node(id);
         let members: Vec<String> = members
             .iter()
@@ -305,6 +311,7 @@ impl Cluster {
             &members.join(","),
         ]
         .iter()
+        .chain(extra)
         .map(|s| s.to_string())
         .collect();
         let out = self.cli(&args);
@@ -1123,5 +1130,355 @@ fn replica_of_another_cluster_is_refused() {
         let ids: BTreeSet<u64> = l.members.iter().map(|m| m.id).collect();
         assert_eq!(ids, BTreeSet::from([1, 2, 3]));
         assert!(!c.log_text(4).contains("status changed"));
+    });
+}
+
+// ---------------------------------------------------------------------------
+// The scheduler-state store (`replog replica --state`)
+
+impl Cluster {
+    /// Runs `replog ARGS` and returns its stdout; fails the test if it fails.
+    fn cli_ok(&self, args: &[&str]) -> String {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let out = self.cli(&args);
+        assert!(
+            out.status.success(),
+            "replog {} failed: {}",
+            args.join(" "),
+            output_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `replog state --endpoint <all> summary --json`, per replica.
+    fn state_summaries(&self) -> Vec<serde_json::Value> {
+        let eps = self.endpoints().join(",");
+        let out = self.cli_ok(&["state", "--endpoint", &eps, "summary", "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("summary is not JSON ({e}): {out}"))
+    }
+
+    fn backup_file(&self, dir: &Path) -> PathBuf {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("scheduler-backup-")
+            })
+            .collect();
+        files.sort();
+        files.pop().expect("a backup in the directory")
+    }
+}
+
+/// The state hash and task count a backup holds after deleting the tasks
+/// matching `deleted`, computed offline in a standalone store.
+fn expected_state(file: &Path, deleted: Option<&replog_state::TaskQuery>) -> (String, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let st = replog_state::StateStore::open_standalone(dir.path(), replog_state::Limits::default())
+        .unwrap();
+    replog_store::backup::load_into(&st, file, 1, None).unwrap();
+    if let Some(q) = deleted {
+        let ids: Vec<String> = st
+            .tasks(q)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.task_id)
+            .collect();
+        let txn = replog_proto::state::Transaction {
+            ops: vec![replog_proto::state::Op {
+                op: Some(replog_proto::state::op::Op::RemoveTasks(
+                    replog_proto::state::RemoveTasks { task_ids: ids },
+                )),
+            }],
+        };
+        assert!(!st.apply(2, &txn).unwrap().is_rejected());
+    }
+    (st.state_hash().unwrap(), st.counts().unwrap().tasks)
+}
+
+#[test]
+fn backup_under_writes_stage_delete_commit_fails_the_writer_over() {
+    run(async {
+        let c = Cluster::initialized_with("sched", 3, &[], &["--state"]).await;
+        let eps = c.endpoints().join(",");
+        c.cli_ok(&[
+            "state",
+            "--endpoint",
+            &eps,
+            "load",
+            "--tasks",
+            "100000",
+            "--batch",
+            "1000",
+        ]);
+        c.note("wrote 100,000 tasks");
+
+        // A backup while writes continue.
+        let backups = c.root.path().join("backups");
+        let mut writer = c
+            .command()
+            .args([
+                "state",
+                "--endpoint",
+                &eps,
+                "load",
+                "--tasks",
+                "20000",
+                "--first",
+                "100000",
+                "--batch",
+                "200",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.cli_ok(&[
+            "backup",
+            "--endpoint",
+            &eps,
+            "--dir",
+            &backups.to_string_lossy(),
+        ]);
+        assert!(
+            writer.wait().unwrap().success(),
+            "the concurrent writes failed"
+        );
+        let file = c.backup_file(&backups);
+        c.note(&format!("backup {} taken under writes", file.display()));
+        let verified = c.cli_ok(&["backup", "verify", &file.to_string_lossy()]);
+        assert!(verified.contains("OK"), "{verified}");
+
+        // More changes after the backup: the commit undoes them.
+        c.cli_ok(&[
+            "state",
+            "--endpoint",
+            &eps,
+            "load",
+            "--tasks",
+            "5000",
+            "--first",
+            "200000",
+        ]);
+
+        let f = file.to_string_lossy().to_string();
+        c.cli_ok(&["recovery", "--endpoint", &eps, "stage", &f]);
+        let again = c.cli(&["recovery", "--endpoint", &eps, "stage", &f].map(String::from));
+        assert!(!again.status.success());
+        assert!(
+            output_text(&again).contains("ALREADY_STAGED"),
+            "{}",
+            output_text(&again)
+        );
+        let printed = c.cli_ok(&[
+            "recovery",
+            "--endpoint",
+            &eps,
+            "print-tasks",
+            "--role",
+            "role-3",
+            "--status",
+            "FAILED",
+        ]);
+        let shown = printed.lines().filter(|l| l.contains("FAILED")).count();
+        assert!(shown > 100, "{printed}");
+        let deleted = c.cli_ok(&[
+            "recovery",
+            "--endpoint",
+            &eps,
+            "delete-tasks",
+            "--role",
+            "role-3",
+            "--status",
+            "FAILED",
+        ]);
+        assert!(
+            deleted.contains(&format!("deleted {shown} tasks")),
+            "{deleted}"
+        );
+
+        let query = replog_state::TaskQuery {
+            role: Some("role-3".into()),
+            statuses: vec![replog_proto::state::ScheduleStatus::Failed],
+            ..Default::default()
+        };
+        let (hash, tasks) = expected_state(&file, Some(&query));
+        let (old_leader, _) = c.wait_leader("a leader", |_, _| true).await;
+        let committed = c.cli_ok(&["recovery", "--endpoint", &eps, "commit"]);
+        c.note(&format!("commit: {}", committed.trim()));
+        // The old leader stepped down.
+        let (new_leader, _) = c
+            .wait_leader("a new leader", |id, _| id != old_leader)
+            .await;
+
+        // Every replica holds exactly the backup minus the deleted tasks.
+        let summaries = c.state_summaries();
+        assert_eq!(summaries.len(), 3);
+        for s in &summaries {
+            assert_eq!(s["state_hash"], hash.as_str(), "{s}");
+            assert_eq!(s["counts"]["task"], tasks, "{s}");
+        }
+        // The old leader's writer gets the failover error.
+        let old = c.cli(
+            &[
+                "state",
+                "--endpoint",
+                &c.endpoint(old_leader),
+                "load",
+                "--tasks",
+                "1",
+                "--first",
+                "900000",
+            ]
+            .map(String::from),
+        );
+        assert!(!old.status.success());
+        assert!(
+            output_text(&old).contains("the state was replaced"),
+            "{}",
+            output_text(&old)
+        );
+        // The new leader serves writes.
+        c.cli_ok(&[
+            "state",
+            "--endpoint",
+            &c.endpoint(new_leader),
+            "load",
+            "--tasks",
+            "10",
+            "--first",
+            "900000",
+        ]);
+        let after = c.state_summaries();
+        assert!(
+            after.iter().all(|s| s["counts"]["task"] == tasks + 10),
+            "{after:?}"
+        );
+    });
+}
+
+#[test]
+fn disaster_restore_founds_a_new_cluster_the_old_one_cannot_join() {
+    run(async {
+        let old = Cluster::initialized_with("old", 3, &[], &["--state"]).await;
+        let eps = old.endpoints().join(",");
+        old.cli_ok(&["state", "--endpoint", &eps, "load", "--tasks", "3000"]);
+        let backups = old.root.path().join("backups");
+        old.cli_ok(&[
+            "backup",
+            "--endpoint",
+            &eps,
+            "--dir",
+            &backups.to_string_lossy(),
+        ]);
+        let file = old.backup_file(&backups);
+        let (hash, tasks) = expected_state(&file, None);
+        let f = file.to_string_lossy().to_string();
+
+        // Bad backups are refused by verify, by initialize (which then
+        // creates nothing) and by stage (which then stages nothing).
+        let bytes = std::fs::read(&file).unwrap();
+        let mut bad = Vec::new();
+        bad.push(("truncated", bytes[..bytes.len() - 100].to_vec()));
+        let mut flipped = bytes.clone();
+        flipped[bytes.len() / 2] ^= 0x04;
+        bad.push(("bit-flipped", flipped));
+        let mut magic = bytes.clone();
+        magic[0] = b'X';
+        bad.push(("wrong magic", magic));
+        for (what, data) in &bad {
+            let p = old
+                .root
+                .path()
+                .join(format!("bad-{}", what.replace(' ', "-")));
+            std::fs::write(&p, data).unwrap();
+            let ps = p.to_string_lossy().to_string();
+            let v = old.cli(&["backup", "verify", &ps].map(String::from));
+            assert!(!v.status.success(), "{what} verified");
+            let target = old
+                .root
+                .path()
+                .join(format!("never-{}", what.replace(' ', "-")));
+            let i = old.cli(
+                &[
+                    "initialize",
+                    "--path",
+                    &target.to_string_lossy(),
+                    "--cluster-id",
+                    "x",
+                    "--replica-id",
+                    "1",
+                    "--from-backup",
+                    &ps,
+                ]
+                .map(String::from),
+            );
+            assert!(!i.status.success(), "{what}: {}", output_text(&i));
+            assert!(
+                !target.exists(),
+                "{what}: initialize left {}",
+                target.display()
+            );
+            let s = old.cli(&["recovery", "--endpoint", &eps, "stage", &ps].map(String::from));
+            assert!(!s.status.success(), "{what} was staged");
+        }
+        let listed = old.cli_ok(&["recovery", "--endpoint", &eps, "list"]);
+        assert!(listed.contains("nothing staged"), "{listed}");
+        // Another cluster's backup is refused by stage.
+        let other = Cluster::initialized_with("other", 1, &[], &["--state"]).await;
+        let o = other
+            .cli(&["recovery", "--endpoint", &other.endpoint(1), "stage", &f].map(String::from));
+        assert!(!o.status.success());
+        assert!(output_text(&o).contains("old"), "{}", output_text(&o));
+        drop(other);
+
+        // The new cluster, every replica initialized from the backup.
+        let new =
+            Cluster::initialized_with("restored", 3, &["--from-backup", &f], &["--state"]).await;
+        let neweps = new.endpoints().join(",");
+        for s in new.state_summaries() {
+            assert_eq!(s["state_hash"], hash.as_str(), "{s}");
+            assert_eq!(s["counts"]["task"], tasks, "{s}");
+        }
+        new.cli_ok(&[
+            "state",
+            "--endpoint",
+            &neweps,
+            "load",
+            "--tasks",
+            "5",
+            "--first",
+            "500000",
+        ]);
+        for s in new.state_summaries() {
+            assert_eq!(s["counts"]["task"], tasks + 5, "{s}");
+        }
+        // A replica of the old cluster pointed at the new one is refused.
+        let log = new.node(1).log.clone();
+        drop(old);
+        let mut intruder = Cluster::new();
+        let mut ports: BTreeMap<u64, u16> = new.nodes.iter().map(|(id, n)| (*id, n.port)).collect();
+        ports.insert(4, free_port());
+        intruder.add_node(4, "old", ports[&4], &ports);
+        intruder.initialize_with(4, &ports, &[]);
+        intruder.start(4, &["--state"]);
+        new.wait(
+            "the new cluster to refuse the old cluster's replica",
+            async || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.contains("refused a peer stream") && l.contains("cluster 'old'"))
+                    .then_some(())
+            },
+        )
+        .await;
+        for s in new.state_summaries() {
+            assert_eq!(s["counts"]["task"], tasks + 5, "{s}");
+        }
     });
 }

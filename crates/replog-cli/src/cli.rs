@@ -105,6 +105,12 @@ pub struct InitializeArgs {
     /// Defaults to this replica alone.
     #[arg(long, value_delimiter = ',')]
     pub members: Vec<String>,
+    /// Disaster restore: found the log with the scheduler state of this
+    /// backup file (checked whole first). Give the new cluster a new
+    /// --cluster-id, so replicas of the damaged cluster can never rejoin,
+    /// and initialize every replica of it from the same file.
+    #[arg(long)]
+    pub from_backup: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

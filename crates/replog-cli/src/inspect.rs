@@ -36,6 +36,15 @@ pub fn parse_members(items: &[String], replica_id: u64) -> Result<Vec<Member>> {
 
 pub fn initialize(a: InitializeArgs) -> Result<()> {
     let members = parse_members(&a.members, a.replica_id)?;
+    // A backup is checked whole before anything is created: a bad file
+    // changes nothing on disk.
+    let backup = match &a.from_backup {
+        Some(file) => Some(
+            replog_store::backup::inspect(file, None)
+                .with_context(|| format!("{} is not a sound backup", file.display()))?,
+        ),
+        None => None,
+    };
     let s = RocksStorage::initialize(
         &a.path,
         &InitOptions {
@@ -45,6 +54,39 @@ pub fn initialize(a: InitializeArgs) -> Result<()> {
         },
     )
     .with_context(|| format!("cannot initialize {}", a.path.display()))?;
+    if let (Some(file), Some(b)) = (&a.from_backup, &backup) {
+        let loaded = (|| {
+            let state = replog_state::StateStore::open(
+                s.shared_db(),
+                replog_storage::CF_STATE,
+                replog_state::Limits::default(),
+            )?;
+            replog_store::backup::load_into(&state, file, replog_store::FOUNDING_POSITION, None)?;
+            state.flush()?;
+            anyhow::Ok(())
+        })();
+        drop(s);
+        if let Err(e) = loaded {
+            let _ = std::fs::remove_dir_all(&a.path);
+            return Err(e.context(format!(
+                "cannot load {} into the new replica (nothing was kept)",
+                file.display()
+            )));
+        }
+        println!(
+            "Initialized replica {} of the new cluster '{}' in VOTING status at {} with the state of {} \
+             (backup of cluster '{}' at position {}: {} records). Initialize every replica of the new \
+             cluster from the same backup.",
+            a.replica_id,
+            a.cluster_id,
+            a.path.display(),
+            file.display(),
+            b.header.cluster_id,
+            b.header.position,
+            b.records
+        );
+        return Ok(());
+    }
     let ids: Vec<String> = members.iter().map(|m| m.id.to_string()).collect();
     println!(
         "Initialized replica {} of cluster '{}' in VOTING status at {} (members: {})",

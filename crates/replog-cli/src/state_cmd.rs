@@ -281,17 +281,28 @@ pub fn state(a: StateArgs) -> Result<()> {
                 let mut out = Vec::new();
                 let mut failed = false;
                 for e in &a.endpoint {
-                    let r = async {
-                        let mut c = connect(e).await?;
-                        let s = c
-                            .summary(SummaryRequest {
-                                mode: ReadMode::Linearizable as i32,
-                            })
-                            .await
-                            .map_err(|s| anyhow!("{e}: {}", s.message()))?;
-                        anyhow::Ok(s.into_inner())
+                    // A linearizable read needs a leader: retry through a
+                    // leader change.
+                    let mut r = Err(anyhow!("not tried"));
+                    for attempt in 0..4 {
+                        if attempt > 0 {
+                            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        }
+                        r = async {
+                            let mut c = connect(e).await?;
+                            let s = c
+                                .summary(SummaryRequest {
+                                    mode: ReadMode::Linearizable as i32,
+                                })
+                                .await
+                                .map_err(|s| anyhow!("{e}: {}", s.message()))?;
+                            anyhow::Ok(s.into_inner())
+                        }
+                        .await;
+                        if r.is_ok() {
+                            break;
+                        }
                     }
-                    .await;
                     match r {
                         Ok(s) => out.push(summary_json(e, &s)),
                         Err(err) => {

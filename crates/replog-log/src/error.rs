@@ -74,8 +74,11 @@ pub enum LogError {
     #[error("the log is closed{}", .0.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
     Closed(Option<String>),
 
-    /// Waiting for leadership took longer than allowed.
-    #[error("timed out after {0:?} waiting for this replica to become the writer")]
+    /// Waiting for leadership (a writer's start, a read index) took longer
+    /// than allowed.
+    #[error(
+        "timed out after {0:?} waiting for a leader (to become the writer, or to confirm a read)"
+    )]
     Timeout(std::time::Duration),
 
     /// The core refused to start.

@@ -17,4 +17,4 @@ pub mod staging;
 pub mod store;
 
 pub use staging::{Staged, Staging, StagingError};
-pub use store::{ApplyProgress, SchedulerStore, StoreError, StoreOptions};
+pub use store::{ApplyProgress, SchedulerStore, StoreError, StoreOptions, FOUNDING_POSITION};

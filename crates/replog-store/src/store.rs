@@ -31,8 +31,9 @@ use crate::record::{decode_record, encode_transaction, Assembled, Reassembler, R
 /// Outcomes of this many recent positions are kept for their submitters.
 pub const RESULT_SLOTS: usize = 65_536;
 /// The position of the snapshot `initialize` founds a log with: nothing
-/// before it, no state in it.
-const FOUNDING_POSITION: u64 = 1;
+/// before it. Its state is empty, or the backup the log was founded from
+/// (`replog initialize --from-backup`, loaded at this position).
+pub const FOUNDING_POSITION: u64 = 1;
 /// Entries read from the log per page.
 const PAGE: u64 = 4096;
 
