@@ -1436,9 +1436,30 @@ fn disaster_restore_founds_a_new_cluster_the_old_one_cannot_join() {
         assert!(output_text(&o).contains("old"), "{}", output_text(&o));
         drop(other);
 
-        // The new cluster, every replica initialized from the backup.
-        let new =
-            Cluster::initialized_with("restored", 3, &["--from-backup", &f], &["--state"]).await;
+        // The new cluster: replica 1 founds it alone from the backup (and
+        // commits it through the log when it leads); 2 and 3 start EMPTY,
+        // are added, and catch up from the log.
+        let mut new = Cluster::new();
+        let ports: BTreeMap<u64, u16> = (1..=3).map(|id| (id, free_port())).collect();
+        for id in 1..=3 {
+            new.add_node(id, "restored", ports[&id], &ports);
+        }
+        let founder: BTreeMap<u64, u16> = BTreeMap::from([(1, ports[&1])]);
+        new.initialize_with(1, &founder, &["--from-backup", &f]);
+        for id in 1..=3 {
+            new.start(id, &["--state"]);
+        }
+        new.wait_leader("replica 1 to lead the new cluster", |id, _| id == 1)
+            .await;
+        for id in [2, 3] {
+            new.wait_serving(id).await;
+            let out = new.members(&["add", &id.to_string(), &new.endpoint(id)]);
+            assert!(out.status.success(), "members add: {}", output_text(&out));
+        }
+        let (_, l) = new.wait_leader("a leader", |_, _| true).await;
+        for id in [2, 3] {
+            new.wait_caught_up_voter(id, l.commit).await;
+        }
         let neweps = new.endpoints().join(",");
         for s in new.state_summaries() {
             assert_eq!(s["state_hash"], hash.as_str(), "{s}");
@@ -1454,9 +1475,21 @@ fn disaster_restore_founds_a_new_cluster_the_old_one_cannot_join() {
             "--first",
             "500000",
         ]);
+        // A wiped replica rejoins and replays the restored state.
+        new.kill(3);
+        std::fs::remove_dir_all(&new.node(3).dir).unwrap();
+        new.start(3, &["--state"]);
+        let (_, l) = new.wait_leader("a leader", |_, _| true).await;
+        new.wait_caught_up_voter(3, l.commit).await;
         for s in new.state_summaries() {
             assert_eq!(s["counts"]["task"], tasks + 5, "{s}");
         }
+        let hashes: BTreeSet<String> = new
+            .state_summaries()
+            .iter()
+            .map(|s| s["state_hash"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(hashes.len(), 1, "replicas disagree: {hashes:?}");
         // A replica of the old cluster pointed at the new one is refused.
         let log = new.node(1).log.clone();
         drop(old);

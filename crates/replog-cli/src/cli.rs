@@ -106,9 +106,11 @@ pub struct InitializeArgs {
     #[arg(long, value_delimiter = ',')]
     pub members: Vec<String>,
     /// Disaster restore: found the log with the scheduler state of this
-    /// backup file (checked whole first). Give the new cluster a new
-    /// --cluster-id, so replicas of the damaged cluster can never rejoin,
-    /// and initialize every replica of it from the same file.
+    /// backup file (checked whole first; staged here and committed through
+    /// the log when this replica first leads with --state). Give the new
+    /// cluster a new --cluster-id, so replicas of the damaged cluster can
+    /// never rejoin; found it with this replica alone (--members of itself)
+    /// and add the others, started EMPTY, with `replog members add`.
     #[arg(long)]
     pub from_backup: Option<PathBuf>,
 }

@@ -55,14 +55,19 @@ pub fn initialize(a: InitializeArgs) -> Result<()> {
     )
     .with_context(|| format!("cannot initialize {}", a.path.display()))?;
     if let (Some(file), Some(b)) = (&a.from_backup, &backup) {
+        // Staged, to be committed through the log as soon as this replica
+        // leads: the restored state is then in the log, and replicas that
+        // join later (EMPTY) replay it like any other write.
         let loaded = (|| {
-            let state = replog_state::StateStore::open(
-                s.shared_db(),
-                replog_storage::CF_STATE,
-                replog_state::Limits::default(),
+            let staging = replog_store::Staging::open(s.shared_db(), &a.path)?;
+            let f = std::fs::File::open(file)?;
+            staging.stage_with(
+                std::io::BufReader::with_capacity(1 << 20, f),
+                None,
+                replog_storage::now_unix_ms(),
+                true,
             )?;
-            replog_store::backup::load_into(&state, file, replog_store::FOUNDING_POSITION, None)?;
-            state.flush()?;
+            staging.state().flush()?;
             anyhow::Ok(())
         })();
         drop(s);
@@ -75,8 +80,9 @@ pub fn initialize(a: InitializeArgs) -> Result<()> {
         }
         println!(
             "Initialized replica {} of the new cluster '{}' in VOTING status at {} with the state of {} \
-             (backup of cluster '{}' at position {}: {} records). Initialize every replica of the new \
-             cluster from the same backup.",
+             (backup of cluster '{}' at position {}: {} records), committed through the log when it \
+             first leads (start it with --state). Start the other replicas EMPTY and add them with \
+             `replog members add`: they catch up from the log.",
             a.replica_id,
             a.cluster_id,
             a.path.display(),

@@ -166,6 +166,43 @@ fn is_empty_dir(dir: &Path) -> Result<bool, ServerError> {
     }
 }
 
+/// Commits a backup staged by `replog initialize --from-backup` as soon as
+/// this replica leads (it founded the log alone, so it leads at once).
+fn spawn_auto_commit(store: Arc<SchedulerStore>, staging: Arc<Staging>) {
+    let staged = match staging.staged() {
+        Ok(Some(s)) if s.auto_commit() => s,
+        Ok(_) => return,
+        Err(e) => {
+            warn!(error = %e, "cannot read the staging area");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let mut progress = store.log().watch_leadership();
+        loop {
+            if progress.borrow_and_update().leader_ready {
+                match store.commit_restored(&staging).await {
+                    Ok(position) => {
+                        info!(
+                            position,
+                            backup_cluster = %staged.header.cluster_id,
+                            backup_position = staged.header.position,
+                            "committed the restored backup through the log"
+                        );
+                        return;
+                    }
+                    Err(e) => warn!(error = %e, "committing the restored backup failed; retrying"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            if progress.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
 impl ReplicaServer {
     /// Opens (or creates EMPTY) the replica and serves it. Must be called
     /// inside a tokio runtime.
@@ -255,7 +292,9 @@ impl ReplicaServer {
                     ServerError::Config(format!("cannot open the staging area: {e}"))
                 })?;
                 let store = Arc::new(SchedulerStore::start(log.clone(), state, opts.clone()));
-                (Some(store), Some(Arc::new(staging)))
+                let staging = Arc::new(staging);
+                spawn_auto_commit(store.clone(), staging.clone());
+                (Some(store), Some(staging))
             }
             None => (None, None),
         };

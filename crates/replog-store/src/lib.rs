@@ -16,5 +16,5 @@ pub mod record;
 pub mod staging;
 pub mod store;
 
-pub use staging::{Staged, Staging, StagingError};
+pub use staging::{Staged, Staging, StagingError, AUTO_COMMIT_LABEL};
 pub use store::{ApplyProgress, SchedulerStore, StoreError, StoreOptions, FOUNDING_POSITION};

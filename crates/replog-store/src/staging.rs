@@ -47,12 +47,27 @@ pub enum StagingError {
     Marker { path: PathBuf, reason: String },
 }
 
+/// The header label that makes a replica commit what is staged as soon as
+/// it leads (set by `replog initialize --from-backup`).
+pub const AUTO_COMMIT_LABEL: &str = "auto_commit";
+
 /// What is staged.
 #[derive(Debug, Clone)]
 pub struct Staged {
     /// The staged backup's header (its labels gain `staged_at_ms`).
     pub header: SnapshotHeader,
     pub counts: EntityCounts,
+}
+
+impl Staged {
+    /// Whether it is to be committed as soon as this replica leads.
+    pub fn auto_commit(&self) -> bool {
+        self.header
+            .labels
+            .get(AUTO_COMMIT_LABEL)
+            .map(String::as_str)
+            == Some("true")
+    }
 }
 
 /// The staging area of one replica.
@@ -125,6 +140,18 @@ impl Staging {
         cluster_id: Option<&str>,
         now_unix_ms: u64,
     ) -> Result<Staged, StagingError> {
+        self.stage_with(r, cluster_id, now_unix_ms, false)
+    }
+
+    /// [`Self::stage`], marked to be committed as soon as this replica
+    /// leads when `auto_commit` (disaster restore).
+    pub fn stage_with<R: Read>(
+        &self,
+        r: R,
+        cluster_id: Option<&str>,
+        now_unix_ms: u64,
+        auto_commit: bool,
+    ) -> Result<Staged, StagingError> {
         if let Some(h) = self.staged.lock().as_ref() {
             return Err(StagingError::AlreadyStaged {
                 cluster_id: h.cluster_id.clone(),
@@ -153,6 +180,11 @@ impl Staging {
         header
             .labels
             .insert("staged_at_ms".into(), now_unix_ms.to_string());
+        if auto_commit {
+            header
+                .labels
+                .insert(AUTO_COMMIT_LABEL.into(), "true".into());
+        }
         self.write_marker(Some(&header))?;
         *self.staged.lock() = Some(header.clone());
         Ok(Staged {

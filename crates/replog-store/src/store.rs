@@ -307,6 +307,25 @@ impl SchedulerStore {
         &self,
         staging: &Arc<crate::staging::Staging>,
     ) -> Result<u64, StoreError> {
+        self.commit_staged(staging, true).await
+    }
+
+    /// Commits the backup a new log was founded from (`replog initialize
+    /// --from-backup`): like [`Self::commit_recovery`], but nobody held
+    /// state before it, so nobody fails over: the leader keeps leading and
+    /// its writer goes on.
+    pub async fn commit_restored(
+        &self,
+        staging: &Arc<crate::staging::Staging>,
+    ) -> Result<u64, StoreError> {
+        self.commit_staged(staging, false).await
+    }
+
+    async fn commit_staged(
+        &self,
+        staging: &Arc<crate::staging::Staging>,
+        fail_over: bool,
+    ) -> Result<u64, StoreError> {
         let staged = staging
             .staged()?
             .ok_or(crate::staging::StagingError::NothingStaged)?;
@@ -350,6 +369,10 @@ impl SchedulerStore {
         let position = result?;
         self.wait_applied(position).await?;
         staging.clear()?;
+        if !fail_over {
+            self.writer_started_at.store(position, Ordering::SeqCst);
+            return Ok(position);
+        }
         // Step down: the scheduler on this host fails over and reloads.
         let me = meta.replica_id;
         if let Some(other) = self
