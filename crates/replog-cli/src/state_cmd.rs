@@ -335,6 +335,7 @@ pub fn state(a: StateArgs) -> Result<()> {
                 let mut clients = Vec::new();
                 let mut i = first;
                 let mut last = 0;
+                let mut latencies_us: Vec<u64> = Vec::new();
                 while i < first + tasks {
                     let n = batch.min(first + tasks - i);
                     let txn = Transaction {
@@ -344,15 +345,29 @@ pub fn state(a: StateArgs) -> Result<()> {
                             })),
                         }],
                     };
+                    let t0 = Instant::now();
                     last = submit(&a.endpoint, &mut clients, txn).await?;
+                    latencies_us.push(t0.elapsed().as_micros() as u64);
                     i += n;
                     pb.inc(n);
                 }
                 pb.finish_and_clear();
                 let secs = started.elapsed().as_secs_f64();
+                latencies_us.sort_unstable();
+                let pct = |q: f64| {
+                    latencies_us
+                        .get(((latencies_us.len() as f64 * q).ceil() as usize).saturating_sub(1))
+                        .copied()
+                        .unwrap_or(0)
+                };
                 println!(
-                    "wrote {tasks} tasks in {secs:.2}s ({:.0} tasks/s); last position {last}",
-                    tasks as f64 / secs.max(1e-9)
+                    "wrote {tasks} tasks in {} transactions in {secs:.2}s ({:.0} tasks/s); \
+                     transaction latency p50={}us p99={}us max={}us; last position {last}",
+                    latencies_us.len(),
+                    tasks as f64 / secs.max(1e-9),
+                    pct(0.50),
+                    pct(0.99),
+                    latencies_us.last().copied().unwrap_or(0)
                 );
                 Ok(())
             }

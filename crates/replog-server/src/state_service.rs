@@ -15,10 +15,11 @@ use bytes::Bytes;
 use replog_proto::state::{ScheduleStatus, ScheduledTask};
 use replog_proto::store::scheduler_state_server::{SchedulerState, SchedulerStateServer};
 use replog_proto::store::{
-    CommitRecoveryRequest, CommitRecoveryResponse, DeleteRecoveryTasksRequest,
-    DeleteRecoveryTasksResponse, ReadMode, RecoveryStatusRequest, RecoveryStatusResponse,
-    SnapshotFrame, SnapshotRequest, SubmitRequest, SubmitResponse, SummaryRequest, SummaryResponse,
-    TaskQueryRequest, UnloadRecoveryRequest, UnloadRecoveryResponse,
+    ChangeEvent, CommitRecoveryRequest, CommitRecoveryResponse, DeleteRecoveryTasksRequest,
+    DeleteRecoveryTasksResponse, EntityChange, ReadMode, RecoveryStatusRequest,
+    RecoveryStatusResponse, SnapshotFrame, SnapshotRequest, SubmitRequest, SubmitResponse,
+    SummaryRequest, SummaryResponse, TaskQueryRequest, UnloadRecoveryRequest,
+    UnloadRecoveryResponse, WatchRequest,
 };
 use replog_snapshot::{FrameSplitter, PieceReader};
 use replog_state::{
@@ -148,6 +149,23 @@ fn counts_map(counts: &replog_state::EntityCounts) -> std::collections::HashMap<
     .into_iter()
     .map(|(k, n)| (kind_name(k).to_string(), n))
     .collect()
+}
+
+type ChangeStream = Pin<Box<dyn Stream<Item = Result<ChangeEvent, Status>> + Send>>;
+
+fn change_event(position: u64, changes: &[replog_state::Change]) -> ChangeEvent {
+    ChangeEvent {
+        position,
+        changes: changes
+            .iter()
+            .map(|c| EntityChange {
+                kind: kind_name(c.kind()).to_string(),
+                key: c.key.to_string(),
+                removed: c.removed,
+            })
+            .collect(),
+        reset: false,
+    }
 }
 
 type TaskStream = Pin<Box<dyn Stream<Item = Result<ScheduledTask, Status>> + Send>>;
@@ -288,6 +306,74 @@ impl SchedulerState for StateService {
                 Err(e) => {
                     warn!(error = %e, "a state snapshot failed");
                     let _ = tx.blocking_send(Err(coded(Code::Internal, "STORAGE", e.to_string())));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type WatchStream = ChangeStream;
+
+    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<ChangeStream>, Status> {
+        let from = req.into_inner().from_position;
+        let state = self.store.clone();
+        // Subscribe first, then read the backlog: nothing falls between.
+        let mut sub = state.state().subscribe();
+        let backlog = state.state().changes_since(from).map_err(|e| match e {
+            e @ replog_state::StateError::MustReload { .. } => {
+                coded(Code::FailedPrecondition, "MUST_RELOAD", e.to_string())
+            }
+            e => self.status(StoreError::State(e)),
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<ChangeEvent, Status>>(SNAPSHOT_QUEUE);
+        tokio::spawn(async move {
+            let mut sent = from;
+            let mut i = 0;
+            while i < backlog.len() {
+                let p = backlog[i].position;
+                let j = backlog[i..]
+                    .iter()
+                    .position(|c| c.position != p)
+                    .map_or(backlog.len(), |k| i + k);
+                if tx.send(Ok(change_event(p, &backlog[i..j]))).await.is_err() {
+                    return;
+                }
+                sent = p;
+                i = j;
+            }
+            loop {
+                let event = match sub.recv().await {
+                    Ok(Some(e)) => e,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(coded(
+                                Code::FailedPrecondition,
+                                "MUST_RELOAD",
+                                e.to_string(),
+                            )))
+                            .await;
+                        return;
+                    }
+                };
+                if event.position() <= sent {
+                    continue;
+                }
+                sent = event.position();
+                let msg = match &event {
+                    replog_state::StateEvent::Changes { position, changes } => {
+                        change_event(*position, changes)
+                    }
+                    replog_state::StateEvent::Reset { position } => ChangeEvent {
+                        position: *position,
+                        changes: Vec::new(),
+                        reset: true,
+                    },
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
                 }
             }
         });

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The issue-4 measurements on one machine: a 3-replica cluster with the
+# scheduler-state store, TASKS tasks of about TASK_BYTES each, then
+#  - p50/p99 of write transactions (10 tasks each) without and during a backup,
+#  - backup time and MB/s, peak RSS of the backup client and of the serving
+#    replica during the backup (sampled every 50 ms),
+#  - stage + commit time of that backup,
+#  - time until a restarted (SIGKILLed) follower serves again (VOTING, caught up).
+#
+# Usage: benches/state-backup.sh [WORKDIR]
+#   REPLOG=path/to/replog  TASKS=1000000  TASK_BYTES=1000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W=${1:-$(mktemp -d /tmp/replog-state-bench.XXXXXX)}
+R=${REPLOG:-${CARGO_TARGET_DIR:-target}/debug/replog}
+TASKS=${TASKS:-1000000}
+TASK_BYTES=${TASK_BYTES:-1000}
+P=(7601 7602 7603)
+members="1=127.0.0.1:7601,2=127.0.0.1:7602,3=127.0.0.1:7603"
+E=127.0.0.1:7601,127.0.0.1:7602,127.0.0.1:7603
+declare -A pid
+cleanup() { for p in "${pid[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+start() { # id
+  local i=$1 peers=""
+  for j in 1 2 3; do [ "$j" = "$i" ] || peers+="$j=127.0.0.1:${P[$((j-1))]},"; done
+  "$R" replica --state --path "$W/r$i" --listen "127.0.0.1:${P[$((i-1))]}" --cluster-id bench \
+    --replica-id "$i" --peers "${peers%,}" 2>>"$W/r$i.log" &
+  pid[$i]=$!
+}
+rm -rf "$W"/r? "$W/backups"; mkdir -p "$W"
+for i in 1 2 3; do "$R" initialize --path "$W/r$i" --cluster-id bench --replica-id "$i" --members "$members" >/dev/null; start "$i"; done
+sleep 2
+leader_pid() {
+  local l
+  l=$("$R" status --endpoint "$E" --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print([r["replica_id"] for r in d if r.get("is_leader")][0])' 2>/dev/null || echo 1)
+  echo "${pid[$l]}"
+}
+peak_rss() { # pid file: samples VmRSS (kB) until the file appears
+  local p=$1 stop=$2 max=0 v
+  while [ ! -e "$stop" ]; do
+    v=$(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+    [ "${v:-0}" -gt "$max" ] && max=$v
+    sleep 0.05
+  done
+  echo "$max"
+}
+echo "== load $TASKS tasks of ~$TASK_BYTES B"
+"$R" state --endpoint "$E" load --tasks "$TASKS" --task-bytes "$TASK_BYTES" --batch 1000
+du -sh "$W/r1"
+echo "== writes without a backup (2,000 transactions of 10 tasks)"
+"$R" state --endpoint "$E" load --tasks 20000 --batch 10 --first 50000000 --task-bytes "$TASK_BYTES"
+echo "== writes during a backup"
+lp=$(leader_pid)
+rm -f "$W/stop"; (peak_rss "$lp" "$W/stop" > "$W/server-rss") &
+"$R" state --endpoint "$E" load --tasks 200000 --batch 10 --first 60000000 --task-bytes "$TASK_BYTES" > "$W/during.txt" &
+writer=$!
+sleep 1
+/usr/bin/time -v "$R" backup --endpoint "$E" --dir "$W/backups" 2> "$W/backup-time.txt"
+touch "$W/stop"; wait "$writer" || true; sleep 0.2
+cat "$W/during.txt"
+echo "note: the writes above ran for their whole length; the backup took the time shown above"
+echo "backup client peak RSS: $(awk '/Maximum resident/ {print $6}' "$W/backup-time.txt") kB"
+echo "serving replica (pid $lp) peak RSS during the backup: $(cat "$W/server-rss") kB"
+f=$(ls "$W"/backups/scheduler-backup-* | tail -1)
+ls -l "$f"
+echo "== stage + commit"
+s=$(date +%s.%N)
+"$R" recovery --endpoint "$E" stage "$f" >/dev/null
+m=$(date +%s.%N)
+"$R" recovery --endpoint "$E" commit
+e=$(date +%s.%N)
+python3 -c "print(f'stage {$m-$s:.2f}s, commit {$e-$m:.2f}s')"
+echo "== restart of a follower"
+lp=$(leader_pid)
+for i in 1 2 3; do [ "${pid[$i]}" != "$lp" ] && victim=$i; done
+kill -9 "${pid[$victim]}"; wait "${pid[$victim]}" 2>/dev/null || true
+"$R" state --endpoint "$E" load --tasks 1000 --first 70000000 >/dev/null
+s=$(date +%s.%N)
+start "$victim"
+until "$R" status --endpoint "$E" --json 2>/dev/null | VICTIM=$victim python3 -c '
+import json, os, sys
+d = json.load(sys.stdin)
+v = [r for r in d if r.get("replica_id") == int(os.environ["VICTIM"])]
+l = [r for r in d if r.get("is_leader")]
+ok = v and l and v[0]["status"] == "VOTING" and v[0]["applied"] >= l[0]["commit"]
+sys.exit(0 if ok else 1)' 2>/dev/null; do sleep 0.05; done
+e=$(date +%s.%N)
+python3 -c "print(f'replica {$victim} serves again {$e-$s:.2f}s after its restart')"
+"$R" state --endpoint "$E" summary
