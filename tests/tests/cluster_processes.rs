@@ -1515,3 +1515,376 @@ fn disaster_restore_founds_a_new_cluster_the_old_one_cannot_join() {
         }
     });
 }
+
+// ---------------------------------------------------------------------------
+// Scheduled backups (`replog replica --state --backup-dir DIR`)
+
+/// The backups in `dir` (by backup name), oldest first; none when it does
+/// not exist.
+fn scheduled_backups(dir: &Path) -> Vec<PathBuf> {
+    if !dir.is_dir() {
+        return Vec::new();
+    }
+    replog_store::backup::BackupDir::new(dir, usize::MAX)
+        .unwrap()
+        .list()
+        .unwrap()
+}
+
+/// `GET /metrics` from a replica's `--metrics-listen` port.
+fn scrape_metrics(port: u16) -> Option<String> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.starts_with("HTTP/1").then_some(out)
+}
+
+/// The value of an unlabelled metric in a scrape.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn the_leader_takes_scheduled_backups_verified_and_pruned() {
+    run(async {
+        let mut c = Cluster::new();
+        let ports: BTreeMap<u64, u16> = (1..=3).map(|id| (id, free_port())).collect();
+        let metrics: BTreeMap<u64, u16> = (1..=3).map(|id| (id, free_port())).collect();
+        for id in 1..=3 {
+            c.add_node(id, "bk", ports[&id], &ports);
+            c.initialize_with(id, &ports, &[]);
+        }
+        let dirs: BTreeMap<u64, PathBuf> = (1..=3)
+            .map(|id| (id, c.root.path().join(format!("backups-{id}"))))
+            .collect();
+        for id in 1..=3 {
+            let dir = dirs[&id].to_string_lossy().to_string();
+            let m = format!("127.0.0.1:{}", metrics[&id]);
+            c.start(
+                id,
+                &[
+                    "--state",
+                    "--backup-dir",
+                    &dir,
+                    "--backup-interval",
+                    "300ms",
+                    "--max-saved-backups",
+                    "2",
+                    "--metrics-listen",
+                    &m,
+                ],
+            );
+        }
+        for id in 1..=3 {
+            c.wait_serving(id).await;
+        }
+        let eps = c.endpoints().join(",");
+        c.cli_ok(&["state", "--endpoint", &eps, "load", "--tasks", "2000"]);
+        let (leader, before) = c.wait_leader("a leader", |_, _| true).await;
+        c.note(&format!("wrote 2000 tasks; replica {leader} leads"));
+
+        // A backup started after the writes were acknowledged holds them all.
+        c.wait("a scheduled backup holding the 2000 tasks", async || {
+            let newest = scheduled_backups(&dirs[&leader]).pop()?;
+            // Pruning may remove it under our feet: then look again.
+            let i = replog_store::backup::inspect(&newest, Some("bk")).ok()?;
+            (i.counts.get("task") == Some(&2000)).then_some(())
+        })
+        .await;
+        let text = c
+            .wait("the leader's backup metrics", async || {
+                let t = scrape_metrics(metrics[&leader])?;
+                (metric(&t, "replog_backups_succeeded_total")? >= 2.0).then_some(t)
+            })
+            .await;
+        assert_eq!(metric(&text, "replog_backups_failed_total"), Some(0.0));
+        assert!(metric(&text, "replog_backup_last_bytes").unwrap() > 0.0);
+        assert!(metric(&text, "replog_backup_last_success_timestamp_seconds").unwrap() > 1.6e9);
+        assert!(metric(&text, "replog_backup_last_duration_seconds").is_some());
+        for id in (1..=3).filter(|id| *id != leader) {
+            let t = c
+                .wait("a follower's metrics", async || {
+                    scrape_metrics(metrics[&id])
+                })
+                .await;
+            assert_eq!(metric(&t, "replog_backups_succeeded_total"), Some(0.0));
+        }
+        let (still, after) = c.wait_leader("a leader", |_, _| true).await;
+
+        // Stop every replica so the directories hold still, then check them.
+        for id in 1..=3 {
+            c.kill(id);
+        }
+        let kept = scheduled_backups(&dirs[&leader]);
+        assert!(
+            (1..=2).contains(&kept.len()),
+            "--max-saved-backups 2 kept {kept:?}"
+        );
+        for f in &kept {
+            let out = c.cli_ok(&["backup", "verify", &f.to_string_lossy()]);
+            assert!(out.contains("OK"), "{out}");
+        }
+        let newest = kept.last().unwrap().to_string_lossy().to_string();
+        let json: serde_json::Value =
+            serde_json::from_str(&c.cli_ok(&["backup", "inspect", &newest, "--json"])).unwrap();
+        assert_eq!(json["counts"]["task"], 2000, "{json}");
+        assert_eq!(json["cluster_id"], "bk", "{json}");
+        if still == leader && after.term == before.term {
+            for id in (1..=3).filter(|id| *id != leader) {
+                assert!(
+                    scheduled_backups(&dirs[&id]).is_empty(),
+                    "follower {id} took backups: {:?}",
+                    scheduled_backups(&dirs[&id])
+                );
+            }
+        } else {
+            c.note("the leadership moved during the test: not checking the followers' directories");
+        }
+    });
+}
+
+#[test]
+fn a_failing_scheduled_backup_is_counted_and_the_replica_keeps_serving() {
+    run(async {
+        let metrics_port = free_port();
+        let root = tempfile::tempdir().unwrap();
+        // A directory cannot be made under a regular file.
+        let blocker = root.path().join("not-a-dir");
+        std::fs::write(&blocker, b"x").unwrap();
+        let dir = blocker.join("backups");
+        let m = format!("127.0.0.1:{metrics_port}");
+        let c = Cluster::initialized_with(
+            "bkfail",
+            1,
+            &[],
+            &[
+                "--state",
+                "--backup-dir",
+                &dir.to_string_lossy(),
+                "--backup-interval",
+                "200ms",
+                "--metrics-listen",
+                &m,
+            ],
+        )
+        .await;
+        let text = c
+            .wait("failed backups to be counted", async || {
+                let t = scrape_metrics(metrics_port)?;
+                (metric(&t, "replog_backups_failed_total")? >= 2.0).then_some(t)
+            })
+            .await;
+        assert_eq!(metric(&text, "replog_backups_succeeded_total"), Some(0.0));
+        assert!(c.log_text(1).contains("a scheduled backup failed"));
+        // It keeps serving writes.
+        c.cli_ok(&[
+            "state",
+            "--endpoint",
+            &c.endpoint(1),
+            "load",
+            "--tasks",
+            "50",
+        ]);
+        c.check_alive();
+        // Once the directory can be made, the next turn succeeds.
+        std::fs::remove_file(&blocker).unwrap();
+        c.wait("a backup once the directory can be made", async || {
+            let t = scrape_metrics(metrics_port)?;
+            (metric(&t, "replog_backups_succeeded_total")? >= 1.0).then_some(())
+        })
+        .await;
+        let newest = scheduled_backups(&dir).pop().expect("a backup");
+        let i = replog_store::backup::inspect(&newest, Some("bkfail")).unwrap();
+        assert_eq!(i.counts.get("task"), Some(&50));
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Snapshots and compaction of the state log (`--snapshot-interval-entries`,
+// `--snapshot-keep-entries`) and catch-up by streamed state snapshot.
+
+/// `replog replica` flags of the compaction test: compact every 50 applied
+/// positions, keep 10.
+const COMPACTING: [&str; 5] = [
+    "--state",
+    "--snapshot-interval-entries",
+    "50",
+    "--snapshot-keep-entries",
+    "10",
+];
+
+impl Cluster {
+    /// The state's applied position on replica `id` alone (linearizable).
+    fn state_applied(&self, id: u64) -> u64 {
+        let out = self.cli_ok(&[
+            "state",
+            "--endpoint",
+            &self.endpoint(id),
+            "summary",
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v[0]["applied"].as_u64().unwrap_or_else(|| panic!("{out}"))
+    }
+
+    /// The last position replica `id` could replay by itself: its state's
+    /// applied position or the end of its log, whichever is later (asked
+    /// while nothing is written).
+    async fn log_holds(&self, id: u64) -> u64 {
+        let applied = self.state_applied(id);
+        let s = self.status(id).await.expect("the replica answers");
+        applied.max(s.last_index)
+    }
+
+    /// Endpoints of the running replicas, for writes.
+    fn running_endpoints(&self) -> String {
+        self.running()
+            .into_iter()
+            .map(|id| self.endpoint(id))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Waits until the leader's log begins after `position` + 1: a replica
+    /// whose state applied only up to `position` cannot replay the log.
+    async fn wait_truncated_past(&self, position: u64) -> u64 {
+        let (leader, s) = self
+            .wait_leader(
+                &format!("the leader's log to be truncated past position {position}"),
+                |_, s| s.first_index > position + 1,
+            )
+            .await;
+        assert!(
+            self.log_text(leader).contains("compacted the state log"),
+            "the leader truncated without saying so"
+        );
+        s.first_index
+    }
+
+    /// Every running replica holds the same state with `tasks` tasks.
+    fn assert_same_state(&self, tasks: u64) {
+        let summaries = self.state_summaries();
+        assert_eq!(summaries.len(), 3);
+        let hashes: BTreeSet<String> = summaries
+            .iter()
+            .map(|s| s["state_hash"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(hashes.len(), 1, "replicas disagree: {summaries:?}");
+        for s in &summaries {
+            assert_eq!(s["counts"]["task"], tasks, "{s}");
+        }
+    }
+}
+
+#[test]
+fn a_follower_behind_the_compacted_log_catches_up_by_streamed_snapshot() {
+    run(async {
+        let c = Cluster::initialized_with("compact", 3, &[], &COMPACTING).await;
+        let eps = c.endpoints().join(",");
+        c.cli_ok(&[
+            "state",
+            "--endpoint",
+            &eps,
+            "load",
+            "--tasks",
+            "200",
+            "--batch",
+            "10",
+        ]);
+        let (leader, _) = c.wait_leader("a leader", |_, _| true).await;
+        let f = (1..=3).find(|id| *id != leader).unwrap();
+        let behind = c.log_holds(f).await;
+        c.kill(f);
+
+        // Enough writes for several compactions while the follower is down.
+        c.cli_ok(&[
+            "state",
+            "--endpoint",
+            &c.running_endpoints(),
+            "load",
+            "--tasks",
+            "600",
+            "--batch",
+            "4",
+            "--first",
+            "10000",
+        ]);
+        let first = c.wait_truncated_past(behind).await;
+        c.note(&format!(
+            "the follower holds up to {behind}; the leader's log begins at {first}"
+        ));
+
+        // It restarts behind the log, gets a Raft snapshot of the log and a
+        // streamed snapshot of the state from a peer, and goes on.
+        c.start(f, &COMPACTING);
+        c.wait(
+            "the follower to catch up by streamed snapshot",
+            async || {
+                c.last_run_log(f)
+                    .contains("caught up by a streamed state snapshot")
+                    .then_some(())
+            },
+        )
+        .await;
+        c.assert_same_state(800);
+        let log = c.last_run_log(f);
+        assert!(
+            log.contains("the local state is behind the log's beginning"),
+            "{log}"
+        );
+        assert!(!log.contains("the state applier stopped"), "{log}");
+
+        // Now killed while it installs a big snapshot: it recovers after a
+        // restart (the old state stays until the new one checked out whole,
+        // and the applier finds the same gap again).
+        let behind = c.log_holds(f).await;
+        c.kill(f);
+        c.cli_ok(&[
+            "state",
+            "--endpoint",
+            &c.running_endpoints(),
+            "load",
+            "--tasks",
+            "20000",
+            "--batch",
+            "250",
+            "--task-bytes",
+            "1000",
+            "--first",
+            "100000",
+        ]);
+        c.wait_truncated_past(behind).await;
+        c.start(f, &COMPACTING);
+        c.wait("the follower to start installing a snapshot", async || {
+            c.last_run_log(f)
+                .contains("installing a state snapshot from a peer")
+                .then_some(())
+        })
+        .await;
+        c.kill(f);
+        let interrupted = !c
+            .last_run_log(f)
+            .contains("caught up by a streamed state snapshot");
+        c.note(&format!("killed during the install: {interrupted}"));
+        c.start(f, &COMPACTING);
+        if interrupted {
+            c.wait(
+                "the follower to catch up again after the restart",
+                async || {
+                    c.last_run_log(f)
+                        .contains("caught up by a streamed state snapshot")
+                        .then_some(())
+                },
+            )
+            .await;
+        }
+        let (_, l) = c.wait_leader("a leader", |_, _| true).await;
+        c.wait_caught_up_voter(f, l.commit).await;
+        c.assert_same_state(20_800);
+    });
+}

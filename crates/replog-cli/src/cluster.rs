@@ -80,6 +80,36 @@ pub struct ReplicaArgs {
     /// of a cluster must agree on it: the log then holds only state records.
     #[arg(long, env = "REPLOG_STATE")]
     pub state: bool,
+    /// With --state: the leader compacts the log (flushes the state, then
+    /// truncates the log) once this many positions were applied since the
+    /// last compaction, or --snapshot-interval-bytes, or --snapshot-interval,
+    /// whichever comes first. A replica whose state falls behind the log's
+    /// beginning catches up from a peer's streamed state snapshot.
+    #[arg(long, env = "REPLOG_SNAPSHOT_INTERVAL_ENTRIES", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_interval_entries: u64,
+    /// With --state: compact once this many bytes of log entries were applied.
+    #[arg(long, env = "REPLOG_SNAPSHOT_INTERVAL_BYTES", default_value_t = 256 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_interval_bytes: u64,
+    /// With --state: compact once this much time passed (if anything was
+    /// applied), e.g. `1h`.
+    #[arg(long, env = "REPLOG_SNAPSHOT_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub snapshot_interval: Duration,
+    /// With --state: positions kept before the applied position when the
+    /// log is compacted, for followers that are a little behind.
+    #[arg(long, env = "REPLOG_SNAPSHOT_KEEP_ENTRIES", default_value_t = 10_000)]
+    pub snapshot_keep_entries: u64,
+    /// Take backups of the scheduler state into this directory every
+    /// --backup-interval (needs --state). Only the leader takes them, so a
+    /// cluster writes one per interval; give every replica a directory so
+    /// backups go on after a failover.
+    #[arg(long, env = "REPLOG_BACKUP_DIR")]
+    pub backup_dir: Option<PathBuf>,
+    /// How often the leader takes a backup into --backup-dir, e.g. `1h`.
+    #[arg(long, env = "REPLOG_BACKUP_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub backup_interval: Duration,
+    /// Newest backups kept in --backup-dir (older ones are deleted).
+    #[arg(long, env = "REPLOG_MAX_SAVED_BACKUPS", default_value_t = 48, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_saved_backups: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -194,8 +224,29 @@ pub fn replica(a: ReplicaArgs) -> Result<()> {
     config.log.tick_interval = a.tick_interval;
     config.ping_timeout = a.ping_timeout;
     config.max_ping_timeouts = a.max_ping_timeouts;
+    if let Some(dir) = &a.backup_dir {
+        if !a.state {
+            bail!(
+                "--backup-dir {} needs --state: the server backs up the scheduler state, \
+                 which runs only with --state",
+                dir.display()
+            );
+        }
+        if a.backup_interval.is_zero() {
+            bail!("--backup-interval must be more than zero");
+        }
+        config.backup_dir = Some(dir.clone());
+    }
+    config.backup_interval = a.backup_interval;
+    config.max_saved_backups = a.max_saved_backups as usize;
     if a.state {
-        config.state = Some(replog_server::StoreOptions::default());
+        config.state = Some(replog_server::StoreOptions {
+            snapshot_interval_entries: a.snapshot_interval_entries,
+            snapshot_interval_bytes: a.snapshot_interval_bytes,
+            snapshot_interval: a.snapshot_interval,
+            snapshot_keep_entries: a.snapshot_keep_entries,
+            ..Default::default()
+        });
     }
     let rt = runtime()?;
     rt.block_on(async move {
@@ -510,4 +561,62 @@ pub fn members(a: MembersArgs) -> Result<()> {
         println!("membership changed at position {position}");
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod backup_flag_tests {
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn replica_args(extra: &[&str]) -> Result<super::ReplicaArgs, clap::Error> {
+        let base = [
+            "replog",
+            "replica",
+            "--path",
+            "/nonexistent/replog-backup-flag-test",
+            "--listen",
+            "127.0.0.1:0",
+            "--cluster-id",
+            "c",
+            "--replica-id",
+            "1",
+        ];
+        let cli = Cli::try_parse_from(base.iter().chain(extra))?;
+        let Command::Replica(a) = cli.command else {
+            panic!("not replica")
+        };
+        Ok(a)
+    }
+
+    #[test]
+    fn backup_flags_and_defaults() {
+        let a = replica_args(&[]).unwrap();
+        assert_eq!(a.backup_dir, None);
+        assert_eq!(a.backup_interval, std::time::Duration::from_secs(3600));
+        assert_eq!(a.max_saved_backups, 48);
+        let a = replica_args(&[
+            "--state",
+            "--backup-dir",
+            "/b",
+            "--backup-interval",
+            "15min",
+            "--max-saved-backups",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(a.backup_dir.as_deref(), Some(std::path::Path::new("/b")));
+        assert_eq!(a.backup_interval, std::time::Duration::from_secs(900));
+        assert_eq!(a.max_saved_backups, 3);
+        assert!(replica_args(&["--max-saved-backups", "0"]).is_err());
+    }
+
+    #[test]
+    fn backup_dir_without_state_is_refused() {
+        let a = replica_args(&["--backup-dir", "/b"]).unwrap();
+        let e = super::replica(a).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("--backup-dir /b needs --state"),
+            "{e:#}"
+        );
+    }
 }

@@ -182,7 +182,9 @@ fn leader_hint(s: &tonic::Status) -> Option<String> {
     (!addr.is_empty()).then(|| addr.to_string())
 }
 
-/// Submits `txn` to the leader among `endpoints` (following leader hints).
+/// Submits `txn` to the leader among `endpoints` (following leader hints;
+/// written again on the new leader when leadership was lost mid-write,
+/// which is safe only because this tool's transactions are idempotent).
 pub async fn submit(
     endpoints: &[String],
     clients: &mut Vec<(String, SchedulerStateClient<Channel>)>,
@@ -215,8 +217,12 @@ pub async fn submit(
                     .get("replog-error")
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
-                if code != "NOT_LEADER" {
-                    bail!("{target} refused the transaction: {}", s.message());
+                // LEADERSHIP_LOST: the write may or may not be in the log.
+                // The transactions this tool writes are saves of generated
+                // tasks, which are idempotent, so writing one again on the
+                // new leader is safe (a scheduler's own writes need not be).
+                if code != "NOT_LEADER" && code != "LEADERSHIP_LOST" {
+                    bail!("{target} refused the transaction: {} ({code})", s.message());
                 }
                 target = match leader_hint(&s) {
                     Some(l) => l,

@@ -16,8 +16,12 @@
 //! - every request is bounded (message size limits on both services,
 //!   a bounded inbound queue, the log's in-flight limit).
 
+mod backups;
+mod catch_up;
 mod service;
 mod state_service;
+
+pub use backups::{BackupConfig, DEFAULT_BACKUP_INTERVAL, DEFAULT_MAX_SAVED_BACKUPS};
 
 pub use state_service::StateService;
 
@@ -64,6 +68,14 @@ pub struct ServerConfig {
     /// (`replog.store.v1.SchedulerState`). Its log then holds only store
     /// records: do not append raw entries to it.
     pub state: Option<StoreOptions>,
+    /// Take scheduled backups of the state into this directory (needs
+    /// [`Self::state`]); only the leader takes them (see the `backups`
+    /// module's docs).
+    pub backup_dir: Option<PathBuf>,
+    /// How often a backup is taken (default 1h).
+    pub backup_interval: Duration,
+    /// Newest backups kept in [`Self::backup_dir`] (default 48).
+    pub max_saved_backups: usize,
 }
 
 impl ServerConfig {
@@ -87,6 +99,9 @@ impl ServerConfig {
             max_ping_timeouts: 5,
             max_message_bytes: 16 * 1024 * 1024,
             state: None,
+            backup_dir: None,
+            backup_interval: DEFAULT_BACKUP_INTERVAL,
+            max_saved_backups: DEFAULT_MAX_SAVED_BACKUPS,
         }
     }
 
@@ -148,6 +163,8 @@ pub struct ReplicaServer {
     stopping: tokio::sync::watch::Sender<bool>,
     serving: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     store: Option<Arc<SchedulerStore>>,
+    /// The scheduled-backup task, when [`ServerConfig::backup_dir`] is set.
+    backups: Option<JoinHandle<()>>,
 }
 
 /// How long a graceful shutdown waits for open calls before it drops them.
@@ -211,6 +228,12 @@ impl ReplicaServer {
             return Err(ServerError::Config(format!(
                 "--peers lists this replica's own id {}; list only the other replicas",
                 config.replica_id
+            )));
+        }
+        if let (None, Some(dir)) = (&config.state, &config.backup_dir) {
+            return Err(ServerError::Config(format!(
+                "a backup directory ({}) needs the state store (--state): backups are of the scheduler state",
+                dir.display()
             )));
         }
         if is_empty_dir(&config.path)? {
@@ -291,12 +314,35 @@ impl ReplicaServer {
                 let staging = Staging::open(log.shared_db(), log.path()).map_err(|e| {
                     ServerError::Config(format!("cannot open the staging area: {e}"))
                 })?;
-                let store = Arc::new(SchedulerStore::start(log.clone(), state, opts.clone()));
+                let store = Arc::new(SchedulerStore::start_with_source(
+                    log.clone(),
+                    state,
+                    opts.clone(),
+                    Some(Arc::new(catch_up::PeerSnapshots::new(log.clone()))),
+                ));
                 let staging = Arc::new(staging);
                 spawn_auto_commit(store.clone(), staging.clone());
                 (Some(store), Some(staging))
             }
             None => (None, None),
+        };
+        let backups = match (&store, &config.backup_dir) {
+            (Some(store), Some(dir)) => {
+                let metrics = backups::BackupMetrics::register(&registry).map_err(|e| {
+                    ServerError::Config(format!("cannot register the backup metrics: {e}"))
+                })?;
+                Some(backups::spawn(
+                    store.clone(),
+                    BackupConfig {
+                        dir: dir.clone(),
+                        interval: config.backup_interval,
+                        max_saved: config.max_saved_backups,
+                    },
+                    metrics,
+                    stopping_tx.subscribe(),
+                ))
+            }
+            _ => None,
         };
         let router = replog_transport::server_builder()
             .add_service(transport.service())
@@ -331,6 +377,7 @@ impl ReplicaServer {
             stopping: stopping_tx,
             serving: Some(serving),
             store,
+            backups,
         })
     }
 
@@ -427,6 +474,24 @@ impl ReplicaServer {
                 .expect("registered once");
             scrape.register(Box::new(lag)).expect("registered once");
         }
+        if let Some(store) = &self.store {
+            // Snapshots and compaction of the state log (replog_store::store).
+            let counter = |name: &str, help: &str, v: u64| {
+                let c = prometheus::IntCounter::new(name, help).expect("valid metric name");
+                c.inc_by(v);
+                scrape.register(Box::new(c)).expect("registered once");
+            };
+            counter(
+                "replog_state_compactions_total",
+                "log truncations this replica proposed as leader after flushing its state",
+                store.compactions(),
+            );
+            counter(
+                "replog_state_snapshot_catch_ups_total",
+                "state snapshots this replica installed from a peer (its state was behind the log's beginning)",
+                store.snapshot_catch_ups(),
+            );
+        }
         let mut families = self.registry.gather();
         families.extend(scrape.gather());
         let mut out = Vec::new();
@@ -481,6 +546,16 @@ impl ReplicaServer {
                     warn!("calls still open after {SHUTDOWN_GRACE:?}; dropping them");
                     serving.abort();
                 }
+            }
+        }
+        if let Some(mut backups) = self.backups.take() {
+            // It saw `stopping` and cancels a backup under way.
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut backups)
+                .await
+                .is_err()
+            {
+                warn!("the backup task is still running after {SHUTDOWN_GRACE:?}; dropping it");
+                backups.abort();
             }
         }
         Ok(())

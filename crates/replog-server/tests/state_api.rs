@@ -174,7 +174,6 @@ async fn submit_query_summary_and_watch() {
             from_position: first - 1,
         })
         .await
-        .err()
-        .expect("an old position is refused");
+        .expect_err("an old position is refused");
     assert_eq!(err.metadata().get("replog-error").unwrap(), "MUST_RELOAD");
 }

@@ -185,8 +185,20 @@ impl BackupDir {
         write: impl FnOnce(&mut BufWriter<File>) -> Result<T, BackupError>,
     ) -> Result<(PathBuf, T), BackupError> {
         let base = format!("{BACKUP_PREFIX}{}", minute_stamp(now_unix_ms));
-        let mut name = base.clone();
+        // Several backups in one minute: the new one takes a counter above
+        // every one of that minute still here, so it sorts newest even
+        // after pruning removed the lower ones (else pruning would take it).
+        let stamp = &base[BACKUP_PREFIX.len()..];
         let mut n = 1;
+        let mut name = base.clone();
+        for p in self.list()? {
+            let existing = p.file_name().unwrap_or_default().to_string_lossy();
+            let (s, k) = backup_order(&existing);
+            if s == stamp {
+                n = n.max(k + 1);
+                name = format!("{base}-{n}");
+            }
+        }
         while self.dir.join(&name).exists() {
             name = format!("{base}-{n}");
             n += 1;
@@ -451,5 +463,27 @@ mod tests {
                 "scheduler-backup-2026-11-22-06-15-10",
             ]
         );
+    }
+
+    /// Many backups in one minute, pruned to 2: each new one sorts newest,
+    /// so pruning never removes the one just written.
+    #[test]
+    fn backups_in_one_minute_survive_pruning() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = BackupDir::new(tmp.path(), 2).unwrap();
+        let now = 1_795_000_000_000;
+        for i in 0..6u8 {
+            let (path, ()) = dir
+                .save(now, |w| {
+                    w.write_all(&[i]).map_err(io_err(Path::new("<test>")))?;
+                    Ok(())
+                })
+                .unwrap();
+            assert!(path.exists(), "{} was pruned at once", path.display());
+            let kept = dir.list().unwrap();
+            assert!(kept.len() <= 2);
+            assert_eq!(kept.last(), Some(&path));
+            assert_eq!(fs::read(&path).unwrap(), [i]);
+        }
     }
 }

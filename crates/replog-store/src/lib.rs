@@ -17,4 +17,7 @@ pub mod staging;
 pub mod store;
 
 pub use staging::{Staged, Staging, StagingError, AUTO_COMMIT_LABEL};
-pub use store::{ApplyProgress, SchedulerStore, StoreError, StoreOptions, FOUNDING_POSITION};
+pub use store::{
+    ApplyProgress, FetchFuture, SchedulerStore, SnapshotPieces, SnapshotSource, StoreError,
+    StoreOptions, FOUNDING_POSITION,
+};

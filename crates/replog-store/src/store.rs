@@ -13,17 +13,70 @@
 //!   same on every replica: the state machine is deterministic;
 //! - queues are bounded: results of recent positions are kept for at most
 //!   [`RESULT_SLOTS`] positions, reads of the log go in pages.
+//!
+//! # Snapshots and compaction
+//!
+//! The log of a state cluster does not grow forever. A compaction task runs
+//! next to the applier; while this replica is the leader (`leader_ready`)
+//! it counts what the state applied since the last compaction (entries,
+//! bytes of applied log entries, time) and, when any of
+//! [`StoreOptions::snapshot_interval_entries`],
+//! [`StoreOptions::snapshot_interval_bytes`] or
+//! [`StoreOptions::snapshot_interval`] is reached, it
+//! 1. makes the state durable ([`StateStore::flush`], an fsync of the WAL),
+//! 2. truncates the log to `applied - snapshot_keep_entries`
+//!    ([`Writer::truncate`]): every replica drops the positions before it
+//!    when it applies that truncation entry; the tail that is kept lets a
+//!    follower that is a little behind go on from its own log.
+//!
+//! The local state is the snapshot: there is no separate snapshot file.
+//! Compactions are counted ([`SchedulerStore::compactions`]).
+//!
+//! Invariant (durability): **the state is durable at least up to the log's
+//! beginning - 1, or it is behind the log's beginning and catches up from a
+//! peer** (below). Why it holds:
+//! - the leader truncates only to `to <= applied - snapshot_keep_entries`
+//!   after a flush that covered `applied` (asserted before the truncation);
+//! - the state and the log share one RocksDB database and so one WAL, whose
+//!   recovery keeps a prefix: a truncation a follower wrote after its state
+//!   applied position `p` never survives a crash without `p`;
+//! - on top of that, the applier flushes the state as soon as it sees the
+//!   log's beginning move past what it last flushed.
+//!
+//! # Catch-up by streamed snapshot
+//!
+//! A replica whose state is behind its log's beginning (it was down while
+//! the leader truncated, or it was wiped, rejoined EMPTY and received a
+//! Raft snapshot) cannot replay the log. When the applier finds its next
+//! position truncated it asks its [`SnapshotSource`] (the replica server
+//! streams the `Snapshot` RPC of a peer) for a state snapshot stream and
+//! loads it with [`crate::backup::load_stream`], at the position of the
+//! snapshot's header, then applies the log from the next position on. The
+//! snapshot is refused (and fetched again later, with backoff) unless its
+//! content is scheduler state, its cluster id is this replica's, and its
+//! position is at least the local log's beginning - 1 (a peer that is
+//! behind too). The stream is read piece by piece through a bounded
+//! channel (constant memory) and only a stream that checked out whole
+//! switches the state ([`StateStore::replace_all`] generations); a crash in
+//! the middle leaves the old state, and the applier, restarted, finds the
+//! same gap and catches up again. Catch-ups are counted
+//! ([`SchedulerStore::snapshot_catch_ups`]). A store without a source stops
+//! its applier at such a gap, with the reason.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use parking_lot::Mutex;
 use replog_log::{Log, LogError, Position, Writer};
 use replog_proto::state::Transaction;
 use replog_state::{Applied, StateError, StateStore};
-use tokio::sync::{watch, RwLock};
+use tokio::sync::{mpsc, watch, RwLock};
 use tracing::{debug, error, info, warn};
 
 use crate::record::{decode_record, encode_transaction, Assembled, Reassembler, RecordError};
@@ -80,6 +133,16 @@ pub struct StoreOptions {
     pub max_transaction_bytes: usize,
     /// How long a submitter waits for its own replica to apply its write.
     pub apply_timeout: Duration,
+    /// The leader compacts the log once this many positions were applied
+    /// since the last compaction (see the module docs).
+    pub snapshot_interval_entries: u64,
+    /// ... or once this many bytes of log entries were applied.
+    pub snapshot_interval_bytes: u64,
+    /// ... or once this much time passed (and something was applied).
+    pub snapshot_interval: Duration,
+    /// Positions kept before the applied position when the log is
+    /// truncated, for followers that are a little behind.
+    pub snapshot_keep_entries: u64,
 }
 
 impl Default for StoreOptions {
@@ -88,6 +151,10 @@ impl Default for StoreOptions {
             max_entry_bytes: 1024 * 1024,
             max_transaction_bytes: 64 * 1024 * 1024,
             apply_timeout: Duration::from_secs(30),
+            snapshot_interval_entries: 100_000,
+            snapshot_interval_bytes: 256 * 1024 * 1024,
+            snapshot_interval: Duration::from_secs(3600),
+            snapshot_keep_entries: 10_000,
         }
     }
 }
@@ -105,12 +172,37 @@ pub struct ApplyProgress {
     pub replaced_at: Option<u64>,
 }
 
+/// Frame pieces of one snapshot stream (`docs/snapshot-format.md`), in
+/// order, through a bounded channel; an `Err` breaks the stream, and so
+/// does the sender going away before the trailer.
+pub type SnapshotPieces = mpsc::Receiver<std::io::Result<Bytes>>;
+
+/// A boxed future of a [`SnapshotSource`].
+pub type FetchFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<(String, SnapshotPieces), String>> + Send + 'a>>;
+
+/// Where a replica whose state is behind its log's beginning gets a state
+/// snapshot (see the module docs). The replica server's implementation
+/// streams the `Snapshot` RPC of the leader or another member.
+pub trait SnapshotSource: Send + Sync + 'static {
+    /// Opens one snapshot stream: returns who serves it (for log lines and
+    /// errors) and its pieces. `attempt` counts the tries of one catch-up
+    /// from 0, so that a source can go round its peers (one may be behind).
+    fn fetch(&self, attempt: u64) -> FetchFuture<'_>;
+}
+
 struct Shared {
     state: StateStore,
     progress: watch::Sender<ApplyProgress>,
     /// Rejections of recent positions (position -> error), bounded.
     rejected: Mutex<BTreeMap<u64, String>>,
     aborted_writes: AtomicU64,
+    /// Bytes of log entries applied since start (compaction by bytes).
+    applied_bytes: AtomicU64,
+    /// Log truncations this replica proposed as leader, since start.
+    compactions: AtomicU64,
+    /// State snapshots installed from a peer, since start.
+    catch_ups: AtomicU64,
 }
 
 /// The scheduler-state store on a replicated log (see the module docs).
@@ -123,13 +215,26 @@ pub struct SchedulerStore {
     writer_started_at: AtomicU64,
     next_frame_id: AtomicU64,
     applier: tokio::task::JoinHandle<()>,
+    compactor: tokio::task::JoinHandle<()>,
 }
 
 impl SchedulerStore {
     /// Binds `state` to `log` and starts applying the log's committed
     /// entries after the state's applied position. Must run in a tokio
-    /// runtime.
+    /// runtime. Without a [`SnapshotSource`], an applier whose state falls
+    /// behind the log's beginning stops (see [`Self::start_with_source`]).
     pub fn start(log: Arc<Log>, state: StateStore, opts: StoreOptions) -> Self {
+        Self::start_with_source(log, state, opts, None)
+    }
+
+    /// Like [`Self::start`]; an applier whose state is behind the log's
+    /// beginning catches up from a snapshot of `source` (module docs).
+    pub fn start_with_source(
+        log: Arc<Log>,
+        state: StateStore,
+        opts: StoreOptions,
+        source: Option<Arc<dyn SnapshotSource>>,
+    ) -> Self {
         let (progress, _) = watch::channel(ApplyProgress {
             applied: state.applied(),
             failure: None,
@@ -140,12 +245,17 @@ impl SchedulerStore {
             progress,
             rejected: Mutex::new(BTreeMap::new()),
             aborted_writes: AtomicU64::new(0),
+            applied_bytes: AtomicU64::new(0),
+            compactions: AtomicU64::new(0),
+            catch_ups: AtomicU64::new(0),
         });
         let applier = tokio::spawn(apply_loop(
             shared.clone(),
             log.clone(),
             opts.max_transaction_bytes,
+            source,
         ));
+        let compactor = tokio::spawn(compaction_loop(shared.clone(), log.clone(), opts.clone()));
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -158,6 +268,7 @@ impl SchedulerStore {
             writer_started_at: AtomicU64::new(0),
             next_frame_id: AtomicU64::new(seed),
             applier,
+            compactor,
         }
     }
 
@@ -184,6 +295,16 @@ impl SchedulerStore {
     /// Framed writes that never completed, seen since start.
     pub fn aborted_writes(&self) -> u64 {
         self.shared.aborted_writes.load(Ordering::Relaxed)
+    }
+
+    /// Log truncations this replica proposed as leader since start.
+    pub fn compactions(&self) -> u64 {
+        self.shared.compactions.load(Ordering::Relaxed)
+    }
+
+    /// State snapshots this replica installed from a peer since start.
+    pub fn snapshot_catch_ups(&self) -> u64 {
+        self.shared.catch_ups.load(Ordering::Relaxed)
     }
 
     /// Waits until the local state has applied `position`.
@@ -439,24 +560,243 @@ impl SchedulerStore {
     /// [`Self::shutdown`] to wait for that).
     pub fn close(&self) {
         self.applier.abort();
+        self.compactor.abort();
     }
 
     /// Stops the applier and waits until it let go of the log, so that the
     /// replica's directory can be opened again once the store is dropped.
     pub async fn shutdown(mut self) {
         self.applier.abort();
+        self.compactor.abort();
         let _ = (&mut self.applier).await;
+        let _ = (&mut self.compactor).await;
     }
 }
 
 impl Drop for SchedulerStore {
     fn drop(&mut self) {
         self.applier.abort();
+        self.compactor.abort();
     }
 }
 
-async fn apply_loop(shared: Arc<Shared>, log: Arc<Log>, max_transaction_bytes: usize) {
+/// How often the compaction task looks at the clock when nothing is
+/// applied.
+const COMPACTION_CHECK: Duration = Duration::from_secs(1);
+
+/// The leader's side of compaction (see the module docs): counts what was
+/// applied since the last compaction and, when an interval is reached and
+/// this replica is the leader, flushes the state and truncates the log.
+async fn compaction_loop(shared: Arc<Shared>, log: Arc<Log>, opts: StoreOptions) {
+    let mut applied_rx = shared.progress.subscribe();
     let reader = log.reader();
+    let mut base_applied = shared.state.applied();
+    let mut base_bytes = shared.applied_bytes.load(Ordering::Relaxed);
+    let mut since = Instant::now();
+    let mut writer: Option<Writer> = None;
+    let check = opts
+        .snapshot_interval
+        .clamp(Duration::from_millis(10), COMPACTION_CHECK);
+    loop {
+        // Woken by the applier's progress, or by the clock (time interval).
+        if let Ok(Err(_)) = tokio::time::timeout(check, applied_rx.changed()).await {
+            return; // the store is gone
+        }
+        let p = log.progress();
+        if !p.leader_ready {
+            continue;
+        }
+        let applied = shared.state.applied();
+        let bytes = shared.applied_bytes.load(Ordering::Relaxed);
+        let by_entries = applied.saturating_sub(base_applied) >= opts.snapshot_interval_entries;
+        let by_bytes = bytes.saturating_sub(base_bytes) >= opts.snapshot_interval_bytes;
+        let by_time = since.elapsed() >= opts.snapshot_interval && applied > base_applied;
+        if !(by_entries || by_bytes || by_time) {
+            continue;
+        }
+        base_applied = applied;
+        base_bytes = bytes;
+        since = Instant::now();
+        let to = applied.saturating_sub(opts.snapshot_keep_entries);
+        let beginning = reader.beginning().value();
+        if to <= beginning {
+            debug!(
+                applied,
+                beginning, "nothing to compact yet: the log holds only the kept tail"
+            );
+            continue;
+        }
+        // The state must be durable past the truncation point: the log will
+        // no longer hold those entries.
+        let state = shared.clone();
+        let flushed = tokio::task::spawn_blocking(move || {
+            let at = state.state.applied();
+            state.state.flush().map(|_| at)
+        })
+        .await;
+        let flushed = match flushed {
+            Ok(Ok(at)) => at,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot flush the state; the log is not compacted");
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "the state flush panicked; the log is not compacted");
+                continue;
+            }
+        };
+        assert!(
+            to - 1 <= flushed,
+            "compaction to {to} past the durable state ({flushed})"
+        );
+        if writer.as_ref().and_then(Writer::term) != Some(p.term) {
+            let mut w = log.writer();
+            if let Err(e) = w.start().await {
+                warn!(error = %e, "cannot start a writer to compact the log");
+                writer = None;
+                continue;
+            }
+            writer = Some(w);
+        }
+        let w = writer.as_ref().expect("started above");
+        match w.truncate(Position::new(to)).await {
+            Ok(at) => {
+                shared.compactions.fetch_add(1, Ordering::Relaxed);
+                info!(
+                    truncated_to = to,
+                    applied,
+                    flushed,
+                    kept = opts.snapshot_keep_entries,
+                    entry = at.value(),
+                    reason = if by_entries { "entries" } else if by_bytes { "bytes" } else { "time" },
+                    "compacted the state log: the state is durable, positions before truncated_to are dropped"
+                );
+            }
+            Err(e) => {
+                warn!(error = %e, to, "compacting the log failed");
+                writer = None;
+            }
+        }
+    }
+}
+
+/// First pause between catch-up attempts; it doubles up to
+/// [`CATCH_UP_MAX_BACKOFF`].
+const CATCH_UP_BACKOFF: Duration = Duration::from_millis(100);
+const CATCH_UP_MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Fetches and installs a peer's state snapshot until one works; returns
+/// its position (>= the log's beginning - 1 when it was fetched).
+async fn catch_up(
+    shared: &Arc<Shared>,
+    log: &Arc<Log>,
+    source: &Arc<dyn SnapshotSource>,
+    behind: u64,
+) -> u64 {
+    let reader = log.reader();
+    let mut backoff = CATCH_UP_BACKOFF;
+    let mut attempt = 0u64;
+    loop {
+        let beginning = reader.beginning().value();
+        warn!(
+            applied = behind,
+            log_beginning = beginning,
+            attempt,
+            "the local state is behind the log's beginning: catching up from a peer's state snapshot"
+        );
+        let started = Instant::now();
+        let result = match source.fetch(attempt).await {
+            Ok((peer, pieces)) => install_snapshot(
+                shared,
+                log,
+                peer.clone(),
+                pieces,
+                beginning.saturating_sub(1),
+            )
+            .await
+            .map(|position| (peer, position)),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok((peer, position)) => {
+                shared.catch_ups.fetch_add(1, Ordering::Relaxed);
+                info!(
+                    %peer,
+                    position,
+                    elapsed = ?started.elapsed(),
+                    "caught up by a streamed state snapshot"
+                );
+                return position;
+            }
+            Err(e) => {
+                warn!(error = %e, attempt, retry_in = ?backoff, "a state snapshot catch-up failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(CATCH_UP_MAX_BACKOFF);
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Reads one snapshot stream and loads it whole into the state, or changes
+/// nothing. `needed`: the lowest position the snapshot may be of.
+async fn install_snapshot(
+    shared: &Arc<Shared>,
+    log: &Arc<Log>,
+    peer: String,
+    mut pieces: SnapshotPieces,
+    needed: u64,
+) -> Result<u64, String> {
+    let cluster = log.meta().cluster_id;
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let path = std::path::PathBuf::from(format!("<state snapshot of {peer}>"));
+        let piece_iter = std::iter::from_fn(|| pieces.blocking_recv());
+        let (r, header) = replog_snapshot::SnapshotReader::open(
+            replog_snapshot::PieceReader::new(piece_iter),
+            replog_snapshot::ReaderOptions::default(),
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+        if header.content != crate::backup::CONTENT {
+            return Err(format!(
+                "{}: the stream holds '{}', not scheduler state",
+                path.display(),
+                header.content
+            ));
+        }
+        replog_snapshot::check_cluster(&header, &cluster)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if header.position < needed {
+            return Err(format!(
+                "{} is of position {}, but this replica's log begins at {}: the peer is behind too",
+                path.display(),
+                header.position,
+                needed + 1
+            ));
+        }
+        info!(
+            %peer,
+            position = header.position,
+            "installing a state snapshot from a peer"
+        );
+        crate::backup::load_stream(&shared.state, &path, r, header.position)
+            .map_err(|e| e.to_string())?;
+        Ok(header.position)
+    })
+    .await
+    .map_err(|e| format!("installing the snapshot panicked: {e}"))?
+}
+
+async fn apply_loop(
+    shared: Arc<Shared>,
+    log: Arc<Log>,
+    max_transaction_bytes: usize,
+    source: Option<Arc<dyn SnapshotSource>>,
+) {
+    let reader = log.reader();
+    // The state is durable up to here (what a restart found, or the last
+    // flush): see the durability invariant in the module docs.
+    let mut flushed = shared.state.applied();
     let mut log_progress = log.watch_leadership();
     let mut spool: Option<Spool> = None;
     Spool::remove_stale(log.path());
@@ -485,12 +825,25 @@ async fn apply_loop(shared: Arc<Shared>, log: Arc<Log>, max_transaction_bytes: u
         let entries = match reader.read(Position::new(next), Position::new(to)) {
             Ok(e) => e,
             Err(LogError::Truncated { beginning, .. }) => {
-                fail(format!(
-                    "the local state stops at position {} but the log now begins at {beginning}: \
-                     this replica needs a state snapshot from a peer",
-                    next - 1
-                ));
-                return;
+                let Some(source) = &source else {
+                    fail(format!(
+                        "the local state stops at position {} but the log now begins at {beginning}: \
+                         this replica needs a state snapshot from a peer",
+                        next - 1
+                    ));
+                    return;
+                };
+                let position = catch_up(&shared, &log, source, next - 1).await;
+                // Whatever was being reassembled is part of the snapshot now
+                // (a snapshot's position is never inside a framed write).
+                reassembler = Reassembler::new(max_transaction_bytes);
+                if let Some(s) = spool.take() {
+                    s.discard();
+                }
+                flushed = position; // replace_all syncs the WAL
+                shared.progress.send_modify(|p| p.applied = position);
+                next = position + 1;
+                continue;
             }
             Err(e) => {
                 fail(format!("reading the log at {next}..={to}: {e}"));
@@ -500,6 +853,9 @@ async fn apply_loop(shared: Arc<Shared>, log: Arc<Log>, max_transaction_bytes: u
         let mut outcomes = Vec::new();
         for entry in entries {
             let position = entry.position.value();
+            shared
+                .applied_bytes
+                .fetch_add(entry.data.len() as u64, Ordering::Relaxed);
             match decode_record(position, &entry.data) {
                 Ok(rec) => reassembler.push(position, rec, &mut outcomes),
                 Err(e) => warn!(error = %e, "skipping a log entry that is not a store record"),
@@ -609,6 +965,16 @@ async fn apply_loop(shared: Arc<Shared>, log: Arc<Log>, max_transaction_bytes: u
             }
         }
         let applied = shared.state.applied();
+        // The log dropped positions past what the state last flushed:
+        // flush now (the shared WAL already orders the state's writes before
+        // the truncation; this keeps the invariant explicit and cheap).
+        if reader.beginning().value().saturating_sub(1) > flushed {
+            if let Err(e) = shared.state.flush() {
+                fail(format!("flushing the state at {applied}: {e}"));
+                return;
+            }
+            flushed = applied;
+        }
         shared.progress.send_if_modified(|p| {
             let changed = p.applied != applied;
             p.applied = applied;
