@@ -53,7 +53,7 @@ echo "== writes without a backup (2,000 transactions of 10 tasks)"
 echo "== writes during a backup"
 lp=$(leader_pid)
 rm -f "$W/stop"; (peak_rss "$lp" "$W/stop" > "$W/server-rss") &
-"$R" state --endpoint "$E" load --tasks 200000 --batch 10 --first 60000000 --task-bytes "$TASK_BYTES" > "$W/during.txt" &
+"$R" state --endpoint "$E" load --tasks 50000 --batch 10 --first 60000000 --task-bytes "$TASK_BYTES" > "$W/during.txt" &
 writer=$!
 sleep 1
 /usr/bin/time -v "$R" backup --endpoint "$E" --dir "$W/backups" 2> "$W/backup-time.txt"

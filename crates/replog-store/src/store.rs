@@ -309,6 +309,20 @@ impl SchedulerStore {
 
     /// Waits until the local state has applied `position`.
     pub async fn wait_applied(&self, position: u64) -> Result<(), StoreError> {
+        tokio::time::timeout(
+            self.opts.apply_timeout,
+            self.wait_applied_unbounded(position),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout(self.opts.apply_timeout))?
+    }
+
+    /// Waits, however long it takes, until the local state has applied
+    /// `position` (or the applier stopped). For a state replacement that is
+    /// already in the log: it will be applied, and what follows it (clearing
+    /// the staging area, stepping down) must not be skipped because a large
+    /// state takes longer than [`StoreOptions::apply_timeout`] to install.
+    async fn wait_applied_unbounded(&self, position: u64) -> Result<(), StoreError> {
         let mut rx = self.shared.progress.subscribe();
         let wait = async {
             loop {
@@ -326,9 +340,7 @@ impl SchedulerStore {
                 }
             }
         };
-        tokio::time::timeout(self.opts.apply_timeout, wait)
-            .await
-            .map_err(|_| StoreError::Timeout(self.opts.apply_timeout))?
+        wait.await
     }
 
     /// Waits until the local state reflects every write committed before
@@ -488,7 +500,8 @@ impl SchedulerStore {
         let result = self.append_replacement(&path, total, crc).await;
         let _ = std::fs::remove_file(&path);
         let position = result?;
-        self.wait_applied(position).await?;
+        // The replacement is in the log: wait for it whatever its size.
+        self.wait_applied_unbounded(position).await?;
         staging.clear()?;
         if !fail_over {
             self.writer_started_at.store(position, Ordering::SeqCst);
