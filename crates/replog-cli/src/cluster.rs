@@ -98,6 +98,11 @@ pub struct ReplicaArgs {
     /// log is compacted, for followers that are a little behind.
     #[arg(long, env = "REPLOG_SNAPSHOT_KEEP_ENTRIES", default_value_t = 10_000)]
     pub snapshot_keep_entries: u64,
+    /// Largest log entry, in bytes. With --state, a transaction bigger than
+    /// this is framed over several entries (applied whole or not at all); a
+    /// plain log refuses bigger appends.
+    #[arg(long, env = "REPLOG_MAX_ENTRY_SIZE", default_value_t = replog_log::DEFAULT_MAX_ENTRY_BYTES)]
+    pub max_entry_size: usize,
     /// Take backups of the scheduler state into this directory every
     /// --backup-interval (needs --state). Only the leader takes them, so a
     /// cluster writes one per interval; give every replica a directory so
@@ -245,9 +250,16 @@ pub fn replica(a: ReplicaArgs) -> Result<()> {
             snapshot_interval_bytes: a.snapshot_interval_bytes,
             snapshot_interval: a.snapshot_interval,
             snapshot_keep_entries: a.snapshot_keep_entries,
+            max_entry_bytes: a.max_entry_size,
             ..Default::default()
         });
     }
+    if a.max_entry_size < 1024 {
+        bail!("--max-entry-size must be at least 1024 bytes");
+    }
+    // The log takes the store's records whole: the same limit, plus room
+    // for the records' own framing.
+    config.log.max_entry_bytes = a.max_entry_size + replog_store::record::PART_OVERHEAD;
     let rt = runtime()?;
     rt.block_on(async move {
         let server = ReplicaServer::start(config)

@@ -487,6 +487,11 @@ impl ReplicaServer {
                 store.compactions(),
             );
             counter(
+                "replog_state_aborted_framed_writes_total",
+                "framed writes (a transaction or a state replacement over several entries) that never completed and were skipped",
+                store.aborted_writes(),
+            );
+            counter(
                 "replog_state_snapshot_catch_ups_total",
                 "state snapshots this replica installed from a peer (its state was behind the log's beginning)",
                 store.snapshot_catch_ups(),
