@@ -279,3 +279,29 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Recovery(a) => crate::state_cmd::recovery(a),
     }
 }
+
+/// The async runtime of a command.
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context as _;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// A progress bar of long CLI work on stderr: hidden when `show` is false
+/// (e.g. `--json`) or stderr is not a terminal (cron).
+pub(crate) fn progress_bar(len: u64, what: &str, show: bool) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressStyle};
+    if !show || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}

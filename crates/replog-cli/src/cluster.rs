@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::cli::runtime;
 use anyhow::{bail, Context, Result};
 use clap::{ArgAction, Subcommand};
 use replog_client::{Client, MembershipChange, MembershipOp, StatusResponse};
@@ -172,13 +173,6 @@ pub fn parse_peers(items: &[String]) -> Result<BTreeMap<u64, String>> {
         }
     }
     Ok(peers)
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
 }
 
 /// `--recover=cleanup`: removes a replica's files (only a directory that

@@ -13,8 +13,9 @@ use anyhow::{bail, Context, Result};
 use replog_client::{Client, ClientConfig, ClientError};
 use tokio::sync::Mutex;
 
+use crate::cli::progress_bar;
 use crate::cli::DemoArgs;
-use crate::demo::{default_demo_path, progress_bar};
+use crate::demo::default_demo_path;
 
 const CLUSTER: &str = "demo";
 
@@ -168,7 +169,7 @@ async fn append_batch(
     count: u64,
     writers: u64,
 ) -> (u64, u64) {
-    let pb = progress_bar(count, label);
+    let pb = progress_bar(count, label, true);
     let mut tasks = Vec::new();
     for w in 0..writers {
         let client = client.clone();

@@ -5,12 +5,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use replog_log::{Log, LogOptions};
 use replog_storage::{identity, InitOptions, RocksStorage};
 
 use crate::benchmark::{fsync_probe, read_trace, run_appends, Report};
-use crate::cli::{BenchmarkArgs, DemoArgs};
+use crate::cli::{progress_bar, BenchmarkArgs, DemoArgs};
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -18,17 +17,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
-}
-
-pub(crate) fn progress_bar(len: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
 }
 
 fn init_single(path: &Path, cluster_id: &str) -> Result<()> {
@@ -80,7 +68,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
             log.leadership().term
         );
         let writer = Arc::new(writer);
-        let pb = progress_bar(a.entries as u64, "appending");
+        let pb = progress_bar(a.entries as u64, "appending", true);
         let started = Instant::now();
         let mut tasks = Vec::new();
         let per_task = a.entries.div_ceil(16);
@@ -196,11 +184,7 @@ pub fn benchmark(a: BenchmarkArgs) -> Result<()> {
         let mut w = log.writer();
         w.start().await?;
         let total = (trace.len() * a.repeat) as u64;
-        let pb = if a.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            ProgressBar::hidden()
-        } else {
-            progress_bar(total, "appending")
-        };
+        let pb = progress_bar(total, "appending", !a.json);
         let pb2 = pb.clone();
         let label = format!("replog append c={}", a.concurrency);
         let r = run_appends(

@@ -17,9 +17,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cli::progress_bar;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use replog_proto::client::replog_client_client::ReplogClientClient;
 use replog_proto::client::AppendRequest;
 use replog_proto::etcd;
@@ -305,20 +306,6 @@ impl Target for EtcdTarget {
 
 // ---------------------------------------------------------------------------
 // the command line
-
-fn progress_bar(len: u64, what: &str, show: bool) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
-}
 
 /// Appends to a replog cluster's leader through the generated gRPC stub
 /// (`replog.client.v1.ReplogClient/Append`), each client on its own HTTP/2

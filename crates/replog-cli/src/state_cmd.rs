@@ -1,12 +1,12 @@
 //! `replog backup ...` and `replog state ...`: the scheduler-state store of
 //! a running cluster (replicas started with `--state`) and its backup files.
 
-use std::io::{IsTerminal, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::cli::{progress_bar, runtime};
 use anyhow::{anyhow, bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use replog_proto::state::{
     op, JobKey, Op, SaveTasks, ScheduleStatus, ScheduledTask, TaskConfig, Transaction,
 };
@@ -152,13 +152,6 @@ impl TaskQueryArgs {
             limit: self.limit,
         })
     }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
 }
 
 /// A state client of `endpoint`.
@@ -336,7 +329,7 @@ pub fn state(a: StateArgs) -> Result<()> {
                 first,
             } => {
                 let batch = batch.max(1);
-                let pb = bar(tasks, "tasks");
+                let pb = progress_bar(tasks, "tasks", true);
                 let started = Instant::now();
                 let mut clients = Vec::new();
                 let mut i = first;
@@ -417,20 +410,6 @@ pub fn print_task(t: &ScheduledTask) {
         status_name(t.status),
         t.task_id
     );
-}
-
-fn bar(len: u64, what: &str) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
 }
 
 /// `replog backup ...`.
@@ -517,7 +496,7 @@ pub fn take_backup(endpoints: &[String], dir: &std::path::Path, max_saved: usize
     let mut errors = Vec::new();
     for e in endpoints {
         let now = replog_storage::now_unix_ms();
-        let pb = bar(0, "backup");
+        let pb = progress_bar(0, "backup", true);
         let r = backups.save(now, |w| {
             let written = rt
                 .block_on(async {
