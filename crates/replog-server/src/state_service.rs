@@ -12,11 +12,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use replog_proto::state::{ScheduleStatus, ScheduledTask};
+use replog_proto::state::{Entity, JobKey, JobUpdateKey, ScheduleStatus, ScheduledTask};
 use replog_proto::store::scheduler_state_server::{SchedulerState, SchedulerStateServer};
 use replog_proto::store::{
     ChangeEvent, CommitRecoveryRequest, CommitRecoveryResponse, DeleteRecoveryTasksRequest,
-    DeleteRecoveryTasksResponse, EntityChange, ReadMode, RecoveryStatusRequest,
+    DeleteRecoveryTasksResponse, EntitiesRequest, EntityChange, ReadMode, RecoveryStatusRequest,
     RecoveryStatusResponse, SnapshotFrame, SnapshotRequest, SubmitRequest, SubmitResponse,
     SummaryRequest, SummaryResponse, TaskQueryRequest, UnloadRecoveryRequest,
     UnloadRecoveryResponse, WatchRequest,
@@ -168,6 +168,120 @@ fn change_event(position: u64, changes: &[replog_state::Change]) -> ChangeEvent 
     }
 }
 
+type EntityStream = Pin<Box<dyn Stream<Item = Result<Entity, Status>> + Send>>;
+
+enum EntitiesError {
+    Invalid(String),
+    State(replog_state::StateError),
+}
+
+impl From<replog_state::StateError> for EntitiesError {
+    fn from(e: replog_state::StateError) -> Self {
+        EntitiesError::State(e)
+    }
+}
+
+/// `role/environment/name` as a job key.
+fn job_key(s: &str) -> Option<JobKey> {
+    let mut it = s.splitn(3, '/');
+    let (role, env, name) = (it.next()?, it.next()?, it.next()?);
+    (!role.is_empty() && !env.is_empty() && !name.is_empty()).then(|| JobKey {
+        role: role.into(),
+        environment: env.into(),
+        name: name.into(),
+    })
+}
+
+/// The entities of `kind` (all, or those under `key`; see `EntitiesRequest`).
+fn entities_of(
+    st: &replog_state::StateStore,
+    kind: &str,
+    key: &str,
+) -> Result<Vec<Entity>, EntitiesError> {
+    use replog_proto::state::entity::Entity as E;
+    let wrap = |e: E| Entity { entity: Some(e) };
+    let one = |k: &str| (!k.is_empty()).then(|| k.to_string());
+    let bad_job =
+        || EntitiesError::Invalid(format!("'{key}' is not a job key role/environment/name"));
+    Ok(match kind {
+        "task" => match one(key) {
+            Some(id) => st.task(&id)?.into_iter().map(|t| wrap(E::Task(t))).collect(),
+            None => {
+                return Err(EntitiesError::Invalid(
+                    "list tasks with QueryTasks; Entities takes one task id".into(),
+                ))
+            }
+        },
+        "cron job" => match one(key) {
+            Some(k) => st
+                .cron_job(&job_key(&k).ok_or_else(bad_job)?)?
+                .into_iter()
+                .map(|j| wrap(E::CronJob(j)))
+                .collect(),
+            None => st.cron_jobs()?.into_iter().map(|j| wrap(E::CronJob(j))).collect(),
+        },
+        "quota" => match one(key) {
+            Some(role) => st.quota(&role)?.into_iter().map(|q| wrap(E::Quota(q))).collect(),
+            None => st.quotas()?.into_iter().map(|q| wrap(E::Quota(q))).collect(),
+        },
+        "host attributes" => match one(key) {
+            Some(h) => st
+                .host_attributes(&h)?
+                .into_iter()
+                .map(|a| wrap(E::HostAttributes(a)))
+                .collect(),
+            None => st
+                .all_host_attributes()?
+                .into_iter()
+                .map(|a| wrap(E::HostAttributes(a)))
+                .collect(),
+        },
+        "job update" => {
+            let updates = match one(key) {
+                None => st.job_updates(None)?,
+                Some(k) => match k.matches('/').count() {
+                    2 => st.job_updates(Some(&job_key(&k).ok_or_else(bad_job)?))?,
+                    _ => {
+                        let (job, id) = k.rsplit_once('/').ok_or_else(bad_job)?;
+                        let key = JobUpdateKey {
+                            job: Some(job_key(job).ok_or_else(bad_job)?),
+                            id: id.into(),
+                        };
+                        st.job_update(&key)?.into_iter().collect()
+                    }
+                },
+            };
+            updates.into_iter().map(|u| wrap(E::JobUpdate(u))).collect()
+        }
+        "maintenance request" => match one(key) {
+            Some(h) => st
+                .maintenance_request(&h)?
+                .into_iter()
+                .map(|m| wrap(E::MaintenanceRequest(m)))
+                .collect(),
+            None => st
+                .maintenance_requests()?
+                .into_iter()
+                .map(|m| wrap(E::MaintenanceRequest(m)))
+                .collect(),
+        },
+        "scheduler metadata" => st
+            .scheduler_metadata()?
+            .into_iter()
+            .map(|m| wrap(E::SchedulerMetadata(m)))
+            .collect(),
+        "agent" => match one(key) {
+            Some(id) => st.agent(&id)?.into_iter().map(|a| wrap(E::Agent(a))).collect(),
+            None => st.agents(None)?.into_iter().map(|a| wrap(E::Agent(a))).collect(),
+        },
+        other => {
+            return Err(EntitiesError::Invalid(format!(
+                "unknown entity kind '{other}' (task, cron job, quota, host attributes, job update, maintenance request, scheduler metadata, agent)"
+            )))
+        }
+    })
+}
+
 type TaskStream = Pin<Box<dyn Stream<Item = Result<ScheduledTask, Status>> + Send>>;
 type FrameStream = Pin<Box<dyn Stream<Item = Result<SnapshotFrame, Status>> + Send>>;
 
@@ -232,6 +346,28 @@ impl SchedulerState for StateService {
             .map_err(|e| self.status(StoreError::State(e)))?;
         Ok(Response::new(Box::pin(tokio_stream::iter(
             tasks.into_iter().map(Ok),
+        ))))
+    }
+
+    type EntitiesStream = EntityStream;
+
+    async fn entities(
+        &self,
+        req: Request<EntitiesRequest>,
+    ) -> Result<Response<EntityStream>, Status> {
+        let r = req.into_inner();
+        self.read_point(r.mode).await?;
+        let store = self.store.clone();
+        let found =
+            tokio::task::spawn_blocking(move || entities_of(store.state(), &r.kind, &r.key))
+                .await
+                .map_err(|e| coded(Code::Internal, "STORAGE", e.to_string()))?
+                .map_err(|e| match e {
+                    EntitiesError::Invalid(m) => coded(Code::InvalidArgument, "INVALID", m),
+                    EntitiesError::State(e) => self.status(StoreError::State(e)),
+                })?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            found.into_iter().map(Ok),
         ))))
     }
 

@@ -8,7 +8,7 @@ use replog_proto::state::{
 };
 use replog_proto::store::scheduler_state_client::SchedulerStateClient;
 use replog_proto::store::{
-    ReadMode, SubmitRequest, SummaryRequest, TaskQueryRequest, WatchRequest,
+    EntitiesRequest, ReadMode, SubmitRequest, SummaryRequest, TaskQueryRequest, WatchRequest,
 };
 use replog_server::{ReplicaServer, ServerConfig, StoreOptions};
 use replog_storage::{InitOptions, RocksStorage};
@@ -153,6 +153,88 @@ async fn submit_query_summary_and_watch() {
     assert_eq!(sum.counts["task"], 1);
     assert!(sum.applied >= second);
     assert_eq!(sum.state_hash.len(), 64);
+
+    // Other entities, by kind and key.
+    let q = replog_proto::state::Quota {
+        role: "www".into(),
+        resources: vec![replog_proto::state::Resource {
+            name: "cpus".into(),
+            scalar: 8.0,
+        }],
+    };
+    let cron = replog_proto::state::CronJob {
+        key: Some(JobKey {
+            role: "www".into(),
+            environment: "prod".into(),
+            name: "nightly".into(),
+        }),
+        cron_schedule: "0 3 * * *".into(),
+        task_config: task("x", "www").config,
+        instance_count: 1,
+        ..Default::default()
+    };
+    c.submit(SubmitRequest {
+        transaction: Some(Transaction {
+            ops: vec![
+                Op {
+                    op: Some(op::Op::SaveQuota(replog_proto::state::SaveQuota {
+                        quota: Some(q.clone()),
+                    })),
+                },
+                Op {
+                    op: Some(op::Op::SaveCronJob(replog_proto::state::SaveCronJob {
+                        job: Some(cron.clone()),
+                    })),
+                },
+            ],
+        }),
+    })
+    .await
+    .unwrap();
+    let entities = |kind: &str, key: &str| EntitiesRequest {
+        mode: ReadMode::Linearizable as i32,
+        kind: kind.into(),
+        key: key.into(),
+    };
+    let mut got = Vec::new();
+    let mut s = c
+        .entities(entities("quota", "www"))
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(e) = s.message().await.unwrap() {
+        got.push(e);
+    }
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].entity,
+        Some(replog_proto::state::entity::Entity::Quota(q))
+    );
+    let mut s = c
+        .entities(entities("cron job", "www/prod/nightly"))
+        .await
+        .unwrap()
+        .into_inner();
+    let e = s.message().await.unwrap().unwrap();
+    assert_eq!(
+        e.entity,
+        Some(replog_proto::state::entity::Entity::CronJob(cron))
+    );
+    assert!(s.message().await.unwrap().is_none());
+    let mut s = c
+        .entities(entities("quota", "nobody"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.message().await.unwrap().is_none());
+    for (kind, key) in [("planet", ""), ("cron job", "no-slashes"), ("task", "")] {
+        let e = c.entities(entities(kind, key)).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            tonic::Code::InvalidArgument,
+            "{kind} {key}: {e:?}"
+        );
+    }
 
     // An invalid transaction is refused with a stable code.
     let bad = c
