@@ -294,6 +294,11 @@ impl ReplicaServer {
         let log = Arc::new(log);
         let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
         let client = ClientService::new(log.clone(), stopping_rx);
+        let client = if config.state.is_some() {
+            client.for_state_log()
+        } else {
+            client
+        };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Bind {

@@ -34,6 +34,10 @@ pub struct ClientService {
     /// Turns true when the server shuts down: open streams end, so a
     /// graceful shutdown never waits for a watcher.
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// The log holds the scheduler state (`--state`): raw appends and
+    /// truncations are refused (the store writes its own records, and only
+    /// its compaction may truncate, after making the state durable).
+    state_log: bool,
 }
 
 /// The stable error code of a log error (`replog-error` metadata).
@@ -61,7 +65,28 @@ impl ClientService {
             log,
             writer: Arc::new(Mutex::new(None)),
             stopping,
+            state_log: false,
         }
+    }
+
+    /// Refuses raw appends and truncations: the log belongs to the
+    /// scheduler-state store.
+    pub fn for_state_log(mut self) -> Self {
+        self.state_log = true;
+        self
+    }
+
+    fn refuse_raw_write(&self, what: &str) -> Result<(), Status> {
+        if !self.state_log {
+            return Ok(());
+        }
+        let mut s = Status::failed_precondition(format!(
+            "this log holds the scheduler state (--state): {what} through replog.store.v1.SchedulerState, \
+             not the raw log API (the store compacts the log itself)"
+        ));
+        s.metadata_mut()
+            .insert("replog-error", MetadataValue::from_static("STATE_LOG"));
+        Err(s)
     }
 
     /// The tonic server for this service, with its size limits.
@@ -152,6 +177,7 @@ impl ReplogClient for ClientService {
         &self,
         req: Request<AppendRequest>,
     ) -> Result<Response<AppendResponse>, Status> {
+        self.refuse_raw_write("write")?;
         let w = self.writer().await?;
         let data: Bytes = req.into_inner().data;
         let position = w.append(data).await.map_err(|e| self.status(e))?;
@@ -165,6 +191,7 @@ impl ReplogClient for ClientService {
         &self,
         req: Request<TruncateRequest>,
     ) -> Result<Response<TruncateResponse>, Status> {
+        self.refuse_raw_write("truncate")?;
         let w = self.writer().await?;
         let to = Position::new(req.into_inner().to);
         let position = w.truncate(to).await.map_err(|e| self.status(e))?;

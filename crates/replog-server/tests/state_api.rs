@@ -236,6 +236,26 @@ async fn submit_query_summary_and_watch() {
         );
     }
 
+    // The raw log API refuses writes to a state log.
+    let mut raw = replog_proto::client::replog_client_client::ReplogClientClient::connect(format!(
+        "http://{}",
+        server.local_addr()
+    ))
+    .await
+    .unwrap();
+    let e = raw
+        .truncate(replog_proto::client::TruncateRequest { to: 2 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.metadata().get("replog-error").unwrap(), "STATE_LOG");
+    let e = raw
+        .append(replog_proto::client::AppendRequest {
+            data: b"raw".to_vec().into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.metadata().get("replog-error").unwrap(), "STATE_LOG");
+
     // An invalid transaction is refused with a stable code.
     let bad = c
         .submit(SubmitRequest {
