@@ -50,16 +50,18 @@ echo "== load $TASKS tasks of ~$TASK_BYTES B"
 du -sh "$W/r1"
 echo "== writes without a backup (2,000 transactions of 10 tasks)"
 "$R" state --endpoint "$E" load --tasks 20000 --batch 10 --first 50000000 --task-bytes "$TASK_BYTES"
-echo "== writes during a backup"
+echo "== writes during a backup (1,200 transactions of 10 tasks, started just after the backup, sized to end before it)"
 lp=$(leader_pid)
 rm -f "$W/stop"; (peak_rss "$lp" "$W/stop" > "$W/server-rss") &
-"$R" state --endpoint "$E" load --tasks 50000 --batch 10 --first 60000000 --task-bytes "$TASK_BYTES" > "$W/during.txt" &
-writer=$!
-sleep 1
-/usr/bin/time -v "$R" backup --endpoint "$E" --dir "$W/backups" 2> "$W/backup-time.txt"
-touch "$W/stop"; wait "$writer" || true; sleep 0.2
-cat "$W/during.txt"
-echo "note: the writes above ran for their whole length; the backup took the time shown above"
+/usr/bin/time -v "$R" backup --endpoint "$E" --dir "$W/backups" > "$W/backup.txt" 2> "$W/backup-time.txt" &
+backup=$!
+sleep 0.3
+"$R" state --endpoint "$E" load --tasks 12000 --batch 10 --first 60000000 --task-bytes "$TASK_BYTES" > "$W/during.txt"
+echo "writes done at $(date +%s.%N)"
+wait "$backup"
+echo "backup done at $(date +%s.%N)"
+touch "$W/stop"; sleep 0.2
+cat "$W/backup.txt" "$W/during.txt"
 echo "backup client peak RSS: $(awk '/Maximum resident/ {print $6}' "$W/backup-time.txt") kB"
 echo "serving replica (pid $lp) peak RSS during the backup: $(cat "$W/server-rss") kB"
 f=$(ls "$W"/backups/scheduler-backup-* | tail -1)
