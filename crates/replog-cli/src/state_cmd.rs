@@ -1,7 +1,7 @@
 //! `replog backup ...` and `replog state ...`: the scheduler-state store of
 //! a running cluster (replicas started with `--state`) and its backup files.
 
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -497,63 +497,39 @@ pub fn take_backup(endpoints: &[String], dir: &std::path::Path, max_saved: usize
     for e in endpoints {
         let now = replog_storage::now_unix_ms();
         let pb = progress_bar(0, "backup", true);
-        let r = backups.save(now, |w| {
-            let written = rt
-                .block_on(async {
-                    let mut c = connect(e).await?;
-                    let mut s = c
-                        .snapshot(SnapshotRequest {
-                            mode: ReadMode::Linearizable as i32,
-                        })
-                        .await
-                        .map_err(|s| anyhow!("{e}: {}", s.message()))?
-                        .into_inner();
-                    let mut bytes = 0u64;
-                    while let Some(f) = s
-                        .message()
-                        .await
-                        .map_err(|s| anyhow!("{e}: the snapshot stream broke: {}", s.message()))?
-                    {
-                        w.write_all(&f.data).context("writing the backup")?;
-                        bytes += f.data.len() as u64;
-                        pb.set_position(bytes);
-                    }
-                    anyhow::Ok(bytes)
-                })
-                .map_err(|err| replog_store::backup::BackupError::Io {
-                    path: dir.to_path_buf(),
-                    source: std::io::Error::other(format!("{err:#}")),
-                })?;
-            // Check what arrived, whole, before it gets its final name.
-            w.flush()
-                .map_err(|source| replog_store::backup::BackupError::Io {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
-            let mut f = w.get_ref().try_clone().map_err(|source| {
-                replog_store::backup::BackupError::Io {
-                    path: dir.to_path_buf(),
-                    source,
-                }
-            })?;
-            f.seek(SeekFrom::Start(0))
-                .map_err(|source| replog_store::backup::BackupError::Io {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
-            let summary = replog_snapshot::verify(
-                std::io::BufReader::new(f),
-                replog_snapshot::ReaderOptions::default(),
-            )
-            .map_err(|source| replog_store::backup::BackupError::Snapshot {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-            Ok((written, summary))
-        });
+        let r =
+            backups.save_verified(
+                now,
+                |w| {
+                    rt.block_on(async {
+                        let mut c = connect(e).await?;
+                        let mut s = c
+                            .snapshot(SnapshotRequest {
+                                mode: ReadMode::Linearizable as i32,
+                            })
+                            .await
+                            .map_err(|s| anyhow!("{e}: {}", s.message()))?
+                            .into_inner();
+                        let mut bytes = 0u64;
+                        while let Some(f) = s.message().await.map_err(|s| {
+                            anyhow!("{e}: the snapshot stream broke: {}", s.message())
+                        })? {
+                            w.write_all(&f.data).context("writing the backup")?;
+                            bytes += f.data.len() as u64;
+                            pb.set_position(bytes);
+                        }
+                        anyhow::Ok(bytes)
+                    })
+                    .map_err(|err| replog_store::backup::BackupError::Io {
+                        path: dir.to_path_buf(),
+                        source: std::io::Error::other(format!("{err:#}")),
+                    })
+                },
+                |_, _| Ok(()),
+            );
         pb.finish_and_clear();
         match r {
-            Ok((path, (bytes, summary))) => {
+            Ok((path, summary, bytes)) => {
                 println!(
                     "{}: cluster '{}', position {}, {} records, {bytes} bytes in {:.2}s (from {e})",
                     path.display(),

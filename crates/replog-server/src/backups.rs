@@ -34,7 +34,7 @@
 //! - the task ends when the server stops; a backup under way is cancelled
 //!   (its temporary file is removed) and is counted neither way.
 
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::{Gauge, IntCounter, IntGauge, Registry};
 use replog_log::Log;
-use replog_snapshot::{ReaderOptions, SnapshotError};
+use replog_snapshot::SnapshotError;
 use replog_state::StateStore;
 use replog_store::backup::{write_state, BackupDir, BackupError, SnapshotIdentity};
 use replog_store::SchedulerStore;
@@ -159,44 +159,38 @@ pub(crate) fn backup_once(
 ) -> Result<Backup, BackupError> {
     let started = Instant::now();
     let backups = BackupDir::new(dir, max_saved)?;
-    let io = |source: std::io::Error| BackupError::Io {
+    let snap = |source| BackupError::Snapshot {
         path: dir.to_path_buf(),
         source,
     };
-    let (path, (position, records, bytes)) = backups.save(replog_storage::now_unix_ms(), |w| {
-        let (_, written) = write_state(
-            state,
-            id,
-            Cancellable {
-                inner: &mut *w,
-                cancel,
-            },
-            |_| {},
-        )?;
-        // Read back what is in the file, whole, before it gets its
-        // backup name.
-        w.flush().map_err(io)?;
-        let mut f = w.get_ref().try_clone().map_err(io)?;
-        f.seek(SeekFrom::Start(0)).map_err(io)?;
-        let snap = |source| BackupError::Snapshot {
-            path: dir.to_path_buf(),
-            source,
-        };
-        let v = replog_snapshot::verify(
-            std::io::BufReader::with_capacity(1 << 20, f),
-            ReaderOptions::default(),
-        )
-        .map_err(snap)?;
-        if v.records != written.records || v.header.position != written.position {
-            return Err(snap(SnapshotError::InvalidInput {
-                reason: format!(
-                    "read back {} records at position {}, wrote {} at position {}",
-                    v.records, v.header.position, written.records, written.position
-                ),
-            }));
-        }
-        Ok((written.position, written.records, v.stream_bytes))
-    })?;
+    let (path, v, written) = backups.save_verified(
+        replog_storage::now_unix_ms(),
+        |w| {
+            let (_, written) = write_state(
+                state,
+                id,
+                Cancellable {
+                    inner: &mut *w,
+                    cancel,
+                },
+                |_| {},
+            )?;
+            Ok(written)
+        },
+        // What was read back is what was written.
+        |v, written| {
+            if v.records != written.records || v.header.position != written.position {
+                return Err(snap(SnapshotError::InvalidInput {
+                    reason: format!(
+                        "read back {} records at position {}, wrote {} at position {}",
+                        v.records, v.header.position, written.records, written.position
+                    ),
+                }));
+            }
+            Ok(())
+        },
+    )?;
+    let (position, records, bytes) = (written.position, written.records, v.stream_bytes);
     Ok(Backup {
         path,
         position,

@@ -243,6 +243,36 @@ impl BackupDir {
     }
 }
 
+impl BackupDir {
+    /// [`Self::save`] for a snapshot stream: before the file gets its
+    /// backup name, it is read back whole and checked
+    /// ([`replog_snapshot::verify`]: every checksum, the counts, the end);
+    /// a stream that does not check out, or that `check` (given what was
+    /// read back and what `write` returned) refuses, is never saved.
+    pub fn save_verified<T>(
+        &self,
+        now_unix_ms: u64,
+        write: impl FnOnce(&mut BufWriter<File>) -> Result<T, BackupError>,
+        check: impl FnOnce(&replog_snapshot::VerifySummary, &T) -> Result<(), BackupError>,
+    ) -> Result<(PathBuf, replog_snapshot::VerifySummary, T), BackupError> {
+        let io = io_err(&self.dir);
+        let (path, (summary, out)) = self.save(now_unix_ms, |w| {
+            let out = write(w)?;
+            w.flush().map_err(&io)?;
+            let mut f = w.get_ref().try_clone().map_err(&io)?;
+            std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0)).map_err(&io)?;
+            let summary = replog_snapshot::verify(
+                BufReader::with_capacity(1 << 20, f),
+                ReaderOptions::default(),
+            )
+            .map_err(snap_err(&self.dir))?;
+            check(&summary, &out)?;
+            Ok((summary, out))
+        })?;
+        Ok((path, summary, out))
+    }
+}
+
 /// `YYYY-MM-DD-HH-MM` in UTC.
 pub fn minute_stamp(unix_ms: u64) -> String {
     let t = chrono::DateTime::from_timestamp_millis(unix_ms as i64).unwrap_or_default();
