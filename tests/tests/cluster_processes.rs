@@ -525,6 +525,25 @@ impl Cluster {
         )
     }
 
+    /// `replog members remove ID`, then waits until the leader no longer
+    /// counts it among the members.
+    async fn remove_member(&self, id: u64) {
+        let out = self.members(&["remove", &id.to_string()]);
+        assert!(
+            out.status.success(),
+            "members remove: {}",
+            output_text(&out)
+        );
+        self.wait(
+            &format!("replica {id} to leave the leader's members"),
+            async || {
+                let (_, l) = self.leader().await?;
+                (!l.members.iter().any(|m| m.id == id)).then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Runs `replog members --endpoint <running replicas> ARGS`.
     fn members(&self, args: &[&str]) -> Output {
         let endpoints: Vec<String> = self
@@ -982,20 +1001,7 @@ fn membership_changes_and_leader_transfer_under_load() {
         // Remove a follower among the first three.
         let (leader, _) = c.wait_leader("a leader", |_, _| true).await;
         let x = (1..=3).find(|id| *id != leader).unwrap();
-        let out = c.members(&["remove", &x.to_string()]);
-        assert!(
-            out.status.success(),
-            "members remove: {}",
-            output_text(&out)
-        );
-        c.wait(
-            &format!("replica {x} to leave the leader's members"),
-            async || {
-                let (_, l) = c.leader().await?;
-                (!l.members.iter().any(|m| m.id == x)).then_some(())
-            },
-        )
-        .await;
+        c.remove_member(x).await;
         c.kill(x);
         load.wait_more(&c, &format!("after removing {x}"), 100)
             .await;
@@ -1063,20 +1069,7 @@ fn removing_the_leader_is_refused_until_leadership_moves() {
             output_text(&out)
         );
         c.wait_leader("the new leader", |id, _| id == to).await;
-        let out = c.members(&["remove", &leader.to_string()]);
-        assert!(
-            out.status.success(),
-            "members remove: {}",
-            output_text(&out)
-        );
-        c.wait(
-            &format!("replica {leader} to leave the members"),
-            async || {
-                let (_, l) = c.leader().await?;
-                (!l.members.iter().any(|m| m.id == leader)).then_some(())
-            },
-        )
-        .await;
+        c.remove_member(leader).await;
         load.wait_more(&c, &format!("after removing {leader}"), 100)
             .await;
         c.kill(leader);
