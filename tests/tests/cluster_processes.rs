@@ -1300,9 +1300,43 @@ fn backup_under_writes_stage_delete_commit_fails_the_writer_over() {
             ..Default::default()
         };
         let (hash, tasks) = expected_state(&file, Some(&query));
-        let (old_leader, _) = c.wait_leader("a leader", |_, _| true).await;
+        // The backup is staged on the replica that led when it was staged.
+        let listed = c.cli_ok(&["recovery", "--endpoint", &eps, "list"]);
+        let holder: u64 = listed
+            .lines()
+            .find_map(|l| l.strip_prefix("on replica "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("no holder in: {listed}"));
+        // Leadership moves away before the commit (an election under load
+        // does the same): the commit moves it back to the holder first.
+        let elsewhere = if holder == 1 { 2 } else { 1 };
+        c.cli_ok(&[
+            "members",
+            "--endpoint",
+            &eps,
+            "transfer-leader",
+            &elsewhere.to_string(),
+        ]);
+        c.wait_leader("leadership away from the holder", |id, _| id != holder)
+            .await;
         let committed = c.cli_ok(&["recovery", "--endpoint", &eps, "commit"]);
         c.note(&format!("commit: {}", committed.trim()));
+        assert!(committed.contains("committed"), "{committed}");
+        let old_leader = holder;
+        // Committing again finds nothing staged, and the commit recorded.
+        let again = c.cli(&["recovery", "--endpoint", &eps, "commit"].map(String::from));
+        assert!(!again.status.success(), "{}", output_text(&again));
+        assert!(
+            output_text(&again).contains("nothing is staged"),
+            "{}",
+            output_text(&again)
+        );
+        let listed = c.cli_ok(&["recovery", "--endpoint", &eps, "list"]);
+        assert!(
+            listed.contains("nothing staged") && listed.contains("last committed recovery"),
+            "{listed}"
+        );
         // The old leader stepped down.
         let (new_leader, _) = c
             .wait_leader("a new leader", |id, _| id != old_leader)

@@ -12,7 +12,8 @@ use replog_proto::state::{
 };
 use replog_proto::store::scheduler_state_client::SchedulerStateClient;
 use replog_proto::store::{
-    ReadMode, SnapshotRequest, SubmitRequest, SummaryRequest, SummaryResponse, TaskQueryRequest,
+    ReadMode, RecoveryStatusResponse, SnapshotRequest, SubmitRequest, SummaryRequest,
+    SummaryResponse, TaskQueryRequest,
 };
 use replog_store::backup::{inspect, BackupDir, Inspection};
 use serde_json::json;
@@ -624,17 +625,24 @@ mod tests {
 
 #[derive(Debug, clap::Args)]
 pub struct RecoveryArgs {
-    /// Replica servers of the cluster (`host:port,...`); the commands go to
-    /// the leader, which holds the staged backup.
+    /// Replica servers of the cluster (`host:port,...`; the other members
+    /// are found through them). A backup is staged on the leader; the other
+    /// commands go to the replica that holds it, wherever leadership went
+    /// since.
     #[arg(long, env = "REPLOG_ENDPOINTS", value_delimiter = ',', required = true)]
     pub endpoint: Vec<String>,
+    /// How long `commit` keeps trying while leadership moves (it moves
+    /// leadership to the replica holding the staged backup first).
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub commit_timeout: std::time::Duration,
     #[command(subcommand)]
     pub command: RecoveryCommand,
 }
 
 #[derive(Debug, clap::Subcommand)]
 pub enum RecoveryCommand {
-    /// The backups in --dir (newest last) and what the leader has staged.
+    /// The backups in --dir (newest last), what is staged (and on which
+    /// replica) and the last recovery committed.
     List {
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -671,6 +679,183 @@ async fn leader_state_client(
         .context("cannot find the cluster's leader")?;
     let c = connect(&leader).await?;
     Ok((leader, c))
+}
+
+/// One replica's staging area, as it answered `RecoveryStatus`.
+struct StagingArea {
+    address: String,
+    status: RecoveryStatusResponse,
+}
+
+/// Asks every member of the cluster (found through the status of
+/// `endpoints`) what it has staged. Members that do not answer are named on
+/// stderr and left out.
+async fn staging_areas(endpoints: &[String]) -> Result<Vec<StagingArea>> {
+    let client = replog_client::Client::new(endpoints);
+    let mut addresses: Vec<String> = Vec::new();
+    for (endpoint, r) in client.status_all().await {
+        addresses.push(endpoint.trim_start_matches("http://").to_string());
+        if let Ok(s) = r {
+            addresses.extend(
+                s.members
+                    .into_iter()
+                    .map(|m| m.address)
+                    .filter(|a| !a.is_empty()),
+            );
+        }
+    }
+    addresses.sort();
+    addresses.dedup();
+    let mut out: Vec<StagingArea> = Vec::new();
+    for address in addresses {
+        let answer = match connect(&address).await {
+            Ok(mut c) => c
+                .recovery_status(replog_proto::store::RecoveryStatusRequest {})
+                .await
+                .map_err(|s| status_err(&address, s)),
+            Err(e) => Err(e),
+        };
+        match answer {
+            // One answer per replica, however it was named.
+            Ok(r)
+                if out
+                    .iter()
+                    .any(|a| a.status.replica_id == r.get_ref().replica_id) => {}
+            Ok(r) => out.push(StagingArea {
+                address,
+                status: r.into_inner(),
+            }),
+            Err(e) => eprintln!("warning: cannot ask {address} what it has staged: {e:#}"),
+        }
+    }
+    if out.is_empty() {
+        bail!("no replica of {} answered", endpoints.join(","));
+    }
+    Ok(out)
+}
+
+/// The one replica holding a staged backup.
+fn holder(areas: &[StagingArea]) -> Result<&StagingArea> {
+    let staged: Vec<&StagingArea> = areas.iter().filter(|a| a.status.staged).collect();
+    match staged.as_slice() {
+        [] => bail!("nothing is staged on any replica (run `replog recovery stage FILE` first)"),
+        [one] => Ok(one),
+        many => bail!(
+            "backups are staged on several replicas ({}); unload all but one (`replog recovery --endpoint ADDR unload`)",
+            many.iter()
+                .map(|a| format!("replica {} at {}", a.status.replica_id, a.address))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Whether a failed commit may be tried again: leadership moved (or the
+/// replica went away) before the replacement was applied, or this attempt
+/// was told of a replacement (perhaps an earlier attempt's, whose answer
+/// was lost: the next round finds it recorded).
+fn worth_retrying(s: &tonic::Status) -> bool {
+    let code = s
+        .metadata()
+        .get("replog-error")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    matches!(
+        code,
+        "NOT_LEADER" | "LEADERSHIP_LOST" | "TIMEOUT" | "BUSY" | "STATE_REPLACED"
+    ) || (code.is_empty() && s.code() == Code::Unavailable)
+}
+
+/// `replog recovery commit`: makes the replica holding the staged backup
+/// the leader, commits there, and tries again while leadership moves. An
+/// attempt whose answer was lost is recognised by the staging id the
+/// replica records as committed, so the backup is never committed twice.
+async fn commit_staged(endpoints: &[String], timeout: std::time::Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let areas = staging_areas(endpoints).await?;
+    let first = holder(&areas)?;
+    let staging_id = first.status.staging_id.clone();
+    let replica = first.status.replica_id;
+    let client = replog_client::Client::new(endpoints);
+    let mut last_error = String::new();
+    loop {
+        if Instant::now() > deadline {
+            bail!(
+                "the commit did not get through within {} (last: {last_error}); what is staged is unchanged, run commit again",
+                humantime::format_duration(timeout)
+            );
+        }
+        let areas = staging_areas(endpoints).await?;
+        if let Some(done) = areas
+            .iter()
+            .find(|a| !staging_id.is_empty() && a.status.last_committed_staging_id == staging_id)
+        {
+            println!(
+                "committed: every replica replaced its state at position {}; the leader stepped down, the scheduler fails over and reloads",
+                done.status.last_committed_position
+            );
+            return Ok(());
+        }
+        let Some(area) = areas
+            .iter()
+            .find(|a| a.status.replica_id == replica && a.status.staged)
+        else {
+            bail!("the staged backup is no longer staged on replica {replica} (unloaded?); nothing was committed");
+        };
+        if area.status.staging_id != staging_id {
+            bail!("replica {replica} now holds another staged backup; look at it with `replog recovery list`");
+        }
+        let status = client.status_of(&area.address).await;
+        match status {
+            Ok(s) if s.is_leader => {}
+            Ok(_) => {
+                eprintln!(
+                    "moving leadership to replica {replica} ({}), which holds the staged backup",
+                    area.address
+                );
+                if let Err(e) = client.transfer_leader(replica).await {
+                    last_error = e.to_string();
+                }
+                let until = Instant::now() + std::time::Duration::from_secs(10);
+                while Instant::now() < until {
+                    if client
+                        .status_of(&area.address)
+                        .await
+                        .is_ok_and(|s| s.is_leader)
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                continue;
+            }
+            Err(e) => {
+                last_error = e.to_string();
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                continue;
+            }
+        }
+        let mut c = connect(&area.address).await?;
+        match c
+            .commit_recovery(replog_proto::store::CommitRecoveryRequest {})
+            .await
+        {
+            Ok(r) => {
+                println!(
+                    "committed: every replica replaced its state at position {}; replica {replica} ({}) stepped down, the scheduler fails over and reloads",
+                    r.into_inner().position,
+                    area.address
+                );
+                return Ok(());
+            }
+            Err(s) if worth_retrying(&s) => {
+                last_error = status_err(&area.address, s).to_string();
+                eprintln!("leadership moved during the commit ({last_error}); trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            Err(s) => return Err(status_err(&area.address, s)),
+        }
+    }
 }
 
 fn status_err(who: &str, s: tonic::Status) -> anyhow::Error {
@@ -710,7 +895,6 @@ fn print_recovery_status(s: &replog_proto::store::RecoveryStatusResponse) {
 pub fn recovery(a: RecoveryArgs) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async move {
-        let (leader, mut c) = leader_state_client(&a.endpoint).await?;
         match a.command {
             RecoveryCommand::List { dir } => {
                 if let Some(dir) = dir {
@@ -720,13 +904,55 @@ pub fn recovery(a: RecoveryArgs) -> Result<()> {
                         println!("{}  {len} bytes", b.display());
                     }
                 }
-                let s = c
-                    .recovery_status(replog_proto::store::RecoveryStatusRequest {})
-                    .await
-                    .map_err(|s| status_err(&leader, s))?
-                    .into_inner();
-                print_recovery_status(&s);
+                let areas = staging_areas(&a.endpoint).await?;
+                let staged: Vec<&StagingArea> = areas.iter().filter(|a| a.status.staged).collect();
+                if staged.is_empty() {
+                    println!("nothing staged");
+                }
+                for area in staged {
+                    println!("on replica {} ({}):", area.status.replica_id, area.address);
+                    print_recovery_status(&area.status);
+                }
+                if let Some(last) = areas
+                    .iter()
+                    .filter(|a| !a.status.last_committed_staging_id.is_empty())
+                    .max_by_key(|a| a.status.last_committed_position)
+                {
+                    println!(
+                        "last committed recovery: {} at position {} (recorded by replica {})",
+                        last.status.last_committed_staging_id,
+                        last.status.last_committed_position,
+                        last.status.replica_id
+                    );
+                }
+                return Ok(());
             }
+            RecoveryCommand::Commit => return commit_staged(&a.endpoint, a.commit_timeout).await,
+            RecoveryCommand::Stage { .. } => {
+                let areas = staging_areas(&a.endpoint).await?;
+                if let Some(area) = areas.iter().find(|a| a.status.staged) {
+                    bail!(
+                        "a backup is already staged on replica {} ({}): cluster '{}', position {}; unload it first, one staged backup at a time (ALREADY_STAGED)",
+                        area.status.replica_id,
+                        area.address,
+                        area.status.cluster_id,
+                        area.status.backup_position
+                    );
+                }
+            }
+            _ => {}
+        }
+        let (target, mut c) = match &a.command {
+            RecoveryCommand::Stage { .. } => leader_state_client(&a.endpoint).await?,
+            _ => {
+                let areas = staging_areas(&a.endpoint).await?;
+                let area = holder(&areas)?;
+                (area.address.clone(), connect(&area.address).await?)
+            }
+        };
+        let leader = target;
+        match a.command {
+            RecoveryCommand::List { .. } | RecoveryCommand::Commit => unreachable!("handled above"),
             RecoveryCommand::Stage { file } => {
                 let f = std::fs::File::open(&file)
                     .with_context(|| format!("cannot open {}", file.display()))?;
@@ -803,17 +1029,6 @@ pub fn recovery(a: RecoveryArgs) -> Result<()> {
                     .await
                     .map_err(|s| status_err(&leader, s))?;
                 println!("unloaded the staged backup");
-            }
-            RecoveryCommand::Commit => {
-                let r = c
-                    .commit_recovery(replog_proto::store::CommitRecoveryRequest {})
-                    .await
-                    .map_err(|s| status_err(&leader, s))?
-                    .into_inner();
-                println!(
-                    "committed: every replica replaced its state at position {}; {leader} stepped down, the scheduler fails over and reloads",
-                    r.position
-                );
             }
         }
         Ok(())

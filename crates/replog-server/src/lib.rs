@@ -35,7 +35,7 @@ use replog_log::{ClusterOptions, Envelope, Log, LogError, LogOptions, PeerLink, 
 use replog_state::{Limits as StateLimits, StateStore};
 use replog_storage::{InitOptions, Member, RocksStorage, StorageError, CF_STATE};
 pub use replog_store::StoreOptions;
-use replog_store::{SchedulerStore, Staging};
+use replog_store::{SchedulerStore, Staging, StagingError, StoreError};
 use replog_transport::{Transport, TransportConfig, TransportError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -208,6 +208,11 @@ fn spawn_auto_commit(store: Arc<SchedulerStore>, staging: Arc<Staging>) {
                         );
                         return;
                     }
+                    Err(StoreError::Staging(StagingError::NothingStaged)) => {
+                        // An earlier attempt's replacement got through.
+                        info!("the restored backup was committed through the log");
+                        return;
+                    }
                     Err(e) => warn!(error = %e, "committing the restored backup failed; retrying"),
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -319,13 +324,14 @@ impl ReplicaServer {
                 let staging = Staging::open(log.shared_db(), log.path()).map_err(|e| {
                     ServerError::Config(format!("cannot open the staging area: {e}"))
                 })?;
-                let store = Arc::new(SchedulerStore::start_with_source(
+                let staging = Arc::new(staging);
+                let store = Arc::new(SchedulerStore::start_with(
                     log.clone(),
                     state,
                     opts.clone(),
                     Some(Arc::new(catch_up::PeerSnapshots::new(log.clone()))),
+                    Some(staging.clone()),
                 ));
-                let staging = Arc::new(staging);
                 spawn_auto_commit(store.clone(), staging.clone());
                 (Some(store), Some(staging))
             }

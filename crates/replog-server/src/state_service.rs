@@ -79,7 +79,7 @@ impl StateService {
 
     fn recovery_status(&self) -> Result<RecoveryStatusResponse, Status> {
         let staged = self.staging.staged().map_err(|e| self.staging_status(e))?;
-        Ok(match staged {
+        let mut r = match staged {
             None => RecoveryStatusResponse::default(),
             Some(s) => RecoveryStatusResponse {
                 staged: true,
@@ -87,8 +87,16 @@ impl StateService {
                 backup_position: s.header.position,
                 created_at_unix_ms: s.header.created_at_unix_ms,
                 counts: counts_map(&s.counts),
+                staging_id: s.staging_id().to_string(),
+                ..Default::default()
             },
-        })
+        };
+        r.replica_id = self.store.log().meta().replica_id;
+        if let Some(c) = self.staging.last_committed() {
+            r.last_committed_staging_id = c.staging_id;
+            r.last_committed_position = c.position;
+        }
+        Ok(r)
     }
 
     /// The tonic server for this service, with its size limits.

@@ -321,6 +321,11 @@ pub struct Inspection {
     pub tasks_by_status: BTreeMap<String, u64>,
 }
 
+/// The header of the snapshot stream at `path` (read, not the whole file).
+pub fn header_of(path: &Path) -> Result<SnapshotHeader, BackupError> {
+    open_stream(path).map(|(_, h)| h)
+}
+
 fn open_stream(
     path: &Path,
 ) -> Result<(SnapshotReader<BufReader<File>>, SnapshotHeader), BackupError> {

@@ -16,7 +16,10 @@ pub mod record;
 pub mod staging;
 pub mod store;
 
-pub use staging::{Staged, Staging, StagingError, AUTO_COMMIT_LABEL};
+pub use staging::{
+    staging_id_of, CommittedRecovery, Staged, Staging, StagingError, AUTO_COMMIT_LABEL,
+    STAGING_ID_LABEL,
+};
 pub use store::{
     ApplyProgress, FetchFuture, SchedulerStore, SnapshotPieces, SnapshotSource, StoreError,
     StoreOptions, FOUNDING_POSITION,

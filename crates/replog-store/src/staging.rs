@@ -9,7 +9,13 @@
 //!   loads it, and a bad file leaves nothing staged;
 //! - what is staged survives a restart: the staged state is in the
 //!   replica's RocksDB (`staging` column family) and a checksummed marker
-//!   file records what it came from.
+//!   file records what it came from;
+//! - every staged backup carries a random `staging_id` label that the
+//!   commit writes into the replacement; the replica that holds the staging
+//!   clears it when it applies that replacement (before loading it: from
+//!   then on the log holds it), and records the id and position as the last
+//!   committed recovery, so a commit that lost its answer can be told from
+//!   one that never happened, and a staged backup is never committed twice.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -27,6 +33,7 @@ use replog_storage::{frame, CF_STAGING};
 use crate::backup::{load_stream, BackupError, CONTENT};
 
 const MARKER: &str = "staged-recovery";
+const COMMITTED_MARKER: &str = "last-committed-recovery";
 
 /// Errors of staging.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +58,18 @@ pub enum StagingError {
 /// it leads (set by `replog initialize --from-backup`).
 pub const AUTO_COMMIT_LABEL: &str = "auto_commit";
 
+/// The header label that identifies one staging (random, set when staged).
+pub const STAGING_ID_LABEL: &str = "staging_id";
+
+/// The last staged recovery this replica saw committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedRecovery {
+    /// Its [`STAGING_ID_LABEL`].
+    pub staging_id: String,
+    /// The log position of the state replacement.
+    pub position: u64,
+}
+
 /// What is staged.
 #[derive(Debug, Clone)]
 pub struct Staged {
@@ -68,13 +87,38 @@ impl Staged {
             .map(String::as_str)
             == Some("true")
     }
+
+    /// Its [`STAGING_ID_LABEL`] (empty for a staging of an older version).
+    pub fn staging_id(&self) -> &str {
+        staging_id_of(&self.header)
+    }
+}
+
+/// The [`STAGING_ID_LABEL`] of a staged backup's (or a replacement's)
+/// header; empty when it has none.
+pub fn staging_id_of(header: &SnapshotHeader) -> &str {
+    header
+        .labels
+        .get(STAGING_ID_LABEL)
+        .map(String::as_str)
+        .unwrap_or("")
+}
+
+fn new_staging_id(now_unix_ms: u64) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_unix_ms);
+    h.write_u32(std::process::id());
+    format!("{now_unix_ms:x}-{:016x}", h.finish())
 }
 
 /// The staging area of one replica.
 pub struct Staging {
     state: StateStore,
     marker: PathBuf,
+    committed_marker: PathBuf,
     staged: Mutex<Option<SnapshotHeader>>,
+    last_committed: Mutex<Option<CommittedRecovery>>,
 }
 
 impl Staging {
@@ -102,11 +146,62 @@ impl Staging {
                 })
             }
         };
+        let committed_marker = dir.join(COMMITTED_MARKER);
+        let last_committed = read_committed(&committed_marker)?;
         Ok(Staging {
             state,
             marker,
+            committed_marker,
             staged: Mutex::new(staged),
+            last_committed: Mutex::new(last_committed),
         })
+    }
+
+    /// The last staged recovery this replica saw committed (survives
+    /// restarts).
+    pub fn last_committed(&self) -> Option<CommittedRecovery> {
+        self.last_committed.lock().clone()
+    }
+
+    /// A state replacement whose header is `replacement` is being applied
+    /// at `position`: when it is what is staged here (same staging id),
+    /// the staging is cleared and recorded as committed. Returns whether it
+    /// was.
+    pub(crate) fn on_replacement(
+        &self,
+        replacement: &SnapshotHeader,
+        position: u64,
+    ) -> Result<bool, StagingError> {
+        let id = staging_id_of(replacement);
+        if id.is_empty() {
+            return Ok(false);
+        }
+        let ours = self
+            .staged
+            .lock()
+            .as_ref()
+            .is_some_and(|h| staging_id_of(h) == id);
+        if !ours {
+            return Ok(false);
+        }
+        let done = CommittedRecovery {
+            staging_id: id.to_string(),
+            position,
+        };
+        write_atomically(
+            &self.committed_marker,
+            Some(&frame::encode(
+                COMMITTED_MARKER.as_bytes(),
+                format!("{}\n{}", done.staging_id, done.position).as_bytes(),
+            )),
+        )
+        .map_err(|e| StagingError::Marker {
+            path: self.committed_marker.clone(),
+            reason: e.to_string(),
+        })?;
+        *self.last_committed.lock() = Some(done);
+        self.clear()?;
+        Ok(true)
     }
 
     /// The staged state (to read; edit it through [`Self::delete_tasks`]).
@@ -180,6 +275,9 @@ impl Staging {
         header
             .labels
             .insert("staged_at_ms".into(), now_unix_ms.to_string());
+        header
+            .labels
+            .insert(STAGING_ID_LABEL.into(), new_staging_id(now_unix_ms));
         if auto_commit {
             header
                 .labels
@@ -249,32 +347,150 @@ impl Staging {
     }
 
     fn write_marker(&self, h: Option<&SnapshotHeader>) -> Result<(), StagingError> {
-        let bad = |e: std::io::Error| StagingError::Marker {
+        let bytes = h.map(|h| frame::encode(MARKER.as_bytes(), &h.encode_to_vec()));
+        write_atomically(&self.marker, bytes.as_deref()).map_err(|e| StagingError::Marker {
             path: self.marker.clone(),
             reason: e.to_string(),
-        };
-        match h {
-            None => match std::fs::remove_file(&self.marker) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(bad(e)),
-                _ => Ok(()),
-            },
-            Some(h) => {
-                let tmp = self.marker.with_extension("tmp");
-                let bytes = frame::encode(MARKER.as_bytes(), &h.encode_to_vec());
-                let f = std::fs::File::create(&tmp).map_err(bad)?;
-                use std::io::Write;
-                let mut w = std::io::BufWriter::new(f);
-                w.write_all(&bytes).map_err(bad)?;
-                let f = w.into_inner().map_err(|e| bad(e.into_error()))?;
-                f.sync_all().map_err(bad)?;
-                std::fs::rename(&tmp, &self.marker).map_err(bad)?;
-                if let Some(dir) = self.marker.parent() {
-                    std::fs::File::open(dir)
-                        .and_then(|d| d.sync_all())
-                        .map_err(bad)?;
-                }
-                Ok(())
+        })
+    }
+}
+
+/// Replaces the file at `path` with `bytes` (temporary name, fsync,
+/// rename, directory fsync), or removes it for `None`.
+fn write_atomically(path: &Path, bytes: Option<&[u8]>) -> std::io::Result<()> {
+    use std::io::Write;
+    match bytes {
+        None => match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+        Some(bytes) => {
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
             }
+            Ok(())
+        }
+    }
+}
+
+fn read_committed(path: &Path) -> Result<Option<CommittedRecovery>, StagingError> {
+    let bad = |reason: String| StagingError::Marker {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    let location = path.display().to_string();
+    let payload = frame::decode(COMMITTED_MARKER.as_bytes(), &bytes, 4096, || location)
+        .map_err(|e| bad(e.to_string()))?;
+    let text = std::str::from_utf8(payload).map_err(|e| bad(e.to_string()))?;
+    let (id, position) = text
+        .split_once('\n')
+        .ok_or_else(|| bad("no position".into()))?;
+    let position = position
+        .parse()
+        .map_err(|e| bad(format!("position {position:?}: {e}")))?;
+    Ok(Some(CommittedRecovery {
+        staging_id: id.to_string(),
+        position,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replog_storage::{InitOptions, RocksStorage};
+
+    fn staging_in(dir: &Path) -> (Arc<replog_log::Log>, Staging) {
+        let log = Arc::new(
+            replog_log::Log::open(dir, replog_log::LogOptions::default()).expect("open log"),
+        );
+        let staging = Staging::open(log.shared_db(), log.path()).expect("open staging");
+        (log, staging)
+    }
+
+    fn backup_bytes() -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateStore::open_standalone(dir.path(), Limits::default()).unwrap();
+        let id = crate::backup::SnapshotIdentity {
+            cluster_id: "c".into(),
+            ..Default::default()
+        };
+        let (w, _) = crate::backup::write_state(&state, &id, Vec::new(), |_| {}).expect("write");
+        w
+    }
+
+    #[test]
+    fn only_the_replacement_of_what_is_staged_clears_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r");
+        RocksStorage::initialize(&path, &InitOptions::single_replica("c")).unwrap();
+        let (_log, staging) = staging_in(&path);
+        let bytes = backup_bytes();
+        let staged = staging.stage(&bytes[..], Some("c"), 7).unwrap();
+        let id = staged.staging_id().to_string();
+        assert!(!id.is_empty());
+
+        // Another staging's replacement, and one without an id: untouched.
+        let mut other = staged.header.clone();
+        other
+            .labels
+            .insert(STAGING_ID_LABEL.into(), "someone-else".into());
+        assert!(!staging.on_replacement(&other, 10).unwrap());
+        let mut none = staged.header.clone();
+        none.labels.remove(STAGING_ID_LABEL);
+        assert!(!staging.on_replacement(&none, 10).unwrap());
+        assert!(staging.staged().unwrap().is_some());
+        assert!(staging.last_committed().is_none());
+
+        // Its own: cleared and recorded, durably.
+        assert!(staging.on_replacement(&staged.header, 12).unwrap());
+        assert!(staging.staged().unwrap().is_none());
+        let done = CommittedRecovery {
+            staging_id: id.clone(),
+            position: 12,
+        };
+        assert_eq!(staging.last_committed(), Some(done.clone()));
+        // A replay of the same replacement changes nothing.
+        assert!(!staging.on_replacement(&staged.header, 12).unwrap());
+        drop(staging);
+        drop(_log);
+        let (_log, staging) = staging_in(&path);
+        assert_eq!(staging.last_committed(), Some(done));
+        assert!(staging.staged().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_damaged_commit_record_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r");
+        RocksStorage::initialize(&path, &InitOptions::single_replica("c")).unwrap();
+        {
+            let (_log, staging) = staging_in(&path);
+            let bytes = backup_bytes();
+            let staged = staging.stage(&bytes[..], Some("c"), 7).unwrap();
+            assert!(staging.on_replacement(&staged.header, 3).unwrap());
+        }
+        let record = path.join(COMMITTED_MARKER);
+        let mut bytes = std::fs::read(&record).unwrap();
+        let n = bytes.len();
+        bytes[n - 1] ^= 0x40;
+        std::fs::write(&record, &bytes).unwrap();
+        let log = Arc::new(
+            replog_log::Log::open(&path, replog_log::LogOptions::default()).expect("open log"),
+        );
+        match Staging::open(log.shared_db(), log.path()) {
+            Err(StagingError::Marker { path: p, .. }) => assert_eq!(p, record),
+            Err(e) => panic!("expected a marker error, got {e}"),
+            Ok(_) => panic!("a damaged commit record was accepted"),
         }
     }
 }

@@ -170,6 +170,8 @@ pub struct ApplyProgress {
     /// recovery) this replica applied since start: everyone holding state
     /// read before it must reload.
     pub replaced_at: Option<u64>,
+    /// The Raft term this replica was in when it applied that replacement.
+    pub replaced_in_term: u64,
 }
 
 /// Frame pieces of one snapshot stream (`docs/snapshot-format.md`), in
@@ -203,6 +205,9 @@ struct Shared {
     compactions: AtomicU64,
     /// State snapshots installed from a peer, since start.
     catch_ups: AtomicU64,
+    /// This replica's staging area, cleared when its staged backup is
+    /// applied as a replacement.
+    staging: Option<Arc<crate::staging::Staging>>,
 }
 
 /// The scheduler-state store on a replicated log (see the module docs).
@@ -214,6 +219,8 @@ pub struct SchedulerStore {
     /// The applied position when the current writer started.
     writer_started_at: AtomicU64,
     next_frame_id: AtomicU64,
+    /// One recovery commit at a time.
+    commit_lock: tokio::sync::Mutex<()>,
     applier: tokio::task::JoinHandle<()>,
     compactor: tokio::task::JoinHandle<()>,
 }
@@ -235,10 +242,24 @@ impl SchedulerStore {
         opts: StoreOptions,
         source: Option<Arc<dyn SnapshotSource>>,
     ) -> Self {
+        Self::start_with(log, state, opts, source, None)
+    }
+
+    /// Like [`Self::start_with_source`], with this replica's staging area:
+    /// the applier clears it (and records the commit) when it applies the
+    /// replacement of what is staged there, whoever wrote that replacement.
+    pub fn start_with(
+        log: Arc<Log>,
+        state: StateStore,
+        opts: StoreOptions,
+        source: Option<Arc<dyn SnapshotSource>>,
+        staging: Option<Arc<crate::staging::Staging>>,
+    ) -> Self {
         let (progress, _) = watch::channel(ApplyProgress {
             applied: state.applied(),
             failure: None,
             replaced_at: None,
+            replaced_in_term: 0,
         });
         let shared = Arc::new(Shared {
             state,
@@ -248,6 +269,7 @@ impl SchedulerStore {
             applied_bytes: AtomicU64::new(0),
             compactions: AtomicU64::new(0),
             catch_ups: AtomicU64::new(0),
+            staging,
         });
         let applier = tokio::spawn(apply_loop(
             shared.clone(),
@@ -267,6 +289,7 @@ impl SchedulerStore {
             writer: RwLock::new(None),
             writer_started_at: AtomicU64::new(0),
             next_frame_id: AtomicU64::new(seed),
+            commit_lock: tokio::sync::Mutex::new(()),
             applier,
             compactor,
         }
@@ -369,13 +392,23 @@ impl SchedulerStore {
     /// this replica leads (again) in a later term. A writer of an ended
     /// term is never reused: its appends fail with `LeadershipLost`.
     async fn ensure_writer(&self) -> Result<(), StoreError> {
-        let replaced = self.shared.progress.borrow().replaced_at;
+        let (replaced, replaced_in_term) = {
+            let p = self.shared.progress.borrow();
+            (p.replaced_at, p.replaced_in_term)
+        };
         if let Some(position) = replaced {
-            if position > self.writer_started_at.load(Ordering::SeqCst)
-                && self.writer.write().await.take().is_some()
-            {
-                // Once per writer: the next submit starts a new one.
-                return Err(StoreError::StateReplaced { position });
+            if position > self.writer_started_at.load(Ordering::SeqCst) {
+                let mut guard = self.writer.write().await;
+                if let Some(w) = guard.take() {
+                    // Once per writer that was live when the state was
+                    // replaced: the next submit starts a new one. A writer
+                    // whose term ended before the replacement belongs to a
+                    // leadership already lost (the leadership watch said
+                    // so) and is dropped quietly.
+                    if w.term().is_some_and(|t| t >= replaced_in_term) {
+                        return Err(StoreError::StateReplaced { position });
+                    }
+                }
             }
         }
         let p = self.log.progress();
@@ -459,10 +492,17 @@ impl SchedulerStore {
         staging: &Arc<crate::staging::Staging>,
         fail_over: bool,
     ) -> Result<u64, StoreError> {
+        let _one_at_a_time = self.commit_lock.lock().await;
+        self.ensure_writer().await?;
+        // Apply everything committed before looking at the staging area: a
+        // replacement of this very staging that an earlier attempt got
+        // into the log (its answer lost with a leader change) has then
+        // cleared it, and is not written twice.
+        self.sync_for_read().await?;
         let staged = staging
             .staged()?
             .ok_or(crate::staging::StagingError::NothingStaged)?;
-        self.ensure_writer().await?;
+        let staging_id = staged.staging_id().to_string();
         let meta = self.log.meta();
         let id = crate::backup::SnapshotIdentity {
             cluster_id: meta.cluster_id.clone(),
@@ -502,7 +542,13 @@ impl SchedulerStore {
         let position = result?;
         // The replacement is in the log: wait for it whatever its size.
         self.wait_applied_unbounded(position).await?;
-        staging.clear()?;
+        // The applier cleared an attached staging area; this one may not be.
+        if staging
+            .staged()?
+            .is_some_and(|s| s.staging_id() == staging_id)
+        {
+            staging.clear()?;
+        }
         if !fail_over {
             self.writer_started_at.store(position, Ordering::SeqCst);
             return Ok(position);
@@ -935,6 +981,18 @@ async fn apply_loop(
                         let state = shared.clone();
                         let result = tokio::task::spawn_blocking(move || {
                             let path = s.finish()?;
+                            if let Some(staging) = &state.staging {
+                                // Before the load: from here on the log
+                                // holds what was staged.
+                                let header = crate::backup::header_of(&path)
+                                    .map_err(|e| e.to_string())?;
+                                if staging
+                                    .on_replacement(&header, position)
+                                    .map_err(|e| e.to_string())?
+                                {
+                                    info!(position, "the backup staged here was committed; the staging area is cleared");
+                                }
+                            }
                             let r = crate::backup::load_into(&state.state, &path, position, None);
                             let _ = std::fs::remove_file(&path);
                             r.map_err(|e| e.to_string())
@@ -953,6 +1011,7 @@ async fn apply_loop(
                                 shared.progress.send_modify(|p| {
                                     p.applied = position;
                                     p.replaced_at = Some(position);
+                                    p.replaced_in_term = log.progress().term;
                                 });
                             }
                             Err(e) => {

@@ -309,3 +309,89 @@ async fn staged_recovery_replaces_the_state_at_one_position() {
     store.wait_applied(applied).await.unwrap();
     assert_eq!(store.state().state_hash().unwrap(), hash);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_staging_is_recorded_and_never_committed_twice() {
+    use replog_store::backup::{write_state, BackupDir, SnapshotIdentity};
+    use replog_store::{Staging, StagingError};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r");
+    RocksStorage::initialize(&path, &InitOptions::single_replica("store-test")).unwrap();
+    let opts = StoreOptions {
+        max_entry_bytes: 8 * 1024,
+        ..StoreOptions::default()
+    };
+    let start = |staging: Arc<Staging>, log: Arc<Log>| {
+        let state = StateStore::open(log.shared_db(), CF_STATE, Limits::default()).unwrap();
+        SchedulerStore::start_with(log, state, opts.clone(), None, Some(staging))
+    };
+    let log = Arc::new(Log::open(&path, LogOptions::default()).unwrap());
+    let staging = Arc::new(Staging::open(log.shared_db(), log.path()).unwrap());
+    let store = start(staging.clone(), log);
+    store.start_writer().await.unwrap();
+    let tasks: Vec<ScheduledTask> = (0..200)
+        .map(|n| task(&format!("t{n:03}"), "r", ScheduleStatus::Running, 40))
+        .collect();
+    store.submit(&save(tasks)).await.unwrap();
+    let backups = BackupDir::new(dir.path().join("backups"), 3).unwrap();
+    let id = SnapshotIdentity {
+        cluster_id: "store-test".into(),
+        ..Default::default()
+    };
+    let (file, _) = backups
+        .save(replog_storage::now_unix_ms(), |w| {
+            write_state(store.state(), &id, w, |_| {}).map(|(_, s)| s)
+        })
+        .unwrap();
+    store
+        .submit(&save(vec![task("late", "r", ScheduleStatus::Running, 1)]))
+        .await
+        .unwrap();
+    assert!(staging.last_committed().is_none());
+    let staged = staging
+        .stage(std::fs::File::open(&file).unwrap(), Some("store-test"), 5)
+        .unwrap();
+    let staging_id = staged.staging_id().to_string();
+    assert!(!staging_id.is_empty(), "a staging gets an id");
+
+    let position = store.commit_recovery(&staging).await.unwrap();
+    // The applier cleared the staging area it holds when it applied the
+    // replacement, and recorded which staging was committed where.
+    assert!(staging.staged().unwrap().is_none());
+    let done = staging.last_committed().expect("recorded");
+    assert_eq!(done.staging_id, staging_id);
+    assert_eq!(done.position, position);
+    assert!(store.state().task("late").unwrap().is_none());
+    // A second commit (an operator's retry) finds nothing staged: the
+    // replacement is not written twice.
+    let before = store.log().reader().ending();
+    // (The first call after the replacement tells this writer the state
+    // was replaced, as any write would.)
+    assert!(matches!(
+        store.commit_recovery(&staging).await,
+        Err(StoreError::StateReplaced { position: p }) if p == position
+    ));
+    assert!(matches!(
+        store.commit_recovery(&staging).await,
+        Err(StoreError::Staging(StagingError::NothingStaged))
+    ));
+    assert_eq!(store.log().reader().ending(), before, "nothing was written");
+    store
+        .submit(&save(vec![task("x", "r", ScheduleStatus::Running, 1)]))
+        .await
+        .unwrap();
+    let after_hash = store.state().state_hash().unwrap();
+    let after = store.applied();
+    drop(staging);
+    store.shutdown().await;
+
+    // The record survives a restart, and a restart replays nothing twice.
+    let log = Arc::new(Log::open(&path, LogOptions::default()).unwrap());
+    let staging = Arc::new(Staging::open(log.shared_db(), log.path()).unwrap());
+    assert_eq!(staging.last_committed().unwrap().staging_id, staging_id);
+    assert!(staging.staged().unwrap().is_none());
+    let store = start(staging.clone(), log);
+    store.wait_applied(after).await.unwrap();
+    assert_eq!(store.state().state_hash().unwrap(), after_hash);
+}
