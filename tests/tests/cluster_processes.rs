@@ -1915,3 +1915,68 @@ fn a_follower_behind_the_compacted_log_catches_up_by_streamed_snapshot() {
         c.assert_same_state(20_800);
     });
 }
+
+#[test]
+fn a_wiped_follower_of_a_compacted_state_log_rejoins_with_the_whole_state() {
+    run(async {
+        let c = Cluster::initialized_with("wipe-state", 3, &[], &COMPACTING).await;
+        let eps = c.endpoints().join(",");
+        c.cli_ok(&[
+            "state",
+            "--endpoint",
+            &eps,
+            "load",
+            "--tasks",
+            "300",
+            "--batch",
+            "5",
+        ]);
+        let (leader, _) = c.wait_leader("a leader", |_, _| true).await;
+        let f = (1..=3).find(|id| *id != leader).unwrap();
+        c.kill(f);
+        std::fs::remove_dir_all(&c.node(f).dir).unwrap();
+        c.note(&format!("wiped replica {f}'s directory"));
+        // Compactions while it is gone: the log no longer begins at 1, so
+        // the rejoin needs a snapshot of the log and of the state.
+        c.cli_ok(&[
+            "state",
+            "--endpoint",
+            &c.running_endpoints(),
+            "load",
+            "--tasks",
+            "300",
+            "--batch",
+            "5",
+            "--first",
+            "5000",
+        ]);
+        c.wait_truncated_past(1).await;
+
+        c.start(f, &COMPACTING);
+        let seen = c.watch_until_voting(f).await;
+        assert_ne!(seen[0], VOTING, "statuses seen: {seen:?}");
+        let log = c.last_run_log(f);
+        assert!(log.contains("created an EMPTY replica"), "{log}");
+        let (_, l) = c.wait_leader("a leader", |_, _| true).await;
+        c.wait_caught_up_voter(f, l.commit).await;
+        c.assert_same_state(600);
+        let log = c.last_run_log(f);
+        assert!(
+            log.contains("caught up by a streamed state snapshot"),
+            "the state did not come by snapshot: {log}"
+        );
+        assert!(!log.contains("the state applier stopped"), "{log}");
+        // It serves the state like the others, and writes go on.
+        c.cli_ok(&[
+            "state",
+            "--endpoint",
+            &eps,
+            "load",
+            "--tasks",
+            "10",
+            "--first",
+            "9000",
+        ]);
+        c.assert_same_state(610);
+    });
+}
