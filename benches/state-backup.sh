@@ -4,6 +4,9 @@
 #  - p50/p99 of write transactions (10 tasks each) without and during a backup,
 #  - backup time and MB/s, peak RSS of the backup client and of the serving
 #    replica during the backup (sampled every 50 ms),
+#  - what a backup alone (no writes) adds to the serving replica's RSS:
+#    its RSS just before against its peak during the backup (run at two
+#    TASKS to see that it does not grow with the state),
 #  - stage + commit time of that backup,
 #  - time until a restarted (SIGKILLed) follower serves again (VOTING, caught up).
 #
@@ -28,14 +31,16 @@ start() { # id
     --replica-id "$i" --peers "${peers%,}" 2>>"$W/r$i.log" &
   pid[$i]=$!
 }
-rm -rf "$W"/r? "$W/backups"; mkdir -p "$W"
+rm -rf "$W"/r? "$W/backups" "$W/backups-alone"; mkdir -p "$W"
 for i in 1 2 3; do "$R" initialize --path "$W/r$i" --cluster-id bench --replica-id "$i" --members "$members" >/dev/null; start "$i"; done
 sleep 2
-leader_pid() {
-  local l
-  l=$("$R" status --endpoint "$E" --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print([r["replica_id"] for r in d if r.get("is_leader")][0])' 2>/dev/null || echo 1)
-  echo "${pid[$l]}"
+leader_id() {
+  "$R" status --endpoint "$E" --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print([r["replica_id"] for r in d if r.get("is_leader")][0])' 2>/dev/null || echo 1
 }
+leader_pid() { echo "${pid[$(leader_id)]}"; }
+# The backups are taken from the leader alone, so that the replica whose
+# memory is sampled is the one serving the snapshot.
+leader_endpoint() { echo "127.0.0.1:${P[$(($(leader_id) - 1))]}"; }
 peak_rss() { # pid file: samples VmRSS (kB) until the file appears
   local p=$1 stop=$2 max=0 v
   while [ ! -e "$stop" ]; do
@@ -50,10 +55,22 @@ echo "== load $TASKS tasks of ~$TASK_BYTES B"
 du -sh "$W/r1"
 echo "== writes without a backup (2,000 transactions of 10 tasks)"
 "$R" state --endpoint "$E" load --tasks 20000 --batch 10 --first 50000000 --task-bytes "$TASK_BYTES"
+echo "== a backup alone: the serving replica's RSS before and during"
+lp=$(leader_pid); le=$(leader_endpoint)
+sleep 2
+before=$(awk '/VmRSS/ {print $2}' "/proc/$lp/status")
+rm -f "$W/stop"; (peak_rss "$lp" "$W/stop" > "$W/server-rss-alone") &
+/usr/bin/time -v "$R" backup --endpoint "$le" --dir "$W/backups-alone" > "$W/backup-alone.txt" 2> "$W/backup-alone-time.txt"
+touch "$W/stop"; sleep 0.2
+cat "$W/backup-alone.txt"
+peak=$(cat "$W/server-rss-alone")
+echo "serving replica (pid $lp): RSS before the backup $before kB, peak during it $peak kB, growth $((peak - before)) kB"
+echo "backup client peak RSS: $(awk '/Maximum resident/ {print $6}' "$W/backup-alone-time.txt") kB"
+rm -rf "$W/backups-alone"
 echo "== writes during a backup (1,200 transactions of 10 tasks, started just after the backup, sized to end before it)"
-lp=$(leader_pid)
+lp=$(leader_pid); le=$(leader_endpoint)
 rm -f "$W/stop"; (peak_rss "$lp" "$W/stop" > "$W/server-rss") &
-/usr/bin/time -v "$R" backup --endpoint "$E" --dir "$W/backups" > "$W/backup.txt" 2> "$W/backup-time.txt" &
+/usr/bin/time -v "$R" backup --endpoint "$le" --dir "$W/backups" > "$W/backup.txt" 2> "$W/backup-time.txt" &
 backup=$!
 sleep 0.3
 "$R" state --endpoint "$E" load --tasks 12000 --batch 10 --first 60000000 --task-bytes "$TASK_BYTES" > "$W/during.txt"

@@ -507,6 +507,13 @@ impl ReplicaServer {
                 "state snapshots this replica installed from a peer (its state was behind the log's beginning)",
                 store.snapshot_catch_ups(),
             );
+            let stopped = prometheus::IntGauge::new(
+                "replog_state_applier_stopped",
+                "1 when this replica's state applier stopped (a record of a newer state schema, a storage error: see its log); its state no longer follows the log",
+            )
+            .expect("valid metric name");
+            stopped.set(store.watch_applied().borrow().failure.is_some() as i64);
+            scrape.register(Box::new(stopped)).expect("registered once");
         }
         let mut families = self.registry.gather();
         families.extend(scrape.gather());

@@ -79,6 +79,16 @@
 //! [`Op`]: replog_proto::state::Op
 //! [`Entity`]: replog_proto::state::Entity
 
+/// The version of the state schema (`proto/replog/state/v1/state.proto`)
+/// this build writes and understands. Bump it with every change a replica
+/// of an older build would silently lose: a new field or entity, which
+/// protobuf decoding drops when it does not know it. Log records and state
+/// snapshots carry it; a replica refuses (stops applying, or refuses the
+/// file) what a newer schema wrote instead of applying it without the
+/// fields it does not know, so replicas of mixed versions cannot diverge.
+/// Upgrade every replica before the scheduler writes with a newer one.
+pub const SCHEMA_VERSION: u32 = 1;
+
 mod changes;
 mod error;
 mod keys;

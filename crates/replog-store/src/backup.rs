@@ -32,6 +32,38 @@ use replog_state::{entity_kind, kind_name, StateError, StateStore};
 
 /// The header `content` of a scheduler-state snapshot.
 pub const CONTENT: &str = "replog.state.v1";
+
+/// The header label with the state schema version of the writer
+/// ([`replog_state::SCHEMA_VERSION`]); absent (read as 1) in older files.
+pub const SCHEMA_LABEL: &str = "schema_version";
+
+/// Checks that a snapshot header is of scheduler state of a schema this
+/// build knows whole.
+pub fn check_state_header(path: &Path, header: &SnapshotHeader) -> Result<(), BackupError> {
+    if header.content != CONTENT {
+        return Err(BackupError::WrongContent {
+            path: path.to_path_buf(),
+            found: header.content.clone(),
+        });
+    }
+    let found = match header.labels.get(SCHEMA_LABEL) {
+        None => 1,
+        Some(v) => v.parse::<u32>().map_err(|_| BackupError::Snapshot {
+            path: path.to_path_buf(),
+            source: SnapshotError::InvalidInput {
+                reason: format!("label {SCHEMA_LABEL} is '{v}', not a number"),
+            },
+        })?,
+    };
+    if found > replog_state::SCHEMA_VERSION {
+        return Err(BackupError::NewerSchema {
+            path: path.to_path_buf(),
+            found,
+            supported: replog_state::SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
 /// File names of backups: this prefix, then `YYYY-MM-DD-HH-MM` (UTC).
 pub const BACKUP_PREFIX: &str = "scheduler-backup-";
 
@@ -52,6 +84,15 @@ pub enum BackupError {
     },
     #[error("{path}: the stream holds '{found}', not scheduler state ('{CONTENT}')")]
     WrongContent { path: PathBuf, found: String },
+    #[error(
+        "{path}: written with state schema {found}, newer than this build's ({supported}): \
+         use a replog at least as new as the one that wrote it"
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
     #[error("{path}: record {index} (kind {kind}) is not a valid entity: {reason}")]
     BadRecord {
         path: PathBuf,
@@ -115,7 +156,15 @@ pub fn write_state<W: Write>(
         learners: id.learners.clone(),
         created_at_unix_ms: replog_storage::now_unix_ms(),
         content: CONTENT.to_string(),
-        labels: id.labels.clone().into_iter().collect(),
+        labels: id
+            .labels
+            .clone()
+            .into_iter()
+            .chain([(
+                SCHEMA_LABEL.to_string(),
+                replog_state::SCHEMA_VERSION.to_string(),
+            )])
+            .collect(),
     };
     let position = export.position();
     let mut sw =
@@ -335,12 +384,7 @@ fn open_stream(
         ReaderOptions::default(),
     )
     .map_err(snap_err(path))?;
-    if header.content != CONTENT {
-        return Err(BackupError::WrongContent {
-            path: path.to_path_buf(),
-            found: header.content,
-        });
-    }
+    check_state_header(path, &header)?;
     Ok((r, header))
 }
 
@@ -520,5 +564,58 @@ mod tests {
             assert_eq!(kept.last(), Some(&path));
             assert_eq!(fs::read(&path).unwrap(), [i]);
         }
+    }
+
+    /// A backup of a newer state schema is refused by everything that
+    /// loads one (inspect, load, staging), with the reason; one of this
+    /// schema, or of an older build without the label, loads.
+    #[test]
+    fn a_backup_of_a_newer_schema_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateStore::open_standalone(&tmp.path().join("s"), Default::default()).unwrap();
+        let write = |labels: &[(&str, &str)], name: &str| {
+            let id = SnapshotIdentity {
+                cluster_id: "c".into(),
+                ..Default::default()
+            };
+            let (bytes, _) = write_state(&state, &id, Vec::new(), |_| {}).unwrap();
+            // Rewrite the header's labels through a reader/writer pair.
+            let (mut r, mut header) =
+                SnapshotReader::open(&bytes[..], ReaderOptions::default()).unwrap();
+            header.labels.remove(SCHEMA_LABEL);
+            for (k, v) in labels {
+                header.labels.insert(k.to_string(), v.to_string());
+            }
+            let mut sw =
+                SnapshotWriter::new(Vec::new(), &header, WriterOptions::default()).unwrap();
+            while let Some((kind, data)) = r.next_record().unwrap() {
+                sw.push(kind, &data).unwrap();
+            }
+            let (out, _) = sw.finish().unwrap();
+            let path = tmp.path().join(name);
+            fs::write(&path, out).unwrap();
+            path
+        };
+        let current = write(&[(SCHEMA_LABEL, "1")], "current");
+        let unlabelled = write(&[], "unlabelled");
+        let newer_v = (replog_state::SCHEMA_VERSION + 1).to_string();
+        let newer = write(&[(SCHEMA_LABEL, &newer_v)], "newer");
+        let garbled = write(&[(SCHEMA_LABEL, "two")], "garbled");
+        let target =
+            StateStore::open_standalone(&tmp.path().join("t"), Default::default()).unwrap();
+        load_into(&target, &current, 1, Some("c")).unwrap();
+        load_into(&target, &unlabelled, 2, Some("c")).unwrap();
+        match load_into(&target, &newer, 3, Some("c")) {
+            Err(e @ BackupError::NewerSchema { .. }) => {
+                assert!(e.to_string().contains("newer than this build"), "{e}")
+            }
+            other => panic!("expected NewerSchema, got {other:?}"),
+        }
+        assert_eq!(target.applied(), 2, "a refused file changed the state");
+        assert!(header_of(&newer).is_err());
+        assert!(matches!(
+            load_into(&target, &garbled, 3, Some("c")),
+            Err(BackupError::Snapshot { .. })
+        ));
     }
 }

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use prost::Message;
 use replog_proto::state::Transaction;
 use replog_proto::store::{log_record, FramedBegin, FramedKind, FramedPart, LogRecord};
+use replog_state::SCHEMA_VERSION;
 
 /// Bytes a record adds around a part's data, at most (field tags, lengths
 /// and the id and index varints).
@@ -37,6 +38,15 @@ pub enum RecordError {
     TooLarge { size: usize, limit: usize },
     #[error("max_entry_bytes {0} is too small to carry framed parts (at least {min})", min = PART_OVERHEAD + 1)]
     EntryLimitTooSmall(usize),
+    #[error(
+        "the log entry at position {position} was written with state schema {found}, \
+         newer than this replica's ({supported}): upgrade this replica to apply it"
+    )]
+    NewerSchema {
+        position: u64,
+        found: u32,
+        supported: u32,
+    },
 }
 
 /// The log entries (encoded records) that write `txn`, in order. `id`
@@ -50,6 +60,7 @@ pub fn encode_transaction(
 ) -> Result<Vec<Bytes>, RecordError> {
     let single = LogRecord {
         record: Some(log_record::Record::Transaction(txn.clone())),
+        schema_version: SCHEMA_VERSION,
     };
     let body = txn.encode_to_vec();
     if body.len() > max_transaction_bytes {
@@ -98,6 +109,7 @@ pub fn framed_begin(id: u64, kind: FramedKind, total_bytes: u64, crc: u32, parts
                 part_count: parts,
                 kind: kind as i32,
             })),
+            schema_version: SCHEMA_VERSION,
         }
         .encode_to_vec(),
     )
@@ -112,6 +124,7 @@ pub fn framed_part(id: u64, index: u32, data: Bytes) -> Bytes {
                 index,
                 data,
             })),
+            schema_version: 0,
         }
         .encode_to_vec(),
     )
@@ -127,6 +140,13 @@ pub fn decode_record(position: u64, data: &[u8]) -> Result<LogRecord, RecordErro
         return Err(RecordError::NotARecord {
             position,
             reason: "the record is empty".into(),
+        });
+    }
+    if rec.schema_version > SCHEMA_VERSION {
+        return Err(RecordError::NewerSchema {
+            position,
+            found: rec.schema_version,
+            supported: SCHEMA_VERSION,
         });
     }
     Ok(rec)
@@ -583,5 +603,36 @@ mod tests {
             decode_record(5, &[]),
             Err(RecordError::NotARecord { position: 5, .. })
         ));
+    }
+
+    #[test]
+    fn records_carry_the_schema_and_a_newer_one_is_refused() {
+        let txn = Transaction::default();
+        let entries = encode_transaction(&txn, 1, 1 << 20, 1 << 20).unwrap();
+        let rec = decode_record(3, &entries[0]).unwrap();
+        assert_eq!(rec.schema_version, SCHEMA_VERSION);
+        // A framed write's begin carries it too; its parts need not.
+        let begin = framed_begin(9, FramedKind::Transaction, 10, 0, 1);
+        assert_eq!(
+            decode_record(4, &begin).unwrap().schema_version,
+            SCHEMA_VERSION
+        );
+        // Records of writers before the field existed read as version 1.
+        let old = LogRecord {
+            record: Some(log_record::Record::Transaction(txn.clone())),
+            schema_version: 0,
+        };
+        assert!(decode_record(5, &old.encode_to_vec()).is_ok());
+        let newer = LogRecord {
+            record: Some(log_record::Record::Transaction(txn)),
+            schema_version: SCHEMA_VERSION + 1,
+        };
+        let e = decode_record(6, &newer.encode_to_vec()).unwrap_err();
+        assert!(
+            matches!(e, RecordError::NewerSchema { position: 6, found, supported }
+                if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION),
+            "{e}"
+        );
+        assert!(e.to_string().contains("upgrade this replica"), "{e}");
     }
 }

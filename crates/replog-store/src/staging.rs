@@ -264,6 +264,7 @@ impl Staging {
         if header.content != CONTENT {
             return Err(StagingError::WrongContent(header.content));
         }
+        crate::backup::check_state_header(here, &header)?;
         if let Some(c) = cluster_id {
             check_cluster(&header, c).map_err(|source| BackupError::Snapshot {
                 path: here.to_path_buf(),

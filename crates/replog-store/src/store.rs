@@ -816,13 +816,7 @@ async fn install_snapshot(
             replog_snapshot::ReaderOptions::default(),
         )
         .map_err(|e| format!("{}: {e}", path.display()))?;
-        if header.content != crate::backup::CONTENT {
-            return Err(format!(
-                "{}: the stream holds '{}', not scheduler state",
-                path.display(),
-                header.content
-            ));
-        }
+        crate::backup::check_state_header(&path, &header).map_err(|e| e.to_string())?;
         replog_snapshot::check_cluster(&header, &cluster)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         if header.position < needed {
@@ -917,6 +911,12 @@ async fn apply_loop(
                 .fetch_add(entry.data.len() as u64, Ordering::Relaxed);
             match decode_record(position, &entry.data) {
                 Ok(rec) => reassembler.push(position, rec, &mut outcomes),
+                Err(e @ RecordError::NewerSchema { .. }) => {
+                    // Applying it would drop what this build does not know
+                    // and diverge from the upgraded replicas: stop here.
+                    fail(e.to_string());
+                    return;
+                }
                 Err(e) => warn!(error = %e, "skipping a log entry that is not a store record"),
             }
             for o in outcomes.drain(..) {

@@ -395,3 +395,49 @@ async fn a_committed_staging_is_recorded_and_never_committed_twice() {
     store.wait_applied(after).await.unwrap();
     assert_eq!(store.state().state_hash().unwrap(), after_hash);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_of_a_newer_schema_stops_the_applier_instead_of_losing_fields() {
+    use prost::Message;
+    use replog_proto::store::{log_record, LogRecord};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r");
+    RocksStorage::initialize(&path, &InitOptions::single_replica("store-test")).unwrap();
+    let store = open(&path, StoreOptions::default());
+    store.start_writer().await.unwrap();
+    let before = store
+        .submit(&save(vec![task("a", "r", ScheduleStatus::Running, 1)]))
+        .await
+        .unwrap();
+    // A writer of a newer build (its transaction may hold fields this
+    // build would drop).
+    let newer = LogRecord {
+        record: Some(log_record::Record::Transaction(save(vec![task(
+            "b",
+            "r",
+            ScheduleStatus::Running,
+            1,
+        )]))),
+        schema_version: replog_state::SCHEMA_VERSION + 1,
+    };
+    let mut w = store.log().writer();
+    w.start().await.unwrap();
+    let at = w.append(newer.encode_to_vec()).await.unwrap().value();
+    let mut progress = store.watch_applied();
+    let failure = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            if let Some(f) = progress.borrow_and_update().failure.clone() {
+                return f;
+            }
+            progress.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the applier did not stop");
+    assert!(failure.contains("upgrade this replica"), "{failure}");
+    assert!(failure.contains(&format!("position {at}")), "{failure}");
+    // Nothing of it (or after it) was applied.
+    assert!(store.applied() < at && store.applied() >= before);
+    assert!(store.state().task("b").unwrap().is_none());
+}
