@@ -41,11 +41,16 @@ pub const MAX_QUERY_TASKS: usize = 1_000_000;
 /// Snapshot frames buffered between the exporting thread and the stream.
 const SNAPSHOT_QUEUE: usize = 16;
 
+/// State snapshots (backups, peers catching up) streamed at once; more are
+/// refused with `BUSY`. Each holds a RocksDB snapshot and a thread.
+const MAX_CONCURRENT_SNAPSHOTS: usize = 4;
+
 /// The service.
 #[derive(Clone)]
 pub struct StateService {
     store: Arc<SchedulerStore>,
     staging: Arc<Staging>,
+    snapshot_slots: Arc<tokio::sync::Semaphore>,
 }
 
 fn coded(code: Code, tag: &'static str, msg: String) -> Status {
@@ -57,7 +62,11 @@ fn coded(code: Code, tag: &'static str, msg: String) -> Status {
 
 impl StateService {
     pub fn new(store: Arc<SchedulerStore>, staging: Arc<Staging>) -> Self {
-        StateService { store, staging }
+        StateService {
+            store,
+            staging,
+            snapshot_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_SNAPSHOTS)),
+        }
     }
 
     fn staging_status(&self, e: StagingError) -> Status {
@@ -422,7 +431,15 @@ impl SchedulerState for StateService {
             learners: meta.conf_state.learners.clone(),
             labels: [("replica".to_string(), meta.replica_id.to_string())].into(),
         };
-        tokio::task::spawn_blocking(move || {
+        let permit = self.snapshot_slots.clone().try_acquire_owned().map_err(|_| {
+            coded(
+                Code::ResourceExhausted,
+                "BUSY",
+                format!("{MAX_CONCURRENT_SNAPSHOTS} state snapshots are being streamed already; try again"),
+            )
+        })?;
+        replog_store::backup::spawn_background("state-snapshot", move || {
+            let _permit = permit;
             let frames = tx.clone();
             let sink = move |piece: Bytes| {
                 frames
@@ -452,7 +469,14 @@ impl SchedulerState for StateService {
                     let _ = tx.blocking_send(Err(coded(Code::Internal, "STORAGE", e.to_string())));
                 }
             }
-        });
+        })
+        .map_err(|e| {
+            coded(
+                Code::Internal,
+                "STORAGE",
+                format!("cannot start a snapshot thread: {e}"),
+            )
+        })?;
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
