@@ -246,17 +246,9 @@ async fn turn(
     let job = {
         let (store, cancel, config) = (store.clone(), cancel.clone(), config.clone());
         let id = identity(store.log());
-        let spawned = replog_store::backup::spawn_background("state-backup", move || {
+        tokio::task::spawn_blocking(move || {
             backup_once(store.state(), &id, &config.dir, config.max_saved, &cancel)
-        });
-        async move {
-            match spawned {
-                Ok(rx) => rx
-                    .await
-                    .map_err(|_| "the backup thread panicked".to_string()),
-                Err(e) => Err(format!("cannot start the backup thread: {e}")),
-            }
-        }
+        })
     };
     tokio::pin!(job);
     let result = tokio::select! {
@@ -273,7 +265,7 @@ async fn turn(
     match result {
         Ok(Ok(b)) => Turn::Done(b),
         Ok(Err(e)) => Turn::Failed(e.to_string()),
-        Err(e) => Turn::Failed(e),
+        Err(e) => Turn::Failed(format!("the backup panicked: {e}")),
     }
 }
 

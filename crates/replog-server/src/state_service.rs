@@ -438,7 +438,7 @@ impl SchedulerState for StateService {
                 format!("{MAX_CONCURRENT_SNAPSHOTS} state snapshots are being streamed already; try again"),
             )
         })?;
-        replog_store::backup::spawn_background("state-snapshot", move || {
+        tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let frames = tx.clone();
             let sink = move |piece: Bytes| {
@@ -469,14 +469,7 @@ impl SchedulerState for StateService {
                     let _ = tx.blocking_send(Err(coded(Code::Internal, "STORAGE", e.to_string())));
                 }
             }
-        })
-        .map_err(|e| {
-            coded(
-                Code::Internal,
-                "STORAGE",
-                format!("cannot start a snapshot thread: {e}"),
-            )
-        })?;
+        });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

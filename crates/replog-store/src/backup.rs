@@ -118,50 +118,77 @@ fn snap_err(path: &Path) -> impl Fn(SnapshotError) -> BackupError + '_ {
     }
 }
 
-/// The nice value of the threads that write state snapshots (backups,
-/// snapshots streamed to peers): on a busy machine the scheduler's writes
-/// get the CPU first and the snapshot takes longer, instead of the other
-/// way round.
-pub const BACKGROUND_NICE: i32 = 10;
+/// Bytes a backup writes between two writeback requests.
+pub const WRITEBACK_STEP: u64 = 4 << 20;
 
-/// Runs `f` on a new thread named `name` at a lower CPU priority
-/// ([`BACKGROUND_NICE`], Linux; elsewhere at normal priority); its result
-/// arrives on the returned channel (closed if `f` panicked). A dedicated
-/// thread, because a nice value cannot be raised back without privileges
-/// and must not stay on a shared pool's thread.
-pub fn spawn_background<T, F>(
-    name: &str,
-    f: F,
-) -> std::io::Result<tokio::sync::oneshot::Receiver<T>>
-where
-    T: Send + 'static,
-    F: FnOnce() -> T + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name(name.to_string())
-        .spawn(move || {
-            lower_this_threads_priority();
-            let _ = tx.send(f());
-        })?;
-    Ok(rx)
+/// A backup file being written: every [`WRITEBACK_STEP`] bytes it asks the
+/// kernel to start writing that step out, without waiting (Linux
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`, like RocksDB's
+/// `bytes_per_sync`). Without it a gigabyte of dirty pages can pile up and
+/// be written back in one burst (on ext4 with data=ordered, the replicas'
+/// WAL fsyncs on the same disk then wait behind it). The final `fsync`
+/// still makes the whole file durable.
+pub struct PacedFile {
+    file: File,
+    written: u64,
+    requested: u64,
 }
 
-#[cfg(target_os = "linux")]
-fn lower_this_threads_priority() {
-    // SAFETY: plain system calls on this thread's own id; no memory is
-    // shared with the kernel.
-    let r = unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE)
-    };
-    if r != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower a snapshot thread's priority");
+impl PacedFile {
+    pub fn new(file: File) -> Self {
+        PacedFile {
+            file,
+            written: 0,
+            requested: 0,
+        }
+    }
+
+    /// The file.
+    pub fn into_inner(self) -> File {
+        self.file
+    }
+
+    #[cfg(target_os = "linux")]
+    fn write_back(&mut self) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let (from, to) = (self.requested, self.written);
+        // SAFETY: a system call on an open descriptor this value owns.
+        let r = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                from as libc::off64_t,
+                (to - from) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        self.requested = to;
+        Ok(())
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn write_back(&mut self) -> std::io::Result<()> {
+        self.requested = self.written;
+        Ok(())
     }
 }
 
-#[cfg(not(target_os = "linux"))]
-fn lower_this_threads_priority() {}
+impl Write for PacedFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.requested >= WRITEBACK_STEP {
+            self.write_back()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
 
 /// Identity written into a snapshot's header.
 #[derive(Debug, Clone, Default)]
@@ -276,7 +303,7 @@ impl BackupDir {
     pub fn save<T>(
         &self,
         now_unix_ms: u64,
-        write: impl FnOnce(&mut BufWriter<File>) -> Result<T, BackupError>,
+        write: impl FnOnce(&mut BufWriter<PacedFile>) -> Result<T, BackupError>,
     ) -> Result<(PathBuf, T), BackupError> {
         let base = format!("{BACKUP_PREFIX}{}", minute_stamp(now_unix_ms));
         // Several backups in one minute: the new one takes a counter above
@@ -309,9 +336,12 @@ impl BackupDir {
                 .truncate(true)
                 .open(&tmp)
                 .map_err(io_err(&tmp))?;
-            let mut w = BufWriter::with_capacity(1 << 20, f);
+            let mut w = BufWriter::with_capacity(1 << 20, PacedFile::new(f));
             let out = write(&mut w)?;
-            let f = w.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
+            let f = w
+                .into_inner()
+                .map_err(|e| io_err(&tmp)(e.into_error()))?
+                .into_inner();
             f.sync_all().map_err(io_err(&tmp))?;
             drop(f);
             fs::rename(&tmp, &target).map_err(io_err(&target))?;
@@ -346,14 +376,14 @@ impl BackupDir {
     pub fn save_verified<T>(
         &self,
         now_unix_ms: u64,
-        write: impl FnOnce(&mut BufWriter<File>) -> Result<T, BackupError>,
+        write: impl FnOnce(&mut BufWriter<PacedFile>) -> Result<T, BackupError>,
         check: impl FnOnce(&replog_snapshot::VerifySummary, &T) -> Result<(), BackupError>,
     ) -> Result<(PathBuf, replog_snapshot::VerifySummary, T), BackupError> {
         let io = io_err(&self.dir);
         let (path, (summary, out)) = self.save(now_unix_ms, |w| {
             let out = write(w)?;
             w.flush().map_err(&io)?;
-            let mut f = w.get_ref().try_clone().map_err(&io)?;
+            let mut f = w.get_ref().file.try_clone().map_err(&io)?;
             std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0)).map_err(&io)?;
             let summary = replog_snapshot::verify(
                 BufReader::with_capacity(1 << 20, f),
@@ -664,29 +694,27 @@ mod tests {
         ));
     }
 
-    /// Snapshot threads run at a lower priority (Linux), and their result
-    /// comes back.
-    #[tokio::test]
-    async fn background_threads_are_niced_and_answer() {
-        let rx = spawn_background("test-background", || {
-            #[cfg(target_os = "linux")]
-            // SAFETY: system calls on this thread's own id.
-            let nice = unsafe {
-                *libc::__errno_location() = 0;
-                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-                libc::getpriority(libc::PRIO_PROCESS, tid)
-            };
-            #[cfg(not(target_os = "linux"))]
-            let nice = BACKGROUND_NICE;
-            (std::thread::current().name().map(String::from), nice)
-        })
-        .unwrap();
-        let (name, nice) = rx.await.unwrap();
-        assert_eq!(name.as_deref(), Some("test-background"));
-        // Already at or above it (a niced test run) is fine too.
-        assert!(nice >= BACKGROUND_NICE, "nice {nice}");
-        // A panic closes the channel instead of hanging the caller.
-        let rx = spawn_background("test-panic", || -> u8 { panic!("boom") }).unwrap();
-        assert!(rx.await.is_err());
+    /// A paced backup file holds exactly what was written, across many
+    /// writeback steps and a last partial one.
+    #[test]
+    fn a_paced_file_writes_everything_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("paced");
+        let mut w = PacedFile::new(File::create(&path).unwrap());
+        let mut expected = Vec::new();
+        let mut i = 0u32;
+        while (expected.len() as u64) < 3 * WRITEBACK_STEP + 12_345 {
+            let chunk: Vec<u8> = (0..(70_001 + i % 3))
+                .map(|k| (k as u32).wrapping_mul(31).wrapping_add(i) as u8)
+                .collect();
+            w.write_all(&chunk).unwrap();
+            expected.extend_from_slice(&chunk);
+            i += 1;
+        }
+        assert!(w.requested >= 3 * WRITEBACK_STEP && w.requested <= w.written);
+        assert_eq!(w.written, expected.len() as u64);
+        let f = w.into_inner();
+        f.sync_all().unwrap();
+        assert_eq!(fs::read(&path).unwrap(), expected);
     }
 }
