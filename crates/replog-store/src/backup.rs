@@ -705,7 +705,7 @@ mod tests {
         let mut i = 0u32;
         while (expected.len() as u64) < 3 * WRITEBACK_STEP + 12_345 {
             let chunk: Vec<u8> = (0..(70_001 + i % 3))
-                .map(|k| (k as u32).wrapping_mul(31).wrapping_add(i) as u8)
+                .map(|k| k.wrapping_mul(31).wrapping_add(i) as u8)
                 .collect();
             w.write_all(&chunk).unwrap();
             expected.extend_from_slice(&chunk);
