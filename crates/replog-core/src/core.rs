@@ -88,6 +88,11 @@ pub struct CoreConfig {
     /// random generator. A deterministic harness sets a range of one tick,
     /// chosen from its seed.
     pub election_tick_range: Option<(usize, usize)>,
+    /// A ready of at most this many entries that needs an fsync, written
+    /// when nothing else waits for one, is written and fsynced in one call
+    /// on the caller's thread (see [`ReplicaCore::allow_inline_sync`]);
+    /// bigger ones go through [`Output::Sync`]. 0: always [`Output::Sync`].
+    pub inline_sync_max_entries: usize,
 }
 
 impl Default for CoreConfig {
@@ -103,6 +108,7 @@ impl Default for CoreConfig {
             recover_interval_ticks: 10,
             auto_promote: true,
             election_tick_range: None,
+            inline_sync_max_entries: 8,
         }
     }
 }
@@ -251,6 +257,12 @@ pub enum Output {
     StatusChanged { status: ReplicaStatus },
     /// A membership change told where these members listen.
     Addresses(Vec<Member>),
+    /// Write this update (commit index and applied position only) with
+    /// [`ReplicaCore::write_deferred`], after the outputs before it: the
+    /// answers to appends it committed need not wait for it (what they
+    /// promise is already durable; a commit index may be lost and
+    /// recomputed). Must be written before the next [`ReplicaCore::drive`].
+    WriteDeferred(Box<LogUpdate>),
 }
 
 /// Errors that stop the core: storage failed or raft-rs refused its state.
@@ -307,6 +319,13 @@ pub struct ReplicaCore<S: LogStorage> {
     /// While RECOVERING: this replica has been a learner since it started
     /// recovering, so a promotion it applies is a promotion after catch-up.
     seen_as_learner: bool,
+    /// A commit-index/applied-only update of this drive, emitted as
+    /// [`Output::WriteDeferred`] at its end (merged into a later ready's
+    /// write of the same drive, so writes never go out of order).
+    deferred: Option<LogUpdate>,
+    /// The runtime has nothing else queued: a small ready may be written
+    /// and fsynced inline (see [`CoreConfig::inline_sync_max_entries`]).
+    inline_sync: bool,
 }
 
 fn raft_config(id: u64, applied: u64, c: &CoreConfig) -> Config {
@@ -354,6 +373,8 @@ impl<S: LogStorage> ReplicaCore<S> {
             ticks: 0,
             recover_responses: BTreeMap::new(),
             seen_as_learner: is_learner(&meta.conf_state, meta.replica_id),
+            deferred: None,
+            inline_sync: false,
         };
         if core.status == ReplicaStatus::Voting {
             let voters = &meta.conf_state.voters;
@@ -388,6 +409,13 @@ impl<S: LogStorage> ReplicaCore<S> {
     }
 
     /// The storage the core writes to.
+    /// Writes an [`Output::WriteDeferred`] update.
+    pub fn write_deferred(&mut self, update: LogUpdate) -> Result<(), CoreError> {
+        debug_assert!(update.entries.is_empty() && update.snapshot.is_none());
+        self.storage.write(update)?;
+        Ok(())
+    }
+
     pub fn storage(&self) -> &S {
         &self.storage
     }
@@ -913,6 +941,15 @@ impl<S: LogStorage> ReplicaCore<S> {
         self.note_proposal(id, term, PendingKind::Membership, r, out);
     }
 
+    /// Whether the next [`Self::drive`] may write and fsync a small ready in
+    /// one storage call instead of emitting [`Output::Sync`]: the runtime
+    /// allows it when no other input is queued, so that a lone append does
+    /// not wait for two thread hand-offs to and from a sync thread, while
+    /// a busy replica keeps batching many appends into one fsync there.
+    pub fn allow_inline_sync(&mut self, allowed: bool) {
+        self.inline_sync = allowed;
+    }
+
     /// Processes everything raft-rs has ready: writes, applies, and emits
     /// outputs. Returns the log's progress afterwards.
     pub fn drive(&mut self, out: &mut Vec<Output>) -> Result<Progress, CoreError> {
@@ -924,6 +961,9 @@ impl<S: LogStorage> ReplicaCore<S> {
         while self.node.has_ready() {
             self.handle_ready(out)?;
         }
+        if let Some(u) = self.deferred.take() {
+            out.push(Output::WriteDeferred(Box::new(u)));
+        }
         self.note_role_change(out);
         Ok(self.progress())
     }
@@ -931,6 +971,10 @@ impl<S: LogStorage> ReplicaCore<S> {
     fn handle_ready(&mut self, out: &mut Vec<Output>) -> Result<(), CoreError> {
         let mut rd = self.node.ready();
         let mut snapshots_sent = Vec::new();
+        // Messages that may leave before the fsync (a leader's appends) go
+        // out only when the runtime executes the outputs, after `drive`: a
+        // ready with any must not hold them back behind an inline fsync.
+        let sends_before_sync = !rd.messages().is_empty();
         if !rd.messages().is_empty() {
             let msgs = rd.take_messages();
             snapshots_sent.extend(
@@ -981,8 +1025,42 @@ impl<S: LogStorage> ReplicaCore<S> {
         if let Some(e) = committed.last() {
             update.applied = Some(e.index);
         }
+        // An earlier ready's deferred update goes first, within this write
+        // (this one's fields are newer).
+        if let Some(d) = self.deferred.take() {
+            if update.hard_state.is_none() {
+                update.hard_state = d.hard_state;
+            }
+            if update.applied.is_none() {
+                update.applied = d.applied;
+            }
+        }
+        // Inline only when no earlier ready waits for its fsync (persisted
+        // reports stay in order), nothing is to be sent before the fsync,
+        // and there is no snapshot to report.
+        let inline = needs_sync
+            && self.inline_sync
+            && !sends_before_sync
+            && self.unsynced.is_empty()
+            && installed.is_none()
+            && update.entries.len() <= self.config.inline_sync_max_entries;
+        update.sync = inline;
         let new_status = update.status;
-        self.storage.write(update)?;
+        let only_commit_and_applied = !needs_sync
+            && update.entries.is_empty()
+            && update.snapshot.is_none()
+            && update.status.is_none()
+            && update.conf_state.is_none()
+            && update.conf_changes.is_empty()
+            && update.compact_to.is_none()
+            && update.member_addresses.is_empty();
+        if only_commit_and_applied {
+            if !update.is_empty() {
+                self.deferred = Some(update);
+            }
+        } else {
+            self.storage.write(update)?;
+        }
         if let Some(status) = new_status {
             info!(replica = self.id, from = %self.status, to = %status, "replica status changed");
             self.status = status;
@@ -1001,7 +1079,7 @@ impl<S: LogStorage> ReplicaCore<S> {
         for to in snapshots_sent {
             self.node.report_snapshot(to, SnapshotStatus::Finish);
         }
-        if needs_sync || !self.unsynced.is_empty() {
+        if (needs_sync && !inline) || !self.unsynced.is_empty() {
             assert!(
                 self.unsynced.len() < MAX_UNSYNCED_READIES,
                 "runtime stopped reporting syncs"
@@ -1254,6 +1332,7 @@ mod tests {
                         synced = Some(ready_number);
                     }
                     Output::Sync { .. } => {}
+                    Output::WriteDeferred(u) => c.write_deferred(*u).unwrap(),
                     other => done.push(other),
                 }
             }

@@ -232,6 +232,13 @@ impl Sim {
                     // Outcome unknown or refused: not acknowledged.
                     self.proposals.remove(&(from, id));
                 }
+                Output::WriteDeferred(u) => {
+                    if let Some(core) = self.nodes[i].core.as_mut() {
+                        core.write_deferred(*u).unwrap_or_else(|e| {
+                            panic!("seed {}: deferred write failed: {e}", self.seed)
+                        });
+                    }
+                }
                 Output::ReadReady { .. }
                 | Output::Truncated { .. }
                 | Output::StatusChanged { .. }
@@ -241,12 +248,16 @@ impl Sim {
     }
 
     fn input(&mut self, i: usize, input: Input) {
+        // Half the time the runtime would have nothing else queued: small
+        // readies are then written and fsynced in one call.
+        let inline = self.rng.gen_bool(0.5);
         let Some(core) = self.nodes[i].core.as_mut() else {
             return;
         };
         let mut out = Vec::new();
         core.step(input, &mut out)
             .unwrap_or_else(|e| panic!("seed {}: step failed: {e}", self.seed));
+        core.allow_inline_sync(inline);
         core.drive(&mut out)
             .unwrap_or_else(|e| panic!("seed {}: drive failed: {e}", self.seed));
         self.handle(i, out);

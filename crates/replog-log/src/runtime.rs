@@ -324,6 +324,9 @@ impl Driver {
                     .step(input, &mut outs)
                     .map_err(|e| e.to_string())?;
             }
+            // Nothing else queued: a small ready may be fsynced inline.
+            self.core
+                .allow_inline_sync(req_rx.is_empty() && inbound.is_empty());
             let progress = self.core.drive(&mut outs).map_err(|e| e.to_string())?;
             // Publish before answering: a caller that got its position must
             // see it within `ending()`.
@@ -488,6 +491,10 @@ impl Driver {
                     .send(ready_number)
                     .map_err(|_| "the sync thread stopped".to_string())?,
                 Output::Committed { id, position } => self.answer(id, Ok(Position::new(position))),
+                Output::WriteDeferred(u) => self
+                    .core
+                    .write_deferred(*u)
+                    .map_err(|e| format!("replica storage failed: {e}"))?,
                 Output::Failed { id, error } => {
                     if let Some((tx, _permit, _)) = self.reads.remove(&id) {
                         let _ = tx.send(Err(error.into()));

@@ -35,6 +35,10 @@ pub struct LogUpdate {
     pub applied: Option<u64>,
     /// New replica status.
     pub status: Option<ReplicaStatus>,
+    /// Make this write, and every write before it, durable before `write`
+    /// returns (the write and its fsync in one call), instead of at a later
+    /// [`LogStorage::sync`]. Ignored when durability was turned off.
+    pub sync: bool,
 }
 
 impl LogUpdate {

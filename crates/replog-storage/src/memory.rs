@@ -242,6 +242,9 @@ impl LogStorage for MemoryStorage {
             st.meta.status = s;
         }
         sh.current = st;
+        if u.sync {
+            sh.durable = sh.current.clone();
+        }
         Ok(())
     }
 
@@ -299,5 +302,28 @@ mod tests {
         .unwrap();
         s.crash();
         assert_eq!(raft::Storage::last_index(&s).unwrap(), 5);
+    }
+
+    #[test]
+    fn a_synced_write_survives_a_crash_with_everything_before_it() {
+        let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+        s.write(LogUpdate {
+            entries: conformance::entries(2..=5, 2, 8),
+            ..Default::default()
+        })
+        .unwrap();
+        s.write(LogUpdate {
+            entries: conformance::entries(6..=7, 2, 8),
+            sync: true,
+            ..Default::default()
+        })
+        .unwrap();
+        s.write(LogUpdate {
+            entries: conformance::entries(8..=9, 2, 8),
+            ..Default::default()
+        })
+        .unwrap();
+        s.crash();
+        assert_eq!(raft::Storage::last_index(&s).unwrap(), 7);
     }
 }

@@ -566,7 +566,8 @@ impl RocksStorage {
         self.inner.state.read().meta.snapshot_index + 1
     }
 
-    /// Number of fsyncs [`LogStorage::sync`] has done since open.
+    /// Number of fsyncs since open ([`LogStorage::sync`], and writes with
+    /// [`LogUpdate::sync`]).
     pub fn sync_count(&self) -> u64 {
         self.inner.syncs.load(Ordering::Relaxed)
     }
@@ -953,8 +954,9 @@ impl LogStorage for RocksStorage {
             return Err(StorageError::ReadOnly(inner.dir.clone()));
         }
         if u.is_empty() {
-            return Ok(());
+            return if u.sync { self.sync() } else { Ok(()) };
         }
+        let u_sync = u.sync;
         // Holding the write lock keeps readers' view (first/last index)
         // in step with what the batch makes visible.
         let mut st = inner.state.write();
@@ -1069,11 +1071,16 @@ impl LogStorage for RocksStorage {
             META_KEY,
             frame::encode(META_KEY, &meta.encode()),
         );
-        let wo = WriteOptions::default();
+        let mut wo = WriteOptions::default();
+        let synced = u_sync && inner.sync && !inner.read_only;
+        wo.set_sync(synced);
         inner
             .db
             .write_opt(batch, &wo)
             .map_err(rocks_err(&inner.dir))?;
+        if synced {
+            inner.syncs.fetch_add(1, Ordering::Relaxed);
+        }
         st.meta = meta;
         st.last_index = last;
         Ok(())
@@ -1137,6 +1144,33 @@ mod tests {
     #[test]
     fn rocks_storage_conformance() {
         conformance::run_all(&mut Rocks { dirs: Vec::new() });
+    }
+
+    #[test]
+    fn a_write_with_sync_is_fsynced_in_the_write() {
+        let mut h = Rocks { dirs: Vec::new() };
+        let s = conformance::Harness::fresh(&mut h);
+        let before = s.sync_count();
+        s.write(LogUpdate {
+            entries: conformance::entries(2..=3, 2, 8),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.sync_count(), before);
+        s.write(LogUpdate {
+            entries: conformance::entries(4..=4, 2, 8),
+            sync: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.sync_count(), before + 1);
+        // An empty update that asks for it still syncs.
+        s.write(LogUpdate {
+            sync: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.sync_count(), before + 2);
     }
 
     #[test]
