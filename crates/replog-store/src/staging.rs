@@ -410,6 +410,15 @@ mod tests {
     use super::*;
     use replog_storage::{InitOptions, RocksStorage};
 
+    /// A fresh single replica at `dir/r` with `backup_bytes()` staged.
+    fn staged_replica(dir: &Path) -> (PathBuf, Arc<replog_log::Log>, Staging, Staged) {
+        let path = dir.join("r");
+        RocksStorage::initialize(&path, &InitOptions::single_replica("c")).unwrap();
+        let (log, staging) = staging_in(&path);
+        let staged = staging.stage(&backup_bytes()[..], Some("c"), 7).unwrap();
+        (path, log, staging, staged)
+    }
+
     fn staging_in(dir: &Path) -> (Arc<replog_log::Log>, Staging) {
         let log = Arc::new(
             replog_log::Log::open(dir, replog_log::LogOptions::default()).expect("open log"),
@@ -432,11 +441,7 @@ mod tests {
     #[test]
     fn only_the_replacement_of_what_is_staged_clears_it() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r");
-        RocksStorage::initialize(&path, &InitOptions::single_replica("c")).unwrap();
-        let (_log, staging) = staging_in(&path);
-        let bytes = backup_bytes();
-        let staged = staging.stage(&bytes[..], Some("c"), 7).unwrap();
+        let (path, log, staging, staged) = staged_replica(dir.path());
         let id = staged.staging_id().to_string();
         assert!(!id.is_empty());
 
@@ -463,7 +468,7 @@ mod tests {
         // A replay of the same replacement changes nothing.
         assert!(!staging.on_replacement(&staged.header, 12).unwrap());
         drop(staging);
-        drop(_log);
+        drop(log);
         let (_log, staging) = staging_in(&path);
         assert_eq!(staging.last_committed(), Some(done));
         assert!(staging.staged().unwrap().is_none());
@@ -472,14 +477,11 @@ mod tests {
     #[test]
     fn a_damaged_commit_record_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r");
-        RocksStorage::initialize(&path, &InitOptions::single_replica("c")).unwrap();
-        {
-            let (_log, staging) = staging_in(&path);
-            let bytes = backup_bytes();
-            let staged = staging.stage(&bytes[..], Some("c"), 7).unwrap();
+        let path = {
+            let (path, _log, staging, staged) = staged_replica(dir.path());
             assert!(staging.on_replacement(&staged.header, 3).unwrap());
-        }
+            path
+        };
         let record = path.join(COMMITTED_MARKER);
         let mut bytes = std::fs::read(&record).unwrap();
         let n = bytes.len();

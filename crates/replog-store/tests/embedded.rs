@@ -37,6 +37,22 @@ fn save(tasks: Vec<ScheduledTask>) -> Transaction {
     }
 }
 
+/// A backup of `store`'s state (of cluster "store-test") in `dir/backups`.
+fn backup_of(store: &SchedulerStore, dir: &std::path::Path) -> std::path::PathBuf {
+    use replog_store::backup::{write_state, BackupDir, SnapshotIdentity};
+    let backups = BackupDir::new(dir.join("backups"), 3).unwrap();
+    let id = SnapshotIdentity {
+        cluster_id: "store-test".into(),
+        ..Default::default()
+    };
+    let (file, _) = backups
+        .save(replog_storage::now_unix_ms(), |w| {
+            write_state(store.state(), &id, w, |_| {}).map(|(_, s)| s)
+        })
+        .unwrap();
+    file
+}
+
 fn open(dir: &std::path::Path, opts: StoreOptions) -> SchedulerStore {
     let log = Arc::new(Log::open(dir, LogOptions::default()).unwrap());
     let state = StateStore::open(log.shared_db(), CF_STATE, Limits::default()).unwrap();
@@ -183,7 +199,6 @@ async fn a_framed_write_cut_short_is_skipped_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staged_recovery_replaces_the_state_at_one_position() {
-    use replog_store::backup::{write_state, BackupDir, SnapshotIdentity};
     use replog_store::{Staging, StagingError};
 
     let dir = tempfile::tempdir().unwrap();
@@ -211,16 +226,7 @@ async fn staged_recovery_replaces_the_state_at_one_position() {
         store.submit(&save(batch)).await.unwrap();
     }
     // A backup, taken while the store runs.
-    let backups = BackupDir::new(dir.path().join("backups"), 3).unwrap();
-    let id = SnapshotIdentity {
-        cluster_id: "store-test".into(),
-        ..Default::default()
-    };
-    let (file, _) = backups
-        .save(replog_storage::now_unix_ms(), |w| {
-            write_state(store.state(), &id, w, |_| {}).map(|(_, s)| s)
-        })
-        .unwrap();
+    let file = backup_of(&store, dir.path());
     // Changes after the backup: they will be gone after the commit.
     store
         .submit(&save(vec![task(
@@ -312,7 +318,6 @@ async fn staged_recovery_replaces_the_state_at_one_position() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_committed_staging_is_recorded_and_never_committed_twice() {
-    use replog_store::backup::{write_state, BackupDir, SnapshotIdentity};
     use replog_store::{Staging, StagingError};
 
     let dir = tempfile::tempdir().unwrap();
@@ -334,16 +339,7 @@ async fn a_committed_staging_is_recorded_and_never_committed_twice() {
         .map(|n| task(&format!("t{n:03}"), "r", ScheduleStatus::Running, 40))
         .collect();
     store.submit(&save(tasks)).await.unwrap();
-    let backups = BackupDir::new(dir.path().join("backups"), 3).unwrap();
-    let id = SnapshotIdentity {
-        cluster_id: "store-test".into(),
-        ..Default::default()
-    };
-    let (file, _) = backups
-        .save(replog_storage::now_unix_ms(), |w| {
-            write_state(store.state(), &id, w, |_| {}).map(|(_, s)| s)
-        })
-        .unwrap();
+    let file = backup_of(&store, dir.path());
     store
         .submit(&save(vec![task("late", "r", ScheduleStatus::Running, 1)]))
         .await
