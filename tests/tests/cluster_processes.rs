@@ -1197,16 +1197,7 @@ fn backup_under_writes_stage_delete_commit_fails_the_writer_over() {
     run(async {
         let c = Cluster::initialized_with("sched", 3, &[], &["--state"]).await;
         let eps = c.endpoints().join(",");
-        c.cli_ok(&[
-            "state",
-            "--endpoint",
-            &eps,
-            "load",
-            "--tasks",
-            "100000",
-            "--batch",
-            "1000",
-        ]);
+        c.load_tasks(&eps, &["--tasks", "100000", "--batch", "1000"]);
         c.note("wrote 100,000 tasks");
 
         // A backup while writes continue.
@@ -1247,16 +1238,7 @@ fn backup_under_writes_stage_delete_commit_fails_the_writer_over() {
         assert!(verified.contains("OK"), "{verified}");
 
         // More changes after the backup: the commit undoes them.
-        c.cli_ok(&[
-            "state",
-            "--endpoint",
-            &eps,
-            "load",
-            "--tasks",
-            "5000",
-            "--first",
-            "200000",
-        ]);
+        c.load_tasks(&eps, &["--tasks", "5000", "--first", "200000"]);
 
         let f = file.to_string_lossy().to_string();
         c.cli_ok(&["recovery", "--endpoint", &eps, "stage", &f]);
@@ -1370,16 +1352,10 @@ fn backup_under_writes_stage_delete_commit_fails_the_writer_over() {
             output_text(&old)
         );
         // The new leader serves writes.
-        c.cli_ok(&[
-            "state",
-            "--endpoint",
+        c.load_tasks(
             &c.endpoint(new_leader),
-            "load",
-            "--tasks",
-            "10",
-            "--first",
-            "900000",
-        ]);
+            &["--tasks", "10", "--first", "900000"],
+        );
         let after = c.state_summaries();
         assert!(
             after.iter().all(|s| s["counts"]["task"] == tasks + 10),
@@ -1611,7 +1587,7 @@ fn the_leader_takes_scheduled_backups_verified_and_pruned() {
             c.wait_serving(id).await;
         }
         let eps = c.endpoints().join(",");
-        c.cli_ok(&["state", "--endpoint", &eps, "load", "--tasks", "2000"]);
+        c.load_tasks(&eps, &["--tasks", "2000"]);
         let (leader, before) = c.wait_leader("a leader", |_, _| true).await;
         c.note(&format!("wrote 2000 tasks; replica {leader} leads"));
 
@@ -1709,14 +1685,7 @@ fn a_failing_scheduled_backup_is_counted_and_the_replica_keeps_serving() {
         assert_eq!(metric(&text, "replog_backups_succeeded_total"), Some(0.0));
         assert!(c.log_text(1).contains("a scheduled backup failed"));
         // It keeps serving writes.
-        c.cli_ok(&[
-            "state",
-            "--endpoint",
-            &c.endpoint(1),
-            "load",
-            "--tasks",
-            "50",
-        ]);
+        c.load_tasks(&c.endpoint(1), &["--tasks", "50"]);
         c.check_alive();
         // Once the directory can be made, the next turn succeeds.
         std::fs::remove_file(&blocker).unwrap();
@@ -1746,6 +1715,13 @@ const COMPACTING: [&str; 5] = [
 ];
 
 impl Cluster {
+    /// `replog state --endpoint ENDPOINTS load ARGS...`, which must succeed.
+    fn load_tasks(&self, endpoints: &str, args: &[&str]) -> String {
+        let mut all = vec!["state", "--endpoint", endpoints, "load"];
+        all.extend_from_slice(args);
+        self.cli_ok(&all)
+    }
+
     /// The state's applied position on replica `id` alone (linearizable).
     fn state_applied(&self, id: u64) -> u64 {
         let out = self.cli_ok(&[
@@ -1813,34 +1789,17 @@ fn a_follower_behind_the_compacted_log_catches_up_by_streamed_snapshot() {
     run(async {
         let c = Cluster::initialized_with("compact", 3, &[], &COMPACTING).await;
         let eps = c.endpoints().join(",");
-        c.cli_ok(&[
-            "state",
-            "--endpoint",
-            &eps,
-            "load",
-            "--tasks",
-            "200",
-            "--batch",
-            "10",
-        ]);
+        c.load_tasks(&eps, &["--tasks", "200", "--batch", "10"]);
         let (leader, _) = c.wait_leader("a leader", |_, _| true).await;
         let f = (1..=3).find(|id| *id != leader).unwrap();
         let behind = c.log_holds(f).await;
         c.kill(f);
 
         // Enough writes for several compactions while the follower is down.
-        c.cli_ok(&[
-            "state",
-            "--endpoint",
+        c.load_tasks(
             &c.running_endpoints(),
-            "load",
-            "--tasks",
-            "600",
-            "--batch",
-            "4",
-            "--first",
-            "10000",
-        ]);
+            &["--tasks", "600", "--batch", "4", "--first", "10000"],
+        );
         let first = c.wait_truncated_past(behind).await;
         c.note(&format!(
             "the follower holds up to {behind}; the leader's log begins at {first}"
@@ -1871,20 +1830,19 @@ fn a_follower_behind_the_compacted_log_catches_up_by_streamed_snapshot() {
         // and the applier finds the same gap again).
         let behind = c.log_holds(f).await;
         c.kill(f);
-        c.cli_ok(&[
-            "state",
-            "--endpoint",
+        c.load_tasks(
             &c.running_endpoints(),
-            "load",
-            "--tasks",
-            "20000",
-            "--batch",
-            "250",
-            "--task-bytes",
-            "1000",
-            "--first",
-            "100000",
-        ]);
+            &[
+                "--tasks",
+                "20000",
+                "--batch",
+                "250",
+                "--task-bytes",
+                "1000",
+                "--first",
+                "100000",
+            ],
+        );
         c.wait_truncated_past(behind).await;
         c.start(f, &COMPACTING);
         c.wait("the follower to start installing a snapshot", async || {
@@ -1921,16 +1879,7 @@ fn a_wiped_follower_of_a_compacted_state_log_rejoins_with_the_whole_state() {
     run(async {
         let c = Cluster::initialized_with("wipe-state", 3, &[], &COMPACTING).await;
         let eps = c.endpoints().join(",");
-        c.cli_ok(&[
-            "state",
-            "--endpoint",
-            &eps,
-            "load",
-            "--tasks",
-            "300",
-            "--batch",
-            "5",
-        ]);
+        c.load_tasks(&eps, &["--tasks", "300", "--batch", "5"]);
         let (leader, _) = c.wait_leader("a leader", |_, _| true).await;
         let f = (1..=3).find(|id| *id != leader).unwrap();
         c.kill(f);
@@ -1938,18 +1887,10 @@ fn a_wiped_follower_of_a_compacted_state_log_rejoins_with_the_whole_state() {
         c.note(&format!("wiped replica {f}'s directory"));
         // Compactions while it is gone: the log no longer begins at 1, so
         // the rejoin needs a snapshot of the log and of the state.
-        c.cli_ok(&[
-            "state",
-            "--endpoint",
+        c.load_tasks(
             &c.running_endpoints(),
-            "load",
-            "--tasks",
-            "300",
-            "--batch",
-            "5",
-            "--first",
-            "5000",
-        ]);
+            &["--tasks", "300", "--batch", "5", "--first", "5000"],
+        );
         c.wait_truncated_past(1).await;
 
         c.start(f, &COMPACTING);
@@ -1967,16 +1908,7 @@ fn a_wiped_follower_of_a_compacted_state_log_rejoins_with_the_whole_state() {
         );
         assert!(!log.contains("the state applier stopped"), "{log}");
         // It serves the state like the others, and writes go on.
-        c.cli_ok(&[
-            "state",
-            "--endpoint",
-            &eps,
-            "load",
-            "--tasks",
-            "10",
-            "--first",
-            "9000",
-        ]);
+        c.load_tasks(&eps, &["--tasks", "10", "--first", "9000"]);
         c.assert_same_state(610);
     });
 }
