@@ -773,9 +773,11 @@ fn worth_retrying(s: &tonic::Status) -> bool {
 async fn commit_staged(endpoints: &[String], timeout: std::time::Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let areas = staging_areas(endpoints).await?;
-    let first = holder(&areas)?;
-    let staging_id = first.status.staging_id.clone();
-    let replica = first.status.replica_id;
+    let (staging_id, replica) = {
+        let first = holder(&areas)?;
+        (first.status.staging_id.clone(), first.status.replica_id)
+    };
+    let mut first_look = Some(areas);
     let client = replog_client::Client::new(endpoints);
     let mut last_error = String::new();
     loop {
@@ -785,7 +787,11 @@ async fn commit_staged(endpoints: &[String], timeout: std::time::Duration) -> Re
                 humantime::format_duration(timeout)
             );
         }
-        let areas = staging_areas(endpoints).await?;
+        // The first round uses the look taken above; later ones look again.
+        let areas = match first_look.take() {
+            Some(a) => a,
+            None => staging_areas(endpoints).await?,
+        };
         if let Some(done) = areas
             .iter()
             .find(|a| !staging_id.is_empty() && a.status.last_committed_staging_id == staging_id)
@@ -796,12 +802,16 @@ async fn commit_staged(endpoints: &[String], timeout: std::time::Duration) -> Re
             );
             return Ok(());
         }
-        let Some(area) = areas
-            .iter()
-            .find(|a| a.status.replica_id == replica && a.status.staged)
-        else {
-            bail!("the staged backup is no longer staged on replica {replica} (unloaded?); nothing was committed");
+        let Some(area) = areas.iter().find(|a| a.status.replica_id == replica) else {
+            // Down or restarting: what it staged survives; ask again.
+            last_error =
+                format!("replica {replica}, which holds the staged backup, did not answer");
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            continue;
         };
+        if !area.status.staged {
+            bail!("the staged backup is no longer staged on replica {replica} (unloaded?); nothing was committed");
+        }
         if area.status.staging_id != staging_id {
             bail!("replica {replica} now holds another staged backup; look at it with `replog recovery list`");
         }
