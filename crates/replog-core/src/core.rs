@@ -188,6 +188,10 @@ pub enum ProposalError {
     /// The membership change was refused.
     #[error("membership change refused: {0}")]
     Membership(String),
+    /// The membership change was not made because another one is still
+    /// under way; the same request may succeed later.
+    #[error("membership change not made: {0}; retry")]
+    MembershipInProgress(String),
 }
 
 /// Progress of the log, published after every step.
@@ -881,17 +885,17 @@ impl<S: LogStorage> ReplicaCore<S> {
             out.push(refuse("no change given".into()));
             return;
         }
+        let later = |why: &str| Output::Failed {
+            id,
+            error: ProposalError::MembershipInProgress(why.into()),
+        };
         if raft.has_pending_conf() {
-            out.push(refuse(
-                "another membership change is in progress; retry".into(),
-            ));
+            out.push(later("another membership change is in progress"));
             return;
         }
         let conf = raft.prs().conf().to_conf_state();
         if !conf.voters_outgoing.is_empty() {
-            out.push(refuse(
-                "the cluster is leaving a joint configuration; retry".into(),
-            ));
+            out.push(later("the cluster is leaving a joint configuration"));
             return;
         }
         let me = self.id;
@@ -1213,8 +1217,8 @@ impl<S: LogStorage> ReplicaCore<S> {
                 let outcome = if p.term != e.term {
                     Err(ProposalError::LeadershipLost { term: p.term })
                 } else if p.kind == PendingKind::Membership && !membership_applied {
-                    Err(ProposalError::Membership(
-                        "raft refused the change (another change was pending)".into(),
+                    Err(ProposalError::MembershipInProgress(
+                        "raft refused it, another change was pending".into(),
                     ))
                 } else {
                     Ok(())
@@ -1462,6 +1466,36 @@ mod tests {
             tail.iter()
                 .all(|e| classify(e).unwrap() == EntryContent::LeaderNoop),
             "the unsynced entry must not survive the crash: {tail:?}"
+        );
+    }
+
+    #[test]
+    fn a_membership_change_during_another_is_refused_as_retryable() {
+        let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+        let mut c = leader(&s);
+        let mut out = Vec::new();
+        for id in [7, 8] {
+            c.step(
+                Input::ChangeMembership {
+                    id,
+                    changes: vec![MembershipChange::AddLearner(id)],
+                    addresses: Vec::new(),
+                },
+                &mut out,
+            )
+            .unwrap();
+        }
+        // The first is proposed (not yet applied); the second is not made
+        // and says it may succeed later.
+        assert!(
+            matches!(
+                out.as_slice(),
+                [Output::Failed {
+                    id: 8,
+                    error: ProposalError::MembershipInProgress(_)
+                }]
+            ),
+            "{out:?}"
         );
     }
 

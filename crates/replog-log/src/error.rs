@@ -66,6 +66,11 @@ pub enum LogError {
     #[error("membership change refused: {0}")]
     Membership(String),
 
+    /// A membership change was not made because another one is under
+    /// way; the same request may succeed later.
+    #[error("membership change not made: {0}; retry")]
+    MembershipInProgress(String),
+
     /// Too many writes are waiting.
     #[error("too many uncommitted writes; retry later")]
     Busy,
@@ -93,6 +98,7 @@ impl From<ProposalError> for LogError {
             ProposalError::LeadershipLost { term } => LogError::LeadershipLost { term },
             ProposalError::Busy => LogError::Busy,
             ProposalError::Membership(why) => LogError::Membership(why),
+            ProposalError::MembershipInProgress(why) => LogError::MembershipInProgress(why),
         }
     }
 }

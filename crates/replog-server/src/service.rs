@@ -50,7 +50,8 @@ pub fn error_code(e: &LogError) -> &'static str {
         LogError::PastEnd { .. } => "PAST_END",
         LogError::EntryTooLarge { .. } => "ENTRY_TOO_LARGE",
         LogError::NotVoting(_) => "NOT_VOTING",
-        LogError::Busy => "BUSY",
+        // Not executed, may succeed later: clients retry it.
+        LogError::Busy | LogError::MembershipInProgress(_) => "BUSY",
         LogError::Membership(_) => "MEMBERSHIP",
         LogError::Invalid(_) | LogError::WriterNotStarted => "INVALID",
         LogError::Closed(_) => "CLOSED",
@@ -140,7 +141,9 @@ pub fn log_status(log: &Log, e: LogError) -> Status {
             Code::FailedPrecondition
         }
         LogError::Truncated { .. } | LogError::PastEnd { .. } => Code::OutOfRange,
-        LogError::Pending { .. } | LogError::Busy => Code::Unavailable,
+        LogError::Pending { .. } | LogError::Busy | LogError::MembershipInProgress(_) => {
+            Code::Unavailable
+        }
         LogError::EntryTooLarge { .. } | LogError::Invalid(_) | LogError::WriterNotStarted => {
             Code::InvalidArgument
         }
