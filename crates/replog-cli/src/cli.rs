@@ -208,6 +208,14 @@ pub struct BenchmarkArgs {
     /// fsync each batch before acknowledging (turning it off risks data on OS crash).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     pub sync: bool,
+    /// Microseconds the log's driver polls for the next request before it
+    /// parks (see LogOptions::idle_spin; 0 parks at once).
+    #[arg(long, default_value_t = 100)]
+    pub idle_spin_us: u64,
+    /// Let an append that finds the replica idle do its write (and fsync)
+    /// on its own thread (see LogOptions::caller_drives).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub caller_drives: bool,
     /// Iterations of the raw fdatasync probe (0 skips it).
     #[arg(long, default_value_t = 1000)]
     pub probe_iterations: usize,

@@ -178,6 +178,8 @@ pub fn benchmark(a: BenchmarkArgs) -> Result<()> {
     let r = rt.block_on(async {
         let opts = LogOptions {
             sync: a.sync,
+            idle_spin: std::time::Duration::from_micros(a.idle_spin_us),
+            caller_drives: a.caller_drives,
             ..Default::default()
         };
         let log = Log::open(&a.path, opts)?;

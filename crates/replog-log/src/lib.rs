@@ -81,6 +81,21 @@ pub struct LogOptions {
     pub election_ticks: usize,
     /// Raft's heartbeat interval, in ticks.
     pub heartbeat_ticks: usize,
+    /// How long the driver keeps polling for the next request after one
+    /// that had work, before it parks its thread (zero: park at once).
+    /// Waking a parked thread costs tens of microseconds on a VM, a large
+    /// share of a lone append's latency; RocksDB's write thread spins for
+    /// the same reason (`write_thread_max_yield_usec`, 100 µs). An idle
+    /// replica never spins: the window opens only after work.
+    pub idle_spin: Duration,
+    /// Let an append (or read, or membership change) that finds the replica
+    /// idle drive the core on the caller's thread instead of handing it to
+    /// the driver thread (RocksDB's write leader does the same). On a
+    /// replica of one the caller then does the write and its fsync itself
+    /// and gets its answer without any thread wake-up; the calling thread
+    /// (a tokio worker, say) is busy for that fsync. Off: every request
+    /// goes through the driver thread.
+    pub caller_drives: bool,
 }
 
 impl Default for LogOptions {
@@ -97,6 +112,8 @@ impl Default for LogOptions {
             read_timeout: Duration::from_secs(5),
             election_ticks: 10,
             heartbeat_ticks: 2,
+            idle_spin: Duration::from_micros(100),
+            caller_drives: true,
         }
     }
 }
@@ -213,6 +230,8 @@ impl Log {
             read_timeout: opts.read_timeout,
             max_in_flight: opts.max_in_flight,
             max_batch: opts.max_batch,
+            idle_spin: opts.idle_spin,
+            caller_drives: opts.caller_drives,
             core,
         };
         let (shared, threads) = runtime::start(storage.clone(), cfg, wiring)?;
@@ -347,6 +366,15 @@ impl Log {
     /// than the number of appends under concurrency).
     pub fn sync_count(&self) -> u64 {
         self.storage.sync_count()
+    }
+
+    /// Requests (appends, truncates, reads, membership changes) that found
+    /// the replica idle and were driven on the caller's own thread since
+    /// open (see [`LogOptions::caller_drives`]).
+    pub fn caller_driven_count(&self) -> u64 {
+        self.shared
+            .caller_driven
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The replica's RocksDB, for a state machine on this log that keeps

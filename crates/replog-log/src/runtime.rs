@@ -1,5 +1,8 @@
 //! The runtime that executes the core's actions for an embedded replica:
-//! a driver thread (owns the [`ReplicaCore`], batches proposals), a sync
+//! an engine (the [`ReplicaCore`] and everyone waiting on it) behind one
+//! lock, driven by a driver thread (batches proposals, ticks, peer
+//! messages, fsync reports) or, when the replica is idle, by the caller
+//! itself (see [`Shared::call`]); a sync
 //! thread (fsyncs, coalescing every sync request that arrived while the
 //! previous fsync ran: group commit) and a compactor thread (gives the space
 //! of truncated positions back to the filesystem).
@@ -11,9 +14,14 @@
 //!   request in flight, a ready carries at most `max_batch` proposals, and
 //!   the sync and compaction channels carry at most one message per ready;
 //! - a storage failure (an fsync error included) stops the replica: every
-//!   waiting and later call fails with [`LogError::Closed`] and the reason.
+//!   waiting and later call fails with [`LogError::Closed`] and the reason;
+//! - only the holder of the engine lock touches the core; the engine is
+//!   `None` once stopped, and a stopped engine is never started again;
+//! - a caller drives only its own request and only when no request is
+//!   queued, so it never answers for, or reorders, anyone else's.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -67,12 +75,19 @@ pub(crate) struct PeerWiring {
     pub inbound: Receiver<Envelope>,
 }
 
-/// State shared between the driver and the API handles.
+/// State shared between the driver thread and the API handles.
 pub(crate) struct Shared {
     pub progress: watch::Sender<Progress>,
     pub failure: Mutex<Option<String>>,
     pub permits: Arc<Semaphore>,
     pub requests: Sender<Control>,
+    /// The core and its waiters; `None` once the replica stopped. Whoever
+    /// holds the lock drives the core.
+    engine: Mutex<Option<Engine>>,
+    /// See [`RuntimeConfig::caller_drives`].
+    caller_drives: bool,
+    /// Requests a caller drove on its own thread.
+    pub caller_driven: AtomicU64,
 }
 
 impl Shared {
@@ -82,6 +97,13 @@ impl Shared {
 
     /// Sends the driver the request `make` builds (holding an in-flight
     /// permit and a reply channel) and waits for its answer.
+    ///
+    /// When nothing is queued or in flight and nobody drives the engine,
+    /// the caller drives it for its own request instead (as RocksDB's write leader
+    /// does): no hand-off to the driver thread and, when the core can
+    /// answer at once (a replica of one), no wake-up of the caller either.
+    /// The caller's thread then does the write, and the fsync when the
+    /// core syncs a lone small ready inline, before this returns.
     pub async fn call<T>(
         &self,
         make: impl FnOnce(OwnedSemaphorePermit, oneshot::Sender<Result<T>>) -> Control,
@@ -93,10 +115,47 @@ impl Shared {
             .await
             .map_err(|_| self.closed_error())?;
         let (tx, rx) = oneshot::channel();
-        self.requests
-            .send(make(permit, tx))
-            .map_err(|_| self.closed_error())?;
+        if let Err(control) = self.drive_here(make(permit, tx)) {
+            self.requests
+                .send(control)
+                .map_err(|_| self.closed_error())?;
+        }
         rx.await.map_err(|_| self.closed_error())?
+    }
+
+    /// Drives the engine for `control` on this thread if the replica is
+    /// idle; gives `control` back otherwise.
+    fn drive_here(&self, control: Control) -> std::result::Result<(), Control> {
+        if !self.caller_drives || !self.requests.is_empty() {
+            return Err(control);
+        }
+        let Some(mut guard) = self.engine.try_lock() else {
+            return Err(control);
+        };
+        let Some(engine) = guard.as_mut() else {
+            return Err(control);
+        };
+        if !engine.waiting.is_empty() || !engine.reads.is_empty() {
+            // Others are in flight: the driver thread groups this request
+            // with theirs (one fsync for all) rather than this caller
+            // holding the engine through an fsync of its own.
+            return Err(control);
+        }
+        let work = Work {
+            controls: vec![control],
+            ..Work::default()
+        };
+        self.caller_driven.fetch_add(1, Ordering::Relaxed);
+        let turn =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.process(self, work)));
+        let failure = match turn {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(failure)) => failure,
+            Err(panic) => panic_reason(panic.as_ref()),
+        };
+        engine.stop(self, Some(failure));
+        *guard = None;
+        Ok(())
     }
 }
 
@@ -108,6 +167,10 @@ pub struct RuntimeConfig {
     pub read_timeout: Duration,
     pub max_in_flight: usize,
     pub max_batch: usize,
+    /// See [`crate::LogOptions::idle_spin`].
+    pub idle_spin: Duration,
+    /// See [`crate::LogOptions::caller_drives`].
+    pub caller_drives: bool,
     pub core: CoreConfig,
 }
 
@@ -127,16 +190,50 @@ pub(crate) fn start(
     let initial = core.drive(&mut outs)?;
     let (progress_tx, _) = watch::channel(initial);
     let (req_tx, req_rx) = unbounded::<Control>();
-    let shared = Arc::new(Shared {
-        progress: progress_tx,
-        failure: Mutex::new(None),
-        permits: Arc::new(Semaphore::new(cfg.max_in_flight)),
-        requests: req_tx,
-    });
     // One message per ready at most, and readies are bounded by the core.
     let (sync_tx, sync_rx) = bounded::<u64>(8192);
     let (persisted_tx, persisted_rx) = bounded::<std::result::Result<u64, String>>(8192);
     let (compact_tx, compact_rx) = bounded::<u64>(1024);
+
+    let meta = storage.meta();
+    let (link, inbound, cluster) = match wiring {
+        Some(w) => (Some(w.link), w.inbound, w.cluster),
+        None => (None, never(), ClusterOptions::default()),
+    };
+    let mut addresses: BTreeMap<u64, String> = meta
+        .members
+        .iter()
+        .filter(|m| !m.address.is_empty())
+        .map(|m| (m.id, m.address.clone()))
+        .collect();
+    addresses.extend(cluster.peers.clone());
+    let caller_drives = cfg.caller_drives;
+    let engine = Engine {
+        core,
+        waiting: HashMap::new(),
+        reads: HashMap::new(),
+        next_id: 1,
+        sync_tx,
+        compact_tx,
+        queued_requests: req_rx.clone(),
+        queued_inbound: inbound.clone(),
+        cfg,
+        cluster_id: meta.cluster_id,
+        link,
+        cluster,
+        addresses,
+        last_heard: HashMap::new(),
+        started: Instant::now(),
+    };
+    let shared = Arc::new(Shared {
+        progress: progress_tx,
+        failure: Mutex::new(None),
+        permits: Arc::new(Semaphore::new(engine.cfg.max_in_flight)),
+        requests: req_tx,
+        engine: Mutex::new(Some(engine)),
+        caller_drives,
+        caller_driven: AtomicU64::new(0),
+    });
 
     let syncer = {
         let storage = storage.clone();
@@ -157,49 +254,18 @@ pub(crate) fn start(
         std::thread::Builder::new()
             .name("replog-driver".into())
             .spawn(move || {
-                let meta = storage.meta();
-                let (link, inbound, cluster) = match wiring {
-                    Some(w) => (Some(w.link), w.inbound, w.cluster),
-                    None => (None, never(), ClusterOptions::default()),
-                };
-                let mut addresses: BTreeMap<u64, String> = meta
-                    .members
-                    .iter()
-                    .filter(|m| !m.address.is_empty())
-                    .map(|m| (m.id, m.address.clone()))
-                    .collect();
-                addresses.extend(cluster.peers.clone());
-                let mut d = Driver {
-                    core,
-                    shared,
-                    waiting: HashMap::new(),
-                    reads: HashMap::new(),
-                    next_id: 1,
-                    sync_tx,
-                    compact_tx,
-                    cfg,
-                    cluster_id: meta.cluster_id,
-                    link,
-                    cluster,
-                    addresses,
-                    last_heard: HashMap::new(),
-                    started: Instant::now(),
-                };
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    d.run(outs, req_rx, persisted_rx, inbound)
+                    drive_loop(&shared, initial_work(outs), req_rx, persisted_rx, inbound)
                 }));
                 let failure = match result {
                     Ok(r) => r.err(),
-                    Err(panic) => Some(format!(
-                        "the replica's driver panicked: {}",
-                        panic
-                            .downcast_ref::<String>()
-                            .map(String::as_str)
-                            .or_else(|| panic.downcast_ref::<&str>().copied())
-                            .unwrap_or("unknown cause")
-                    )),
+                    Err(panic) => Some(panic_reason(panic.as_ref())),
                 };
-                d.stop(failure);
+                let mut guard = shared.engine.lock();
+                if let Some(engine) = guard.as_mut() {
+                    engine.stop(&shared, failure);
+                }
+                *guard = None;
             })
             .map_err(|e| LogError::Invalid(format!("cannot start driver thread: {e}")))?
     };
@@ -211,6 +277,25 @@ pub(crate) fn start(
             compactor: Some(compactor),
         },
     ))
+}
+
+/// The reason a panic of the driving thread gives.
+fn panic_reason(panic: &(dyn std::any::Any + Send)) -> String {
+    format!(
+        "the replica's driver panicked: {}",
+        panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown cause")
+    )
+}
+
+fn initial_work(outs: Vec<Output>) -> Work {
+    Work {
+        outputs: outs,
+        ..Work::default()
+    }
 }
 
 fn sync_loop(
@@ -247,9 +332,34 @@ fn compact_loop(storage: RocksStorage, rx: Receiver<u64>) {
 
 type ReadWaiter = (oneshot::Sender<Result<u64>>, OwnedSemaphorePermit, Instant);
 
-struct Driver {
+/// What one turn of the engine handles.
+#[derive(Default)]
+struct Work {
+    /// Requests of API handles.
+    controls: Vec<Control>,
+    /// Messages from peers.
+    envelopes: Vec<Envelope>,
+    /// The highest ready an fsync covered, if a report arrived.
+    persisted: Option<u64>,
+    /// A tick of raft's logical clock is due.
+    tick: bool,
+    /// Outputs already produced (the core's first drive at start).
+    outputs: Vec<Output>,
+}
+
+impl Work {
+    fn is_empty(&self) -> bool {
+        self.controls.is_empty()
+            && self.envelopes.is_empty()
+            && self.persisted.is_none()
+            && self.outputs.is_empty()
+    }
+}
+
+/// The replica's core and everything waiting on it; driven by whoever
+/// holds [`Shared::engine`].
+struct Engine {
     core: ReplicaCore<RocksStorage>,
-    shared: Arc<Shared>,
     /// Callers waiting for their proposal, each holding its permit.
     waiting: HashMap<u64, (oneshot::Sender<Result<Position>>, OwnedSemaphorePermit)>,
     /// Linearizable reads waiting for their read index, with a deadline.
@@ -257,6 +367,10 @@ struct Driver {
     next_id: u64,
     sync_tx: Sender<u64>,
     compact_tx: Sender<u64>,
+    /// The driver thread's queues, only to see whether anything waits in
+    /// them (nothing is received through these handles).
+    queued_requests: Receiver<Control>,
+    queued_inbound: Receiver<Envelope>,
     cfg: RuntimeConfig,
     cluster_id: String,
     link: Option<Arc<dyn PeerLink>>,
@@ -268,36 +382,54 @@ struct Driver {
     started: Instant,
 }
 
-impl Driver {
-    fn run(
-        &mut self,
-        initial: Vec<Output>,
-        req_rx: Receiver<Control>,
-        persisted_rx: Receiver<std::result::Result<u64, String>>,
-        inbound: Receiver<Envelope>,
-    ) -> std::result::Result<(), String> {
-        self.execute(initial)?;
-        let mut next_tick = Instant::now() + self.cfg.tick_interval;
-        let mut inputs = Vec::with_capacity(self.cfg.max_batch);
-        loop {
+/// The driver thread: waits for requests, peer messages, fsync reports and
+/// ticks, and drives the engine with them. Returns on shutdown, on a fatal
+/// error (the reason) or when a caller stopped the engine.
+fn drive_loop(
+    shared: &Shared,
+    initial: Work,
+    req_rx: Receiver<Control>,
+    persisted_rx: Receiver<std::result::Result<u64, String>>,
+    inbound: Receiver<Envelope>,
+) -> std::result::Result<(), String> {
+    let (tick_interval, max_batch, idle_spin) = {
+        let guard = shared.engine.lock();
+        let Some(engine) = guard.as_ref() else {
+            return Ok(());
+        };
+        (
+            engine.cfg.tick_interval,
+            engine.cfg.max_batch,
+            engine.cfg.idle_spin,
+        )
+    };
+    let mut next_tick = Instant::now() + tick_interval;
+    let mut work = initial;
+    let mut had_work = false;
+    loop {
+        if work.is_empty() {
+            if had_work {
+                spin_until_ready(
+                    idle_spin.min(next_tick.saturating_duration_since(Instant::now())),
+                    || !req_rx.is_empty() || !inbound.is_empty() || !persisted_rx.is_empty(),
+                );
+            }
             let timeout = next_tick.saturating_duration_since(Instant::now());
             select! {
                 recv(req_rx) -> msg => {
                     let Ok(first) = msg else { return Ok(()) };
-                    let mut shutdown = self.admit(first, &mut inputs);
-                    while inputs.len() < self.cfg.max_batch && !shutdown {
+                    work.controls.push(first);
+                    while work.controls.len() < max_batch {
                         match req_rx.try_recv() {
-                            Ok(m) => shutdown = self.admit(m, &mut inputs),
+                            Ok(m) => work.controls.push(m),
                             Err(_) => break,
                         }
-                    }
-                    if shutdown {
-                        return Ok(());
                     }
                 }
                 recv(inbound) -> env => {
                     if let Ok(env) = env {
-                        self.receive(env, &mut inbound_batch(&inbound), &mut inputs);
+                        work.envelopes.push(env);
+                        work.envelopes.extend(inbound_batch(&inbound).take(max_batch));
                     }
                 }
                 recv(persisted_rx) -> msg => {
@@ -306,49 +438,76 @@ impl Driver {
                     while let Ok(r) = persisted_rx.try_recv() {
                         n = n.max(r.map_err(|e| format!("fsync failed: {e}"))?);
                     }
-                    inputs.push(Input::Persisted { ready_number: n });
+                    work.persisted = Some(n);
                 }
                 default(timeout) => {}
             }
-            if Instant::now() >= next_tick {
-                inputs.push(Input::Tick);
-                self.expire_reads();
-                next_tick += self.cfg.tick_interval;
-                if next_tick < Instant::now() {
-                    next_tick = Instant::now() + self.cfg.tick_interval;
-                }
+        }
+        if Instant::now() >= next_tick {
+            work.tick = true;
+            next_tick += tick_interval;
+            if next_tick < Instant::now() {
+                next_tick = Instant::now() + tick_interval;
             }
-            let mut outs = Vec::new();
-            for input in inputs.drain(..) {
-                self.core
-                    .step(input, &mut outs)
-                    .map_err(|e| e.to_string())?;
-            }
-            // Nothing else queued: a small ready may be fsynced inline.
-            self.core
-                .allow_inline_sync(req_rx.is_empty() && inbound.is_empty());
-            let progress = self.core.drive(&mut outs).map_err(|e| e.to_string())?;
-            // Publish before answering: a caller that got its position must
-            // see it within `ending()`.
-            self.shared.progress.send_if_modified(|p| {
-                let changed = *p != progress;
-                *p = progress;
-                changed
-            });
-            self.execute(outs)?;
+        }
+        had_work = !work.is_empty();
+        let mut guard = shared.engine.lock();
+        let Some(engine) = guard.as_mut() else {
+            // A caller stopped the engine after a fatal error.
+            return Ok(());
+        };
+        if engine.process(shared, std::mem::take(&mut work))? {
+            return Ok(());
         }
     }
+}
 
-    /// Turns inbound envelopes into inputs (the first one and whatever
-    /// else is queued, up to a batch).
-    fn receive(
-        &mut self,
-        first: Envelope,
-        rest: &mut dyn Iterator<Item = Envelope>,
-        inputs: &mut Vec<Input>,
-    ) {
+impl Engine {
+    /// One turn: admits the requests, steps the core with every input,
+    /// drives it and carries out what it asks. True on shutdown; an error
+    /// is fatal (the caller stops the engine with it).
+    fn process(&mut self, shared: &Shared, work: Work) -> std::result::Result<bool, String> {
+        let mut inputs = Vec::with_capacity(work.controls.len() + work.envelopes.len() + 2);
+        let mut shutdown = false;
+        for c in work.controls {
+            shutdown |= self.admit(c, &mut inputs);
+        }
+        if shutdown {
+            return Ok(true);
+        }
+        self.receive(work.envelopes, &mut inputs);
+        if let Some(ready_number) = work.persisted {
+            inputs.push(Input::Persisted { ready_number });
+        }
+        if work.tick {
+            inputs.push(Input::Tick);
+            self.expire_reads();
+        }
+        let mut outs = work.outputs;
+        for input in inputs {
+            self.core
+                .step(input, &mut outs)
+                .map_err(|e| e.to_string())?;
+        }
+        // Nothing else queued: a small ready may be fsynced inline.
+        self.core
+            .allow_inline_sync(self.queued_requests.is_empty() && self.queued_inbound.is_empty());
+        let progress = self.core.drive(&mut outs).map_err(|e| e.to_string())?;
+        // Publish before answering: a caller that got its position must
+        // see it within `ending()`.
+        shared.progress.send_if_modified(|p| {
+            let changed = *p != progress;
+            *p = progress;
+            changed
+        });
+        self.execute(outs)?;
+        Ok(false)
+    }
+
+    /// Turns inbound envelopes into inputs.
+    fn receive(&mut self, envelopes: Vec<Envelope>, inputs: &mut Vec<Input>) {
         let me = self.core.id();
-        for env in std::iter::once(first).chain(rest.take(self.cfg.max_batch)) {
+        for env in envelopes {
             match peers::decode(&self.cluster_id, me, env) {
                 Ok((from, inbound)) => {
                     self.last_heard.insert(from, Instant::now());
@@ -546,10 +705,12 @@ impl Driver {
         Ok(())
     }
 
-    fn stop(&mut self, failure: Option<String>) {
+    /// Fails everyone waiting and closes the API. The holder of the lock
+    /// then drops the engine (and with it the helper threads' senders).
+    fn stop(&mut self, shared: &Shared, failure: Option<String>) {
         if let Some(f) = &failure {
             error!(reason = %f, "replica stopped after a fatal error");
-            *self.shared.failure.lock() = Some(f.clone());
+            *shared.failure.lock() = Some(f.clone());
         }
         for (_, (tx, _permit)) in self.waiting.drain() {
             let _ = tx.send(Err(LogError::Closed(failure.clone())));
@@ -557,11 +718,34 @@ impl Driver {
         for (_, (tx, _permit, _)) in self.reads.drain() {
             let _ = tx.send(Err(LogError::Closed(failure.clone())));
         }
-        self.shared.permits.close();
-        self.shared.progress.send_modify(|p| {
+        shared.permits.close();
+        shared.progress.send_modify(|p| {
             p.is_leader = false;
             p.leader_ready = false;
         });
+    }
+}
+
+/// Polls `ready` for up to `window` before the caller parks: a request
+/// that arrives meanwhile is taken without the wake-up of a parked thread.
+/// Spins briefly, then yields its CPU between polls so that the thread
+/// about to send (on a machine of few cores, maybe this very core) runs.
+fn spin_until_ready(window: Duration, ready: impl Fn() -> bool) {
+    if window.is_zero() {
+        return;
+    }
+    let started = Instant::now();
+    let mut polls = 0u32;
+    while !ready() {
+        if started.elapsed() >= window {
+            return;
+        }
+        polls += 1;
+        if polls < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
     }
 }
 
