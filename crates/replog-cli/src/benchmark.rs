@@ -66,6 +66,9 @@ pub struct Report {
     pub p50_us: u64,
     pub p99_us: u64,
     pub max_us: u64,
+    /// fsyncs the replica did during the run (replog appends only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fsyncs: Option<u64>,
 }
 
 impl Report {
@@ -89,16 +92,45 @@ impl Report {
             p50_us: pct(0.50),
             p99_us: pct(0.99),
             max_us: latencies.last().map(|d| d.as_micros() as u64).unwrap_or(0),
+            fsyncs: None,
         }
     }
 
     /// One human-readable line.
     pub fn line(&self) -> String {
+        let fsyncs = match self.fsyncs {
+            Some(n) => format!(
+                "  fsyncs={n} ({:.1} appends each)",
+                self.count as f64 / n.max(1) as f64
+            ),
+            None => String::new(),
+        };
         format!(
-            "{:<28} count={:<8} bytes={:<11} time={:>8.3}s  {:>10.1} ops/s  {:>8.2} MB/s  p50={}us p99={}us max={}us",
+            "{:<28} count={:<8} bytes={:<11} time={:>8.3}s  {:>10.1} ops/s  {:>8.2} MB/s  p50={}us p99={}us max={}us{fsyncs}",
             self.label, self.count, self.bytes, self.seconds, self.ops_per_sec, self.mb_per_sec,
             self.p50_us, self.p99_us, self.max_us
         )
+    }
+}
+
+/// Latencies and bytes of one part of a run, and the time it took; the
+/// parts of a run add up to its [`Report`].
+#[derive(Debug, Default)]
+pub struct Sample {
+    pub latencies: Vec<Duration>,
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl Sample {
+    pub fn extend(&mut self, part: Sample) {
+        self.latencies.extend(part.latencies);
+        self.bytes += part.bytes;
+        self.elapsed += part.elapsed;
+    }
+
+    pub fn report(self, label: &str) -> Report {
+        Report::new(label, self.latencies, self.bytes, self.elapsed)
     }
 }
 
@@ -106,6 +138,16 @@ impl Report {
 /// fresh file and fdatasyncs, `iterations` times (what one log append costs
 /// at the least).
 pub fn fsync_probe(dir: &Path, size: usize, iterations: usize) -> Result<Report> {
+    Ok(fsync_probe_sample(dir, size, iterations)?.report(&probe_label(size)))
+}
+
+/// The label of the raw fdatasync probe's report.
+pub fn probe_label(size: usize) -> String {
+    format!("raw append+fdatasync {size}B")
+}
+
+/// [`fsync_probe`] as a part of a run.
+pub fn fsync_probe_sample(dir: &Path, size: usize, iterations: usize) -> Result<Sample> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(format!("fsync-probe-{}", std::process::id()));
     let mut f = OpenOptions::new()
@@ -131,28 +173,28 @@ pub fn fsync_probe(dir: &Path, size: usize, iterations: usize) -> Result<Report>
     let elapsed = start.elapsed();
     drop(f);
     let _ = std::fs::remove_file(&path);
-    Ok(Report::new(
-        &format!("raw append+fdatasync {size}B"),
-        lat,
-        (size * iterations) as u64,
+    Ok(Sample {
+        latencies: lat,
+        bytes: (size * iterations) as u64,
         elapsed,
-    ))
+    })
 }
 
-/// Appends the sizes of `trace` (repeated `repeat` times) through `writer`
-/// from `concurrency` tasks. Calls `progress` after each append.
+/// Appends `count` sizes of `trace` (cycled, starting at its `first`
+/// one) through `writer` from `concurrency` tasks. Calls `progress` after
+/// each append.
 pub async fn run_appends(
     writer: Arc<Writer>,
     trace: Arc<Vec<usize>>,
-    repeat: usize,
+    first: usize,
+    count: usize,
     concurrency: usize,
-    label: &str,
     progress: Arc<dyn Fn() + Send + Sync>,
-) -> Result<Report> {
-    let total = trace.len() * repeat;
+) -> Result<Sample> {
+    let total = first + count;
     let max = trace.iter().copied().max().unwrap_or(0);
     let payload = Bytes::from((0..max).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-    let next = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(first));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
@@ -181,14 +223,17 @@ pub async fn run_appends(
             anyhow::Ok((lat, bytes))
         }));
     }
-    let mut lat = Vec::with_capacity(total);
-    let mut bytes = 0;
+    let mut sample = Sample {
+        latencies: Vec::with_capacity(count),
+        ..Sample::default()
+    };
     for t in tasks {
         let (l, b) = t.await.context("appender task panicked")??;
-        lat.extend(l);
-        bytes += b;
+        sample.latencies.extend(l);
+        sample.bytes += b;
     }
-    Ok(Report::new(label, lat, bytes, start.elapsed()))
+    sample.elapsed = start.elapsed();
+    Ok(sample)
 }
 
 #[cfg(test)]

@@ -199,12 +199,16 @@ pub struct BenchmarkArgs {
     #[arg(long, default_value = "256", value_parser = crate::benchmark::parse_size)]
     pub value_size: usize,
     /// Concurrent appenders (1 = sequential, as mesos-log's benchmark), or
-    /// closed-loop clients with --etcd.
-    #[arg(long, default_value_t = 1)]
-    pub concurrency: usize,
-    /// Run the trace this many times.
-    #[arg(long, default_value_t = 1)]
-    pub repeat: usize,
+    /// closed-loop clients with --endpoint/--etcd. Several levels, comma
+    /// separated (e.g. `1,64`), are measured in one run, taking turns
+    /// slice by slice with each other and with the fdatasync probe (local
+    /// log only).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub concurrency: Vec<usize>,
+    /// Run the trace this many times: one value, or one per concurrency
+    /// level.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub repeat: Vec<usize>,
     /// fsync each batch before acknowledging (turning it off risks data on OS crash).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     pub sync: bool,
@@ -219,6 +223,11 @@ pub struct BenchmarkArgs {
     /// Iterations of the raw fdatasync probe (0 skips it).
     #[arg(long, default_value_t = 1000)]
     pub probe_iterations: usize,
+    /// The probe and the appends take turns in this many slices, so that
+    /// both meet the disk in the same state (a VM's disk speed drifts over
+    /// seconds).
+    #[arg(long, default_value_t = 10)]
+    pub slices: usize,
     /// Print the reports as JSON.
     #[arg(long)]
     pub json: bool,

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use replog_log::{Log, LogOptions};
 use replog_storage::{identity, InitOptions, RocksStorage};
 
-use crate::benchmark::{fsync_probe, read_trace, run_appends, Report};
+use crate::benchmark::{fsync_probe_sample, probe_label, read_trace, run_appends, Report, Sample};
 use crate::cli::{progress_bar, BenchmarkArgs, DemoArgs};
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -151,9 +151,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
 
 pub fn benchmark(a: BenchmarkArgs) -> Result<()> {
     let trace = Arc::new(read_trace(&a.input)?);
-    if a.concurrency == 0 {
-        bail!("--concurrency must be at least 1");
-    }
+    let levels = benchmark_levels(&a.concurrency, &a.repeat, trace.len())?;
     match identity::read(&a.path) {
         Ok(Some(id)) if id.cluster_id == "benchmark" => {}
         Ok(Some(id)) => bail!(
@@ -165,17 +163,13 @@ pub fn benchmark(a: BenchmarkArgs) -> Result<()> {
         ),
         _ => init_single(&a.path, "benchmark")?,
     }
-    let mut reports: Vec<Report> = Vec::new();
-    if a.probe_iterations > 0 {
-        let size = trace[0];
-        let r = fsync_probe(&a.path.join("probe"), size, a.probe_iterations)?;
-        if !a.json {
-            println!("{}", r.line());
-        }
-        reports.push(r);
-    }
     let rt = runtime()?;
-    let r = rt.block_on(async {
+    let grand_total: usize = levels.iter().map(|l| l.appends).sum();
+    let slices = a
+        .slices
+        .clamp(1, levels.iter().map(|l| l.appends).min().unwrap_or(1));
+    let probe_dir = a.path.join("probe");
+    let (probe, runs) = rt.block_on(async {
         let opts = LogOptions {
             sync: a.sync,
             idle_spin: std::time::Duration::from_micros(a.idle_spin_us),
@@ -185,36 +179,147 @@ pub fn benchmark(a: BenchmarkArgs) -> Result<()> {
         let log = Log::open(&a.path, opts)?;
         let mut w = log.writer();
         w.start().await?;
-        let total = (trace.len() * a.repeat) as u64;
-        let pb = progress_bar(total, "appending", !a.json);
+        let w = Arc::new(w);
+        let pb = progress_bar(grand_total as u64, "appending", !a.json);
         let pb2 = pb.clone();
-        let label = format!("replog append c={}", a.concurrency);
-        let r = run_appends(
-            Arc::new(w),
-            trace.clone(),
-            a.repeat,
-            a.concurrency,
-            &label,
-            Arc::new(move || pb2.inc(1)),
-        )
-        .await;
+        let progress: Arc<dyn Fn() + Send + Sync> = Arc::new(move || pb2.inc(1));
+        // The probe and each concurrency level take turns, slice by slice,
+        // so that all of them meet the disk in the same state (a VM's disk
+        // speed drifts over seconds).
+        let mut probe = Sample::default();
+        let mut runs: Vec<(Sample, u64)> = levels.iter().map(|_| Default::default()).collect();
+        let mut next_trace_index = 0;
+        for s in 0..slices {
+            let iterations =
+                a.probe_iterations * (s + 1) / slices - a.probe_iterations * s / slices;
+            if iterations > 0 {
+                probe.extend(fsync_probe_sample(&probe_dir, trace[0], iterations)?);
+            }
+            for (level, (sample, fsyncs)) in levels.iter().zip(runs.iter_mut()) {
+                let count = level.appends * (s + 1) / slices - level.appends * s / slices;
+                let syncs_before = log.sync_count();
+                let part = run_appends(
+                    w.clone(),
+                    trace.clone(),
+                    next_trace_index,
+                    count,
+                    level.concurrency,
+                    progress.clone(),
+                )
+                .await?;
+                next_trace_index += count;
+                *fsyncs += log.sync_count() - syncs_before;
+                sample.extend(part);
+            }
+        }
         pb.finish_and_clear();
+        drop(w);
         log.close();
-        r
+        let probe = (a.probe_iterations > 0).then(|| probe.report(&probe_label(trace[0])));
+        let runs: Vec<Report> = levels
+            .iter()
+            .zip(runs)
+            .map(|(level, (sample, fsyncs))| {
+                let mut r = sample.report(&format!("replog append c={}", level.concurrency));
+                r.fsyncs = Some(fsyncs);
+                r
+            })
+            .collect();
+        anyhow::Ok((probe, runs))
     })?;
     if a.json {
-        reports.push(r);
+        let reports: Vec<&Report> = probe.iter().chain(&runs).collect();
         println!("{}", serde_json::to_string_pretty(&reports)?);
-    } else {
+        return Ok(());
+    }
+    for r in probe.iter().chain(&runs) {
         println!("{}", r.line());
-        if let Some(p) = reports.first() {
+    }
+    for r in &runs {
+        if let Some(p) = &probe {
             println!(
-                "replog appends/s vs raw fdatasync/s: {:.2}x   (p50 {}us vs {}us)",
-                r.ops_per_sec / p.ops_per_sec,
+                "{}: p50 {:.2}x the raw append+fdatasync p50 ({}us vs {}us)",
+                r.label,
+                r.p50_us as f64 / p.p50_us.max(1) as f64,
                 r.p50_us,
                 p.p50_us
             );
         }
     }
+    if let [first, rest @ ..] = &runs[..] {
+        for r in rest {
+            println!(
+                "{}: {:.1}x the appends/s of {}",
+                r.label,
+                r.ops_per_sec / first.ops_per_sec.max(1e-9),
+                first.label
+            );
+        }
+    }
     Ok(())
+}
+
+/// One concurrency level of a benchmark run.
+#[derive(Debug, PartialEq, Eq)]
+struct BenchmarkLevel {
+    concurrency: usize,
+    appends: usize,
+}
+
+/// Pairs each `--concurrency` level with its `--repeat` (one value for all,
+/// or one per level) and counts its appends.
+fn benchmark_levels(
+    concurrency: &[usize],
+    repeat: &[usize],
+    trace_len: usize,
+) -> Result<Vec<BenchmarkLevel>> {
+    if concurrency.is_empty() || concurrency.contains(&0) {
+        bail!("--concurrency must be at least 1");
+    }
+    if repeat.len() != 1 && repeat.len() != concurrency.len() {
+        bail!(
+            "--repeat takes one value or one per --concurrency level ({} levels, {} values)",
+            concurrency.len(),
+            repeat.len()
+        );
+    }
+    concurrency
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let r = repeat[if repeat.len() == 1 { 0 } else { i }];
+            if r == 0 {
+                bail!("--repeat must be at least 1");
+            }
+            Ok(BenchmarkLevel {
+                concurrency: c,
+                appends: r * trace_len,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn benchmark_levels_pair_concurrency_with_repeat() {
+        let l = |c, appends| BenchmarkLevel {
+            concurrency: c,
+            appends,
+        };
+        assert_eq!(
+            benchmark_levels(&[1, 64], &[5000, 100_000], 1).unwrap(),
+            [l(1, 5000), l(64, 100_000)]
+        );
+        assert_eq!(
+            benchmark_levels(&[1, 8], &[3], 2).unwrap(),
+            [l(1, 6), l(8, 6)],
+            "one --repeat applies to every level"
+        );
+        assert!(benchmark_levels(&[1, 64], &[1, 2, 3], 1).is_err());
+        assert!(benchmark_levels(&[0], &[1], 1).is_err());
+        assert!(benchmark_levels(&[1], &[0], 1).is_err());
+    }
 }

@@ -391,9 +391,11 @@ fn closed_loop_benchmark<T: Target>(
     what: &str,
     discover: impl Future<Output = Result<T>>,
 ) -> Result<()> {
-    if a.concurrency == 0 {
-        bail!("--concurrency must be at least 1");
-    }
+    let concurrency = match a.concurrency[..] {
+        [c] if c > 0 => c,
+        [_] => bail!("--concurrency must be at least 1"),
+        _ => bail!("--endpoint and --etcd take one --concurrency level per run"),
+    };
     if a.count == 0 {
         bail!("--count must be at least 1");
     }
@@ -404,8 +406,8 @@ fn closed_loop_benchmark<T: Target>(
     let report = rt.block_on(async {
         let target = discover.await?;
         let spec = LoadSpec {
-            label: format!("{what} c={}", a.concurrency),
-            clients: a.concurrency,
+            label: format!("{what} c={concurrency}"),
+            clients: concurrency,
             count: a.count,
             value_size: a.value_size,
             op_timeout: Some(OP_TIMEOUT),
@@ -611,7 +613,8 @@ mod tests {
             panic!("not a benchmark")
         };
         assert_eq!(a.etcd, ["http://a:1", "http://b:2"]);
-        assert_eq!((a.concurrency, a.count, a.value_size), (64, 5, 1024));
+        assert_eq!(a.concurrency, [64]);
+        assert_eq!((a.count, a.value_size), (5, 1024));
         let Command::Benchmark(a) = parse(&["--path", "/p", "--input", "/t"]).unwrap().command
         else {
             panic!("not a benchmark")

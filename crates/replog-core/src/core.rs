@@ -261,12 +261,6 @@ pub enum Output {
     StatusChanged { status: ReplicaStatus },
     /// A membership change told where these members listen.
     Addresses(Vec<Member>),
-    /// Write this update (commit index and applied position only) with
-    /// [`ReplicaCore::write_deferred`], after the outputs before it: the
-    /// answers to appends it committed need not wait for it (what they
-    /// promise is already durable; a commit index may be lost and
-    /// recomputed). Must be written before the next [`ReplicaCore::drive`].
-    WriteDeferred(Box<LogUpdate>),
 }
 
 /// Errors that stop the core: storage failed or raft-rs refused its state.
@@ -323,9 +317,11 @@ pub struct ReplicaCore<S: LogStorage> {
     /// While RECOVERING: this replica has been a learner since it started
     /// recovering, so a promotion it applies is a promotion after catch-up.
     seen_as_learner: bool,
-    /// A commit-index/applied-only update of this drive, emitted as
-    /// [`Output::WriteDeferred`] at its end (merged into a later ready's
-    /// write of the same drive, so writes never go out of order).
+    /// A commit-index/applied-only update not written yet: it rides along
+    /// with the next ready's write (merged, so writes never go out of
+    /// order), or [`ReplicaCore::flush_deferred`] writes it. The answers to
+    /// the appends it committed need not wait for it: what they promise is
+    /// already durable, and a commit index lost in a crash is recomputed.
     deferred: Option<LogUpdate>,
     /// The runtime has nothing else queued: a small ready may be written
     /// and fsynced inline (see [`CoreConfig::inline_sync_max_entries`]).
@@ -413,10 +409,18 @@ impl<S: LogStorage> ReplicaCore<S> {
     }
 
     /// The storage the core writes to.
-    /// Writes an [`Output::WriteDeferred`] update.
-    pub fn write_deferred(&mut self, update: LogUpdate) -> Result<(), CoreError> {
-        debug_assert!(update.entries.is_empty() && update.snapshot.is_none());
-        self.storage.write(update)?;
+    /// Writes the commit-index/applied update that waits for a later
+    /// ready's write (see `deferred`), if any, without an fsync. The runtime
+    /// calls it now and then (every tick) and before it stops, so that the
+    /// recorded commit index stays close to the real one.
+    pub fn flush_deferred(&mut self) -> Result<(), CoreError> {
+        if let Some(update) = self.deferred.take() {
+            assert!(
+                update.entries.is_empty() && update.snapshot.is_none() && !update.sync,
+                "a deferred update holds a commit index and an applied position only"
+            );
+            self.storage.write(update)?;
+        }
         Ok(())
     }
 
@@ -945,6 +949,12 @@ impl<S: LogStorage> ReplicaCore<S> {
         self.note_proposal(id, term, PendingKind::Membership, r, out);
     }
 
+    /// True while a written ready waits for its fsync report
+    /// ([`Input::Persisted`]).
+    pub fn awaiting_sync(&self) -> bool {
+        !self.unsynced.is_empty()
+    }
+
     /// Whether the next [`Self::drive`] may write and fsync a small ready in
     /// one storage call instead of emitting [`Output::Sync`]: the runtime
     /// allows it when no other input is queued, so that a lone append does
@@ -964,9 +974,6 @@ impl<S: LogStorage> ReplicaCore<S> {
         }
         while self.node.has_ready() {
             self.handle_ready(out)?;
-        }
-        if let Some(u) = self.deferred.take() {
-            out.push(Output::WriteDeferred(Box::new(u)));
         }
         self.note_role_change(out);
         Ok(self.progress())
@@ -1336,7 +1343,6 @@ mod tests {
                         synced = Some(ready_number);
                     }
                     Output::Sync { .. } => {}
-                    Output::WriteDeferred(u) => c.write_deferred(*u).unwrap(),
                     other => done.push(other),
                 }
             }

@@ -473,6 +473,8 @@ impl Engine {
             shutdown |= self.admit(c, &mut inputs);
         }
         if shutdown {
+            // The commit record is current when the replica stops cleanly.
+            self.core.flush_deferred().map_err(|e| e.to_string())?;
             return Ok(true);
         }
         self.receive(work.envelopes, &mut inputs);
@@ -501,6 +503,10 @@ impl Engine {
             changed
         });
         self.execute(outs)?;
+        if work.tick {
+            // Keep the recorded commit index close to the real one.
+            self.core.flush_deferred().map_err(|e| e.to_string())?;
+        }
         Ok(false)
     }
 
@@ -650,10 +656,6 @@ impl Engine {
                     .send(ready_number)
                     .map_err(|_| "the sync thread stopped".to_string())?,
                 Output::Committed { id, position } => self.answer(id, Ok(Position::new(position))),
-                Output::WriteDeferred(u) => self
-                    .core
-                    .write_deferred(*u)
-                    .map_err(|e| format!("replica storage failed: {e}"))?,
                 Output::Failed { id, error } => {
                     if let Some((tx, _permit, _)) = self.reads.remove(&id) {
                         let _ = tx.send(Err(error.into()));

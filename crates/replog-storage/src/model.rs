@@ -383,23 +383,28 @@ pub(crate) fn encode_entry(e: &Entry) -> Vec<u8> {
     .encode_to_vec()
 }
 
-/// Decodes a log entry stored at `index`.
-pub(crate) fn decode_entry(index: u64, bytes: Bytes, location: &str) -> Result<Entry> {
+/// Decodes a log entry stored at `index`; `location` names it in an error
+/// (built only then: entries are decoded on every read).
+pub(crate) fn decode_entry(
+    index: u64,
+    bytes: Bytes,
+    location: impl Fn() -> String,
+) -> Result<Entry> {
     let s = pb::StoredEntry::decode(bytes)
-        .map_err(|e| StorageError::corrupt(location, format!("undecodable log entry: {e}")))?;
+        .map_err(|e| StorageError::corrupt(location(), format!("undecodable log entry: {e}")))?;
     let entry_type = match pb::EntryKind::try_from(s.kind) {
         Ok(pb::EntryKind::Normal) => EntryType::EntryNormal,
         Ok(pb::EntryKind::ConfChange) => EntryType::EntryConfChange,
         Ok(pb::EntryKind::ConfChangeV2) => EntryType::EntryConfChangeV2,
         Err(_) => {
             return Err(StorageError::corrupt(
-                location,
+                location(),
                 format!("unknown entry kind {}", s.kind),
             ))
         }
     };
     if s.term == 0 {
-        return Err(StorageError::corrupt(location, "log entry with term 0"));
+        return Err(StorageError::corrupt(location(), "log entry with term 0"));
     }
     Ok(Entry {
         index,

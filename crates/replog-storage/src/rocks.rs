@@ -605,7 +605,7 @@ impl RocksStorage {
         let Some(v) = got else { return Ok(None) };
         let loc = || log_location(&self.inner.dir, index);
         let p = frame::decode(&key, &v, self.inner.max_record_bytes, loc)?;
-        decode_entry(index, Bytes::copy_from_slice(p), &loc()).map(Some)
+        decode_entry(index, Bytes::copy_from_slice(p), loc).map(Some)
     }
 
     /// The error for an entry that should be present but is not: compacted
@@ -667,7 +667,7 @@ impl RocksStorage {
             }
             let loc = || log_location(&self.inner.dir, idx);
             let p = frame::decode(&k, &v, self.inner.max_record_bytes, loc)?;
-            let e = decode_entry(idx, Bytes::copy_from_slice(p), &loc())?;
+            let e = decode_entry(idx, Bytes::copy_from_slice(p), loc)?;
             approx += (e.data.len() + e.context.len()) as u64;
             out.push(e);
             expected += 1;
@@ -865,15 +865,16 @@ fn verify(
                 bad = Some((expected, format!("{}: {why}", log_location(dir, expected))));
                 break;
             }
-            let loc = log_location(dir, idx);
-            let checked = frame::decode(&k, &v, opts.max_record_bytes, || loc.clone())
-                .and_then(|p| decode_entry(idx, Bytes::copy_from_slice(p), &loc));
+            let loc = || log_location(dir, idx);
+            let checked = frame::decode(&k, &v, opts.max_record_bytes, loc)
+                .and_then(|p| decode_entry(idx, Bytes::copy_from_slice(p), loc));
             match checked {
                 Ok(e) if e.term < prev_term => {
                     bad = Some((
                         idx,
                         format!(
-                            "{loc}: term {} is below the previous term {prev_term}",
+                            "{}: term {} is below the previous term {prev_term}",
+                            loc(),
                             e.term
                         ),
                     ));
