@@ -21,7 +21,7 @@
 //!   queued, so it never answers for, or reorders, anyone else's.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -88,6 +88,12 @@ pub(crate) struct Shared {
     caller_drives: bool,
     /// Requests a caller drove on its own thread.
     pub caller_driven: AtomicU64,
+    /// The driver thread is batching concurrent requests: its last turn
+    /// took more than one, and it has not parked since. Callers then queue
+    /// behind it rather than drive, so that concurrent requests share its
+    /// batches and fsyncs (the first caller to find the queue empty after
+    /// a batch was answered would otherwise write and fsync alone).
+    driver_batching: AtomicBool,
 }
 
 impl Shared {
@@ -98,8 +104,9 @@ impl Shared {
     /// Sends the driver the request `make` builds (holding an in-flight
     /// permit and a reply channel) and waits for its answer.
     ///
-    /// When nothing is queued or in flight and nobody drives the engine,
-    /// the caller drives it for its own request instead (as RocksDB's write leader
+    /// When the driver thread is not batching concurrent requests, nothing
+    /// is queued or in flight and nobody drives the engine, the caller
+    /// drives it for its own request instead (as RocksDB's write leader
     /// does): no hand-off to the driver thread and, when the core can
     /// answer at once (a replica of one), no wake-up of the caller either.
     /// The caller's thread then does the write, and the fsync when the
@@ -126,7 +133,10 @@ impl Shared {
     /// Drives the engine for `control` on this thread if the replica is
     /// idle; gives `control` back otherwise.
     fn drive_here(&self, control: Control) -> std::result::Result<(), Control> {
-        if !self.caller_drives || !self.requests.is_empty() {
+        if !self.caller_drives
+            || self.driver_batching.load(Ordering::Acquire)
+            || !self.requests.is_empty()
+        {
             return Err(control);
         }
         let Some(mut guard) = self.engine.try_lock() else {
@@ -233,6 +243,7 @@ pub(crate) fn start(
         engine: Mutex::new(Some(engine)),
         caller_drives,
         caller_driven: AtomicU64::new(0),
+        driver_batching: AtomicBool::new(false),
     });
 
     let syncer = {
@@ -415,16 +426,11 @@ fn drive_loop(
                 );
             }
             let timeout = next_tick.saturating_duration_since(Instant::now());
+            shared.driver_batching.store(false, Ordering::Release);
             select! {
                 recv(req_rx) -> msg => {
                     let Ok(first) = msg else { return Ok(()) };
                     work.controls.push(first);
-                    while work.controls.len() < max_batch {
-                        match req_rx.try_recv() {
-                            Ok(m) => work.controls.push(m),
-                            Err(_) => break,
-                        }
-                    }
                 }
                 recv(inbound) -> env => {
                     if let Ok(env) = env {
@@ -443,6 +449,13 @@ fn drive_loop(
                 default(timeout) => {}
             }
         }
+        // Whatever else is queued joins this turn's batch.
+        while work.controls.len() < max_batch {
+            match req_rx.try_recv() {
+                Ok(m) => work.controls.push(m),
+                Err(_) => break,
+            }
+        }
         if Instant::now() >= next_tick {
             work.tick = true;
             next_tick += tick_interval;
@@ -451,6 +464,9 @@ fn drive_loop(
             }
         }
         had_work = !work.is_empty();
+        if work.controls.len() > 1 {
+            shared.driver_batching.store(true, Ordering::Release);
+        }
         let mut guard = shared.engine.lock();
         let Some(engine) = guard.as_mut() else {
             // A caller stopped the engine after a fatal error.
@@ -463,6 +479,7 @@ fn drive_loop(
 }
 
 impl Engine {
+
     /// One turn: admits the requests, steps the core with every input,
     /// drives it and carries out what it asks. True on shutdown; an error
     /// is fatal (the caller stops the engine with it).
