@@ -479,7 +479,6 @@ fn drive_loop(
 }
 
 impl Engine {
-
     /// One turn: admits the requests, steps the core with every input,
     /// drives it and carries out what it asks. True on shutdown; an error
     /// is fatal (the caller stops the engine with it).
