@@ -121,24 +121,7 @@ fn concurrent_appends_share_fsyncs_and_all_commit() {
         w.start().await.unwrap();
         let w = Arc::new(w);
         let syncs_before = log.sync_count();
-        let mut tasks = Vec::new();
-        for t in 0..32u32 {
-            let w = w.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut out = Vec::new();
-                for i in 0..50u32 {
-                    let mut d = t.to_be_bytes().to_vec();
-                    d.extend_from_slice(&i.to_be_bytes());
-                    out.push((w.append(d.clone()).await.unwrap(), d));
-                }
-                out
-            }));
-        }
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.unwrap());
-        }
-        all.sort();
+        let all = append_concurrently(&w, 32, 50, false).await;
         let syncs = log.sync_count() - syncs_before;
         assert!(syncs > 0, "appends were fsynced");
         assert!(
@@ -146,13 +129,7 @@ fn concurrent_appends_share_fsyncs_and_all_commit() {
             "{} concurrent appends took {syncs} fsyncs: they do not share them",
             all.len()
         );
-        let r = log.reader();
-        let got = r.read(all[0].0, all.last().unwrap().0).unwrap();
-        assert_eq!(got.len(), all.len());
-        for (e, (p, d)) in got.iter().zip(&all) {
-            assert_eq!(e.position, *p);
-            assert_eq!(&e.data[..], &d[..]);
-        }
+        assert_reads_back(&log, &all);
     });
 }
 
@@ -220,20 +197,13 @@ fn opening_a_recovering_replica_is_refused() {
 async fn append_sequentially(log: &Log, n: u32) -> Vec<Position> {
     let mut w = log.writer();
     w.start().await.unwrap();
-    let mut positions = Vec::new();
+    let mut written = Vec::new();
     for i in 0..n {
-        positions.push(w.append(i.to_be_bytes().to_vec()).await.unwrap());
+        let d = i.to_be_bytes().to_vec();
+        written.push((w.append(d.clone()).await.unwrap(), d));
     }
-    let got = log
-        .reader()
-        .read(positions[0], positions[positions.len() - 1])
-        .unwrap();
-    assert_eq!(got.len(), n as usize);
-    for (i, e) in got.iter().enumerate() {
-        assert_eq!(e.position, positions[i]);
-        assert_eq!(&e.data[..], &(i as u32).to_be_bytes());
-    }
-    positions
+    assert_reads_back(log, &written);
+    written.into_iter().map(|(p, _)| p).collect()
 }
 
 #[test]
@@ -294,36 +264,54 @@ fn callers_and_the_driver_thread_interleave_without_losing_a_request() {
         let log = Log::open(&path, LogOptions::default()).unwrap();
         let mut w = log.writer();
         w.start().await.unwrap();
-        let w = Arc::new(w);
-        let mut tasks = Vec::new();
-        for t in 0..8u32 {
-            let w = w.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut out = Vec::new();
-                for i in 0..100u32 {
-                    let mut d = t.to_be_bytes().to_vec();
-                    d.extend_from_slice(&i.to_be_bytes());
-                    out.push((w.append(d.clone()).await.unwrap(), d));
-                    if i % 10 == t {
-                        tokio::task::yield_now().await;
-                    }
-                }
-                out
-            }));
-        }
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.unwrap());
-        }
-        all.sort();
-        assert!(
-            all.windows(2).all(|p| p[0].0 < p[1].0),
-            "distinct positions"
-        );
-        let got = log.reader().read(all[0].0, all.last().unwrap().0).unwrap();
-        assert_eq!(got.len(), all.len());
-        for (e, (p, d)) in got.iter().zip(&all) {
-            assert_eq!((e.position, &e.data[..]), (*p, &d[..]));
-        }
+        let all = append_concurrently(&Arc::new(w), 8, 100, true).await;
+        assert_reads_back(&log, &all);
     });
+}
+
+/// Appends from `tasks` tasks, `per_task` entries each (the task number
+/// and the entry number as data), the tasks yielding now and then when
+/// `yielding`; returns every (position, data), sorted by position, and
+/// checks the positions are distinct.
+async fn append_concurrently(
+    w: &Arc<Writer>,
+    tasks: u32,
+    per_task: u32,
+    yielding: bool,
+) -> Vec<(Position, Vec<u8>)> {
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let w = w.clone();
+        handles.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in 0..per_task {
+                let mut d = t.to_be_bytes().to_vec();
+                d.extend_from_slice(&i.to_be_bytes());
+                out.push((w.append(d.clone()).await.unwrap(), d));
+                if yielding && i % 10 == t % 10 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    all.sort();
+    assert!(
+        all.windows(2).all(|p| p[0].0 < p[1].0),
+        "distinct positions"
+    );
+    all
+}
+
+/// Every (position, data) of `all` (sorted, contiguous) reads back.
+fn assert_reads_back(log: &Log, all: &[(Position, Vec<u8>)]) {
+    let got = log.reader().read(all[0].0, all[all.len() - 1].0).unwrap();
+    assert_eq!(got.len(), all.len());
+    for (e, (p, d)) in got.iter().zip(all) {
+        assert_eq!((e.position, &e.data[..]), (*p, &d[..]));
+    }
 }
