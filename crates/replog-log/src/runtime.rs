@@ -507,9 +507,17 @@ impl Engine {
                 .step(input, &mut outs)
                 .map_err(|e| e.to_string())?;
         }
-        // Nothing else queued: a small ready may be fsynced inline.
-        self.core
-            .allow_inline_sync(self.queued_requests.is_empty() && self.queued_inbound.is_empty());
+        // Nothing else queued: a small ready may be fsynced inline. Only on
+        // a replica without peers: one with peers must keep answering
+        // heartbeats while an fsync is slow (a VM disk stalls for hundreds
+        // of ms now and then), or its leader's quorum check deposes the
+        // leader. Seen as spurious elections: with inline syncs on
+        // followers, both stalled in one disk hiccup.
+        self.core.allow_inline_sync(
+            self.link.is_none()
+                && self.queued_requests.is_empty()
+                && self.queued_inbound.is_empty(),
+        );
         let progress = self.core.drive(&mut outs).map_err(|e| e.to_string())?;
         // Publish before answering: a caller that got its position must
         // see it within `ending()`.

@@ -106,8 +106,22 @@ fn leader(logs: &BTreeMap<u64, Log>) -> u64 {
     found.unwrap()
 }
 
+/// Role changes, status changes and raft-rs's own notes (elections, quorum
+/// checks) go to the test's output, shown when a test fails: an unexpected
+/// election is then explained by the log. `RUST_LOG` overrides the filter.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("raft=info,replog_core=info,replog_log=info")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_replicate_and_a_wiped_replica_rejoins() {
+    init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let dirs: BTreeMap<u64, PathBuf> = (1..=3)
         .map(|i| (i, tmp.path().join(format!("r{i}"))))
