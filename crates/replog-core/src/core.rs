@@ -1033,6 +1033,13 @@ impl<S: LogStorage> ReplicaCore<S> {
             || !update.entries.is_empty()
             || update.snapshot.is_some()
             || update.status.is_some();
+        if let Some((index, _)) = &installed {
+            // The snapshot's position counts as applied: a held (older)
+            // applied position must not be written with it, or the replica
+            // would restart with applied < snapshot position, which raft-rs
+            // refuses.
+            update.applied = Some(*index);
+        }
         if let Some(e) = committed.last() {
             update.applied = Some(e.index);
         }
@@ -1042,10 +1049,14 @@ impl<S: LogStorage> ReplicaCore<S> {
             if update.hard_state.is_none() {
                 update.hard_state = d.hard_state;
             }
-            if update.applied.is_none() {
-                update.applied = d.applied;
-            }
+            update.applied = update.applied.max(d.applied);
         }
+        debug_assert!(
+            installed
+                .as_ref()
+                .is_none_or(|(index, _)| update.applied >= Some(*index)),
+            "a snapshot is written with an applied position at or past it"
+        );
         // Inline only when no earlier ready waits for its fsync (persisted
         // reports stay in order), nothing is to be sent before the fsync,
         // and there is no snapshot to report.
@@ -1078,7 +1089,19 @@ impl<S: LogStorage> ReplicaCore<S> {
             out.push(Output::StatusChanged { status });
         }
         let number = rd.number();
-        let persisted_msgs = rd.take_persisted_messages();
+        let (heartbeat_responses, persisted_msgs): (Vec<Message>, Vec<Message>) = rd
+            .take_persisted_messages()
+            .into_iter()
+            .partition(|m| m.get_msg_type() == MessageType::MsgHeartbeatResponse);
+        // raft-rs files every message of a non-leader as "persisted". A
+        // heartbeat response promises nothing about this replica's log or
+        // vote (etcd's raft sends it at once too), so it goes out now: held
+        // behind a slow fsync (a VM disk stalls for hundreds of ms), it made
+        // a live follower look dead to its leader's quorum check, which
+        // then deposed the leader.
+        if !heartbeat_responses.is_empty() {
+            out.push(Output::Send(heartbeat_responses));
+        }
         self.node.advance_append_async(rd);
         if let Some(e) = committed.last() {
             self.applied = e.index;
@@ -1603,5 +1626,60 @@ mod tests {
             }
         )));
         assert_eq!(c.progress().term, 1, "the vote request was not even seen");
+    }
+
+    #[test]
+    fn a_heartbeat_response_does_not_wait_for_a_pending_fsync() {
+        let s = MemoryStorage::new_initialized("t", 1, vec![1, 2, 3]);
+        let last = s.meta().snapshot_index.max(raft::Storage::last_index(&s).unwrap());
+        let last_term = raft::Storage::term(&s, last).unwrap();
+        let cfg = CoreConfig {
+            peers: vec![2, 3],
+            ..Default::default()
+        };
+        let mut c = ReplicaCore::new(s, &cfg).unwrap();
+        let sent = |out: &[Output], kind: MessageType| {
+            out.iter()
+                .filter_map(|o| match o {
+                    Output::Send(m) => Some(m.iter()),
+                    _ => None,
+                })
+                .flatten()
+                .any(|m| m.get_msg_type() == kind)
+        };
+        // Leader 2 (term 2) appends an entry: it needs an fsync, which the
+        // runtime has not reported yet.
+        let mut append = Message::default();
+        append.set_msg_type(MessageType::MsgAppend);
+        (append.from, append.to, append.term) = (2, 1, 2);
+        (append.index, append.log_term, append.commit) = (last, last_term, last);
+        let mut e = Entry::default();
+        (e.index, e.term) = (last + 1, 2);
+        append.entries = vec![e].into();
+        let mut out = Vec::new();
+        c.step(Input::Message(Box::new(append)), &mut out).unwrap();
+        c.drive(&mut out).unwrap();
+        let ready_number = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Sync { ready_number } => Some(*ready_number),
+                _ => None,
+            })
+            .expect("the append asks for an fsync");
+        assert!(!sent(&out, MessageType::MsgAppendResponse), "not before the fsync");
+        // A heartbeat meanwhile is answered at once.
+        let mut hb = Message::default();
+        hb.set_msg_type(MessageType::MsgHeartbeat);
+        (hb.from, hb.to, hb.term, hb.commit) = (2, 1, 2, last);
+        let mut out = Vec::new();
+        c.step(Input::Message(Box::new(hb)), &mut out).unwrap();
+        c.drive(&mut out).unwrap();
+        assert!(sent(&out, MessageType::MsgHeartbeatResponse));
+        assert!(!sent(&out, MessageType::MsgAppendResponse), "still not before the fsync");
+        // The append's answer leaves once the fsync is reported.
+        let mut out = Vec::new();
+        c.step(Input::Persisted { ready_number }, &mut out).unwrap();
+        c.drive(&mut out).unwrap();
+        assert!(sent(&out, MessageType::MsgAppendResponse));
     }
 }
