@@ -1631,7 +1631,10 @@ mod tests {
     #[test]
     fn a_heartbeat_response_does_not_wait_for_a_pending_fsync() {
         let s = MemoryStorage::new_initialized("t", 1, vec![1, 2, 3]);
-        let last = s.meta().snapshot_index.max(raft::Storage::last_index(&s).unwrap());
+        let last = s
+            .meta()
+            .snapshot_index
+            .max(raft::Storage::last_index(&s).unwrap());
         let last_term = raft::Storage::term(&s, last).unwrap();
         let cfg = CoreConfig {
             peers: vec![2, 3],
@@ -1666,7 +1669,10 @@ mod tests {
                 _ => None,
             })
             .expect("the append asks for an fsync");
-        assert!(!sent(&out, MessageType::MsgAppendResponse), "not before the fsync");
+        assert!(
+            !sent(&out, MessageType::MsgAppendResponse),
+            "not before the fsync"
+        );
         // A heartbeat meanwhile is answered at once.
         let mut hb = Message::default();
         hb.set_msg_type(MessageType::MsgHeartbeat);
@@ -1675,7 +1681,10 @@ mod tests {
         c.step(Input::Message(Box::new(hb)), &mut out).unwrap();
         c.drive(&mut out).unwrap();
         assert!(sent(&out, MessageType::MsgHeartbeatResponse));
-        assert!(!sent(&out, MessageType::MsgAppendResponse), "still not before the fsync");
+        assert!(
+            !sent(&out, MessageType::MsgAppendResponse),
+            "still not before the fsync"
+        );
         // The append's answer leaves once the fsync is reported.
         let mut out = Vec::new();
         c.step(Input::Persisted { ready_number }, &mut out).unwrap();
