@@ -169,6 +169,9 @@ pub async fn connect(endpoint: &str) -> Result<SchedulerStateClient<Channel>> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
+/// How long [`submit`] looks for a leader that takes a transaction.
+const SUBMIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// The leader's address from a NOT_LEADER answer.
 fn leader_hint(s: &tonic::Status) -> Option<String> {
     let hint = s.metadata().get("replog-leader")?.to_str().ok()?;
@@ -179,6 +182,8 @@ fn leader_hint(s: &tonic::Status) -> Option<String> {
 /// Submits `txn` to the leader among `endpoints` (following leader hints;
 /// written again on the new leader when leadership was lost mid-write,
 /// which is safe only because this tool's transactions are idempotent).
+/// Gives up when no leader takes it within [`SUBMIT_PATIENCE`] (an election,
+/// or a new leader whose state writer is not ready yet, takes a moment).
 pub async fn submit(
     endpoints: &[String],
     clients: &mut Vec<(String, SchedulerStateClient<Channel>)>,
@@ -188,7 +193,10 @@ pub async fn submit(
         .first()
         .map(|(e, _)| e.clone())
         .unwrap_or_else(|| endpoints[0].clone());
-    for attempt in 0..(endpoints.len() * 3 + 3) {
+    let deadline = tokio::time::Instant::now() + SUBMIT_PATIENCE;
+    let mut attempt = 0;
+    while tokio::time::Instant::now() < deadline {
+        attempt += 1;
         if !clients.iter().any(|(e, _)| *e == target) {
             clients.insert(0, (target.clone(), connect(&target).await?));
         }
@@ -218,13 +226,16 @@ pub async fn submit(
                 if code != "NOT_LEADER" && code != "LEADERSHIP_LOST" {
                     bail!("{target} refused the transaction: {} ({code})", s.message());
                 }
-                target = match leader_hint(&s) {
+                let next = match leader_hint(&s) {
                     Some(l) => l,
-                    None => {
-                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                        endpoints[attempt % endpoints.len()].clone()
-                    }
+                    None => endpoints[attempt % endpoints.len()].clone(),
                 };
+                if next == target || leader_hint(&s).is_none() {
+                    // No leader known, or the leader itself is not ready to
+                    // write yet (it names itself): wait before asking again.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                target = next;
             }
             Err(s) => bail!("{target}: {} ({:?})", s.message(), s.code()),
         }
