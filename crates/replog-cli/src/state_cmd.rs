@@ -226,16 +226,13 @@ pub async fn submit(
                 if code != "NOT_LEADER" && code != "LEADERSHIP_LOST" {
                     bail!("{target} refused the transaction: {} ({code})", s.message());
                 }
-                let next = match leader_hint(&s) {
-                    Some(l) => l,
-                    None => endpoints[attempt % endpoints.len()].clone(),
-                };
-                if next == target || leader_hint(&s).is_none() {
+                let hint = leader_hint(&s);
+                if hint.is_none() || hint.as_ref() == Some(&target) {
                     // No leader known, or the leader itself is not ready to
                     // write yet (it names itself): wait before asking again.
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
-                target = next;
+                target = hint.unwrap_or_else(|| endpoints[attempt % endpoints.len()].clone());
             }
             Err(s) => bail!("{target}: {} ({:?})", s.message(), s.code()),
         }

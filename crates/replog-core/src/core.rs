@@ -416,7 +416,7 @@ impl<S: LogStorage> ReplicaCore<S> {
     pub fn flush_deferred(&mut self) -> Result<(), CoreError> {
         if let Some(update) = self.deferred.take() {
             assert!(
-                update.entries.is_empty() && update.snapshot.is_none() && !update.sync,
+                update.only_commit_and_applied() && !update.sync,
                 "a deferred update holds a commit index and an applied position only"
             );
             self.storage.write(update)?;
@@ -1068,14 +1068,7 @@ impl<S: LogStorage> ReplicaCore<S> {
             && update.entries.len() <= self.config.inline_sync_max_entries;
         update.sync = inline;
         let new_status = update.status;
-        let only_commit_and_applied = !needs_sync
-            && update.entries.is_empty()
-            && update.snapshot.is_none()
-            && update.status.is_none()
-            && update.conf_state.is_none()
-            && update.conf_changes.is_empty()
-            && update.compact_to.is_none()
-            && update.member_addresses.is_empty();
+        let only_commit_and_applied = !needs_sync && update.only_commit_and_applied();
         if only_commit_and_applied {
             if !update.is_empty() {
                 self.deferred = Some(update);

@@ -44,14 +44,19 @@ pub struct LogUpdate {
 impl LogUpdate {
     /// True if the update changes nothing.
     pub fn is_empty(&self) -> bool {
+        self.only_commit_and_applied() && self.hard_state.is_none() && self.applied.is_none()
+    }
+
+    /// True if the update changes nothing but the hard state (of which,
+    /// for the caller to know, only the commit index) and the applied
+    /// position: what a replica may write late, merged into a later write.
+    pub fn only_commit_and_applied(&self) -> bool {
         self.entries.is_empty()
-            && self.hard_state.is_none()
             && self.conf_state.is_none()
             && self.conf_changes.is_empty()
             && self.member_addresses.is_empty()
             && self.snapshot.is_none()
             && self.compact_to.is_none()
-            && self.applied.is_none()
             && self.status.is_none()
     }
 }
