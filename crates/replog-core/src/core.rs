@@ -31,8 +31,10 @@
 //!   that lacks committed entries. It catches up as a learner (the leader
 //!   demotes it first if it was a voter) and persists VOTING when it applies
 //!   its own promotion after having been a learner;
-//! - the leader demotes a voter that reports EMPTY or RECOVERING, and
-//!   promotes a learner once it has everything committed (`auto_promote`).
+//! - the leader demotes a voter that reports EMPTY or RECOVERING, unless
+//!   the report carries the incarnation the voter had as a learner here
+//!   (a request delayed past its promotion), and promotes a learner once it
+//!   has everything committed (`auto_promote`).
 //!
 //! Invariants:
 //! - a proposal is reported [`Output::Committed`] only once its entry is
@@ -93,6 +95,11 @@ pub struct CoreConfig {
     /// on the caller's thread (see [`ReplicaCore::allow_inline_sync`]);
     /// bigger ones go through [`Output::Sync`]. 0: always [`Output::Sync`].
     pub inline_sync_max_entries: usize,
+    /// Names this run of the replica in the recover protocol; must differ
+    /// from one start to the next (the default draws a random one). It lets
+    /// the leader tell a recover request delayed past the sender's promotion
+    /// from one sent after the sender lost its data or restarted.
+    pub incarnation: u64,
 }
 
 impl Default for CoreConfig {
@@ -109,6 +116,7 @@ impl Default for CoreConfig {
             auto_promote: true,
             election_tick_range: None,
             inline_sync_max_entries: 8,
+            incarnation: rand::random(),
         }
     }
 }
@@ -119,6 +127,8 @@ pub enum PeerMessage {
     RecoverRequest {
         status: ReplicaStatus,
         last_index: u64,
+        /// The sender's [`CoreConfig::incarnation`].
+        incarnation: u64,
     },
     RecoverResponse {
         status: ReplicaStatus,
@@ -317,6 +327,16 @@ pub struct ReplicaCore<S: LogStorage> {
     /// While RECOVERING: this replica has been a learner since it started
     /// recovering, so a promotion it applies is a promotion after catch-up.
     seen_as_learner: bool,
+    /// The incarnation each replica last announced in a non-VOTING recover
+    /// request while it was a learner here (one entry per replica id). If
+    /// that replica is a voter now, it was promoted in that incarnation, and
+    /// another non-VOTING request of the same incarnation is stale.
+    learner_incarnations: BTreeMap<u64, u64>,
+    /// This replica's incarnation in its recover requests: starts as
+    /// [`CoreConfig::incarnation`] and changes when this replica, RECOVERING,
+    /// finds itself a voter it cannot turn VOTING from (see
+    /// `note_own_membership`), so that the leader demotes it again.
+    incarnation: u64,
     /// A commit-index/applied-only update not written yet: it rides along
     /// with the next ready's write (merged, so writes never go out of
     /// order), or [`ReplicaCore::flush_deferred`] writes it. The answers to
@@ -373,6 +393,8 @@ impl<S: LogStorage> ReplicaCore<S> {
             ticks: 0,
             recover_responses: BTreeMap::new(),
             seen_as_learner: is_learner(&meta.conf_state, meta.replica_id),
+            learner_incarnations: BTreeMap::new(),
+            incarnation: config.incarnation,
             deferred: None,
             inline_sync: false,
         };
@@ -585,6 +607,7 @@ impl<S: LogStorage> ReplicaCore<S> {
                     msg: PeerMessage::RecoverRequest {
                         status: self.status,
                         last_index,
+                        incarnation: self.incarnation,
                     },
                 });
             }
@@ -598,11 +621,29 @@ impl<S: LogStorage> ReplicaCore<S> {
         out: &mut Vec<Output>,
     ) -> Result<(), CoreError> {
         match msg {
-            PeerMessage::RecoverRequest { status, last_index } => {
+            PeerMessage::RecoverRequest {
+                status,
+                last_index,
+                incarnation,
+            } => {
                 info!(
                     "Replica in {} status received a broadcasted recover request from {from}",
                     self.status
                 );
+                let conf = self.node.raft.prs().conf().to_conf_state();
+                if status != ReplicaStatus::Voting && is_voter(&conf, from) {
+                    if self.learner_incarnations.get(&from) == Some(&incarnation) {
+                        // Sent while it was a learner, delivered after its
+                        // promotion: it turns VOTING when it applies that.
+                        debug!(
+                            replica = from,
+                            incarnation, "ignoring a recover request sent before its promotion"
+                        );
+                        return Ok(());
+                    }
+                } else if status != ReplicaStatus::Voting && is_learner(&conf, from) {
+                    self.learner_incarnations.insert(from, incarnation);
+                }
                 let raft = &self.node.raft;
                 out.push(Output::SendPeer {
                     to: from,
@@ -1145,6 +1186,13 @@ impl<S: LogStorage> ReplicaCore<S> {
             info!(replica = self.id, "promoted to voter after catching up");
             update.status = Some(ReplicaStatus::Voting);
         } else {
+            if is_voter(cs, self.id) {
+                // A voter again without a promotion it can trust (a
+                // snapshot's membership): a new incarnation makes the
+                // leader demote it instead of taking its requests for ones
+                // delayed past a promotion.
+                self.incarnation = self.incarnation.wrapping_add(1);
+            }
             self.seen_as_learner = false;
         }
     }
@@ -1619,6 +1667,65 @@ mod tests {
             }
         )));
         assert_eq!(c.progress().term, 1, "the vote request was not even seen");
+    }
+
+    #[test]
+    fn a_recover_request_delayed_past_a_promotion_does_not_demote() {
+        let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+        let cfg = CoreConfig {
+            peers: vec![2],
+            ..Default::default()
+        };
+        let mut c = ReplicaCore::new(s, &cfg).unwrap();
+        pump(&mut c, true);
+        assert!(c.progress().leader_ready);
+        let change = |c: &mut ReplicaCore<MemoryStorage>, id, ch| {
+            let mut out = Vec::new();
+            c.step(
+                Input::ChangeMembership {
+                    id,
+                    changes: vec![ch],
+                    addresses: Vec::new(),
+                },
+                &mut out,
+            )
+            .unwrap();
+            out.extend(pump(c, true));
+            assert!(committed(&out).iter().any(|(p, _)| *p == id), "{out:?}");
+        };
+        let recover = |c: &mut ReplicaCore<MemoryStorage>, incarnation| {
+            let mut out = Vec::new();
+            c.step(
+                Input::Peer {
+                    from: 2,
+                    msg: PeerMessage::RecoverRequest {
+                        status: ReplicaStatus::Recovering,
+                        last_index: 0,
+                        incarnation,
+                    },
+                },
+                &mut out,
+            )
+            .unwrap();
+        };
+        // Replica 2 recovers as a learner (incarnation 11) and is promoted.
+        change(&mut c, 1, MembershipChange::AddLearner(2));
+        recover(&mut c, 11);
+        change(&mut c, 2, MembershipChange::AddVoter(2));
+        assert!(c.node.raft.prs().conf().to_conf_state().voters.contains(&2));
+        // A request of that incarnation arrives late: no demotion.
+        recover(&mut c, 11);
+        assert!(
+            !c.node.raft.has_pending_conf(),
+            "demoted on a stale request"
+        );
+        // A request of a new incarnation (it restarted or lost its data):
+        // the leader demotes it.
+        recover(&mut c, 12);
+        assert!(
+            c.node.raft.has_pending_conf(),
+            "a new incarnation is demoted"
+        );
     }
 
     #[test]

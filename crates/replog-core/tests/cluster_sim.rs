@@ -164,6 +164,7 @@ impl Sim {
         let config = CoreConfig {
             election_tick: 10,
             election_tick_range: Some((t, t + 1)),
+            incarnation: self.rng.gen(),
             ..self.config.clone()
         };
         let n = &mut self.nodes[i];
@@ -232,6 +233,13 @@ impl Sim {
                     // Outcome unknown or refused: not acknowledged.
                     self.proposals.remove(&(from, id));
                 }
+                Output::StatusChanged { .. } if std::env::var_os("SIM_DEBUG").is_some() => {
+                    eprintln!(
+                        "t={} r{from} {o:?} meta {:?}",
+                        self.now,
+                        self.nodes[i].storage.meta()
+                    );
+                }
                 Output::ReadReady { .. }
                 | Output::Truncated { .. }
                 | Output::StatusChanged { .. }
@@ -247,6 +255,9 @@ impl Sim {
         // The runtime writes the held commit record on ticks; crashes in
         // between lose it (and must lose nothing else).
         let flush = matches!(input, Input::Tick) && self.rng.gen_bool(0.5);
+        let debug_conf = std::env::var_os("SIM_DEBUG")
+            .is_some()
+            .then(|| self.nodes[i].storage.meta().conf_state);
         let Some(core) = self.nodes[i].core.as_mut() else {
             return;
         };
@@ -259,6 +270,12 @@ impl Sim {
         if flush {
             core.flush_deferred()
                 .unwrap_or_else(|e| panic!("seed {}: flush failed: {e}", self.seed));
+        }
+        if let Some(before) = debug_conf {
+            let after = self.nodes[i].storage.meta().conf_state;
+            if before != after {
+                eprintln!("t={} r{} conf {before:?} -> {after:?}", self.now, i + 1);
+            }
         }
         self.handle(i, out);
     }
@@ -351,6 +368,9 @@ impl Sim {
                     },
                 );
                 self.membership_changes += 1;
+                if std::env::var_os("SIM_DEBUG").is_some() {
+                    eprintln!("t={} leader {leader_id} removes {x}", self.now);
+                }
                 self.removed = Some(x);
                 let node = &mut self.nodes[Self::idx(x)];
                 node.core = None;
@@ -413,6 +433,9 @@ impl Sim {
             // when every other replica is a full, running member.
             if self.nodes[i].core.is_some() && self.all_voting(i) {
                 self.disk_losses += 1;
+                if std::env::var_os("SIM_DEBUG").is_some() {
+                    eprintln!("t={} r{} loses its disk", self.now, i + 1);
+                }
                 let node = &mut self.nodes[i];
                 node.core = None;
                 node.storage = MemoryStorage::new_empty(CLUSTER, node.id);

@@ -99,12 +99,15 @@ pub(crate) fn raft_envelope(cluster_id: &str, m: &Message) -> Envelope {
 
 pub(crate) fn peer_envelope(cluster_id: &str, from: u64, to: u64, msg: &PeerMessage) -> Envelope {
     let body = match msg {
-        PeerMessage::RecoverRequest { status, last_index } => {
-            Body::RecoverRequest(RecoverRequest {
-                status: status_to_pb(*status),
-                last_index: *last_index,
-            })
-        }
+        PeerMessage::RecoverRequest {
+            status,
+            last_index,
+            incarnation,
+        } => Body::RecoverRequest(RecoverRequest {
+            status: status_to_pb(*status),
+            last_index: *last_index,
+            incarnation: *incarnation,
+        }),
         PeerMessage::RecoverResponse {
             status,
             term,
@@ -160,6 +163,7 @@ pub(crate) fn decode(cluster_id: &str, me: u64, env: Envelope) -> Result<(u64, I
                 )
             })?,
             last_index: r.last_index,
+            incarnation: r.incarnation,
         }),
         Some(Body::RecoverResponse(r)) => Inbound::Peer(PeerMessage::RecoverResponse {
             status: status_from_pb(r.status).ok_or_else(|| {

@@ -78,6 +78,7 @@ fn body(kind: u64, seq: u64) -> Body {
         1 => Body::RecoverRequest(RecoverRequest {
             status: ReplicaStatus::Voting as i32,
             last_index: seq,
+            incarnation: seq ^ 0x5a5a,
         }),
         _ => Body::RecoverResponse(RecoverResponse {
             status: ReplicaStatus::Recovering as i32,
