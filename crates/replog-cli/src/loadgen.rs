@@ -9,8 +9,9 @@
 //!
 //! What is loaded is a [`Target`]: [`ReplogTarget`] appends to a replog
 //! cluster (`--endpoint`), [`EtcdTarget`] puts values into an etcd cluster
-//! (`--etcd`). Both speak gRPC over one HTTP/2 connection per client, so
-//! the two are measured through the same kind of client stack.
+//! (`--etcd`). Both speak gRPC over one HTTP/2 connection per client,
+//! through the same unary caller ([`crate::grpc_unary`]), so the two are
+//! measured through the same client stack.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,10 +22,8 @@ use crate::cli::progress_bar;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use indicatif::ProgressBar;
-use replog_proto::client::replog_client_client::ReplogClientClient;
-use replog_proto::client::AppendRequest;
+use replog_proto::client::{AppendRequest, AppendResponse};
 use replog_proto::etcd;
-use replog_proto::etcd::kv_client::KvClient;
 use replog_proto::etcd::maintenance_client::MaintenanceClient;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -33,6 +32,10 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::benchmark::Report;
 use crate::cli::BenchmarkArgs;
+use crate::grpc_unary::UnaryConn;
+
+/// How long a client may take to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Something the generator puts values into.
 ///
@@ -279,24 +282,24 @@ impl EtcdTarget {
 }
 
 impl Target for EtcdTarget {
-    type Session = KvClient<Channel>;
+    type Session = UnaryConn;
 
     /// Opens the client's own connection to the leader.
-    async fn connect(&self, _client: usize) -> Result<KvClient<Channel>> {
-        Ok(KvClient::new(etcd_channel(&self.leader).await?))
+    async fn connect(&self, _client: usize) -> Result<UnaryConn> {
+        let authority = self.leader.trim_start_matches("http://");
+        UnaryConn::connect(authority, CONNECT_TIMEOUT).await
     }
 
-    async fn put(&self, client: &mut KvClient<Channel>, seq: u64, payload: Bytes) -> Result<()> {
+    async fn put(&self, conn: &mut UnaryConn, seq: u64, payload: Bytes) -> Result<()> {
         let req = etcd::PutRequest {
             key: Bytes::from(format!("{}{seq:010}", self.key_prefix)),
             value: payload,
             ..Default::default()
         };
-        let r = client
-            .put(req)
+        let r: etcd::PutResponse = conn
+            .call("/etcdserverpb.KV/Put", &req)
             .await
-            .with_context(|| format!("put to {}", self.leader))?
-            .into_inner();
+            .with_context(|| format!("put to {}", self.leader))?;
         if r.header.is_none() {
             bail!("etcd answered a put without a response header");
         }
@@ -307,9 +310,9 @@ impl Target for EtcdTarget {
 // ---------------------------------------------------------------------------
 // the command line
 
-/// Appends to a replog cluster's leader through the generated gRPC stub
-/// (`replog.client.v1.ReplogClient/Append`), each client on its own HTTP/2
-/// connection: the same client stack as [`EtcdTarget`]. The leader is found
+/// Appends to a replog cluster's leader (`replog.client.v1.ReplogClient/
+/// Append`), each client on its own HTTP/2 connection: the same client
+/// stack as [`EtcdTarget`]. The leader is found
 /// once, before the clock starts, with the `replog-client` crate; during the
 /// run nothing is retried or redirected (a leader change fails the run).
 pub struct ReplogTarget {
@@ -330,25 +333,25 @@ impl ReplogTarget {
 }
 
 impl Target for ReplogTarget {
-    type Session = ReplogClientClient<Channel>;
+    type Session = UnaryConn;
 
     /// Opens the client's own connection to the leader.
-    async fn connect(&self, _client: usize) -> Result<Self::Session> {
-        let channel = Endpoint::from_shared(format!("http://{}", self.leader))
-            .with_context(|| format!("'{}' is not an address", self.leader))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {}", self.leader))?;
-        Ok(ReplogClientClient::new(channel))
+    async fn connect(&self, _client: usize) -> Result<UnaryConn> {
+        let authority = self.leader.trim_start_matches("http://");
+        UnaryConn::connect(authority, CONNECT_TIMEOUT).await
     }
 
-    async fn put(&self, session: &mut Self::Session, _seq: u64, payload: Bytes) -> Result<()> {
-        session
-            .append(AppendRequest { data: payload })
+    async fn put(&self, conn: &mut UnaryConn, _seq: u64, payload: Bytes) -> Result<()> {
+        let r: AppendResponse = conn
+            .call(
+                "/replog.client.v1.ReplogClient/Append",
+                &AppendRequest { data: payload },
+            )
             .await
             .with_context(|| format!("append to {}", self.leader))?;
+        if r.position == 0 {
+            bail!("{} acknowledged an append at position 0", self.leader);
+        }
         Ok(())
     }
 }
