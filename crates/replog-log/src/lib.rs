@@ -93,8 +93,12 @@ pub struct LogOptions {
     /// the driver thread (RocksDB's write leader does the same). On a
     /// replica of one the caller then does the write and its fsync itself
     /// and gets its answer without any thread wake-up; the calling thread
-    /// (a tokio worker, say) is busy for that fsync. Off: every request
-    /// goes through the driver thread.
+    /// (a tokio worker, say) is busy for that fsync. Likewise the sync
+    /// thread reports a finished fsync to the core itself when nothing else
+    /// waits for one and nobody drives (on a replica with peers: the answer
+    /// to the leader, or to the caller, leaves without waking the driver).
+    /// Off: every request and every fsync report goes through the driver
+    /// thread.
     pub caller_drives: bool,
 }
 
@@ -374,6 +378,16 @@ impl Log {
     pub fn caller_driven_count(&self) -> u64 {
         self.shared
             .caller_driven
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// fsyncs whose completion the sync thread reported to the core itself
+    /// since open, because no other fsync was asked for and nobody drove
+    /// the engine (see [`LogOptions::caller_drives`]); the driver thread
+    /// was told of the others.
+    pub fn sync_reported_count(&self) -> u64 {
+        self.shared
+            .sync_reported
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 

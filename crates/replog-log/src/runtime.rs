@@ -88,6 +88,8 @@ pub(crate) struct Shared {
     caller_drives: bool,
     /// Requests a caller drove on its own thread.
     pub caller_driven: AtomicU64,
+    /// fsyncs the sync thread reported to the core itself.
+    pub sync_reported: AtomicU64,
     /// The driver thread is batching concurrent requests: its last turn
     /// took more than one, and it has not parked since. Callers then queue
     /// behind it rather than drive, so that concurrent requests share its
@@ -156,16 +158,50 @@ impl Shared {
             ..Work::default()
         };
         self.caller_driven.fetch_add(1, Ordering::Relaxed);
+        Self::turn(self, &mut guard, work);
+        Ok(())
+    }
+
+    /// Called by the sync thread right after an fsync that covered every
+    /// ready up to `ready_number`, when no other fsync is asked for: if
+    /// nobody drives the engine, reports it here (sends the messages that
+    /// waited for it, answers the appends it made durable) instead of
+    /// waking the driver thread for it. False: the driver thread must be
+    /// told, as before.
+    fn report_persisted_here(&self, ready_number: u64) -> bool {
+        if !self.caller_drives {
+            return false;
+        }
+        let Some(mut guard) = self.engine.try_lock() else {
+            return false;
+        };
+        if guard.is_none() {
+            return false;
+        }
+        let work = Work {
+            persisted: Some(ready_number),
+            ..Work::default()
+        };
+        self.sync_reported.fetch_add(1, Ordering::Relaxed);
+        Self::turn(self, &mut guard, work);
+        true
+    }
+
+    /// One turn of the engine in `guard` on this thread; a failure or a
+    /// panic stops the replica, as one on the driver thread does.
+    fn turn(&self, guard: &mut Option<Engine>, work: Work) {
+        let Some(engine) = guard.as_mut() else {
+            return;
+        };
         let turn =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.process(self, work)));
         let failure = match turn {
-            Ok(Ok(_)) => return Ok(()),
+            Ok(Ok(_)) => return,
             Ok(Err(failure)) => failure,
             Err(panic) => panic_reason(panic.as_ref()),
         };
         engine.stop(self, Some(failure));
         *guard = None;
-        Ok(())
     }
 }
 
@@ -243,14 +279,16 @@ pub(crate) fn start(
         engine: Mutex::new(Some(engine)),
         caller_drives,
         caller_driven: AtomicU64::new(0),
+        sync_reported: AtomicU64::new(0),
         driver_batching: AtomicBool::new(false),
     });
 
     let syncer = {
         let storage = storage.clone();
+        let shared = shared.clone();
         std::thread::Builder::new()
             .name("replog-sync".into())
-            .spawn(move || sync_loop(storage, sync_rx, persisted_tx))
+            .spawn(move || sync_loop(&shared, storage, sync_rx, persisted_tx))
             .map_err(|e| LogError::Invalid(format!("cannot start sync thread: {e}")))?
     };
     let compactor = {
@@ -309,17 +347,26 @@ fn initial_work(outs: Vec<Output>) -> Work {
     }
 }
 
+/// The sync thread: one fsync for every ready written since the last one
+/// (group commit). Its report goes to the driver thread, unless no other
+/// fsync is asked for and the engine is free: then this thread reports it
+/// itself (no wake-up of the driver on the path of a lone append, on the
+/// leader and on the follower alike). A failed fsync always goes to the
+/// driver thread, which stops the replica.
 fn sync_loop(
+    shared: &Shared,
     storage: RocksStorage,
     rx: Receiver<u64>,
     done: Sender<std::result::Result<u64, String>>,
 ) {
     while let Ok(mut n) = rx.recv() {
-        // Group commit: one fsync covers every ready written so far.
         while let Ok(m) = rx.try_recv() {
             n = n.max(m);
         }
         let r = storage.sync().map(|()| n).map_err(|e| e.to_string());
+        if r.is_ok() && rx.is_empty() && shared.report_persisted_here(n) {
+            continue;
+        }
         let failed = r.is_err();
         if done.send(r).is_err() || failed {
             return;

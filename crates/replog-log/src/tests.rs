@@ -249,6 +249,7 @@ fn with_caller_drives_off_every_request_goes_through_the_driver_thread() {
         let log = Log::open(&path, opts).unwrap();
         append_sequentially(&log, 20).await;
         assert_eq!(log.caller_driven_count(), 0);
+        assert_eq!(log.sync_reported_count(), 0);
     });
 }
 

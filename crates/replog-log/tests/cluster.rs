@@ -158,6 +158,14 @@ async fn three_replicas_replicate_and_a_wiped_replica_rejoins() {
             .collect();
         assert_eq!(got, want, "replica {id}");
     }
+    // Lone appends: on each replica, the sync thread reported most of its
+    // fsyncs to the core itself rather than waking the driver thread.
+    for (id, log) in &logs {
+        assert!(
+            log.sync_reported_count() > 0,
+            "replica {id}: no fsync reported by the sync thread"
+        );
+    }
     // A linearizable read on a follower goes through the leader.
     let follower = *logs.keys().find(|id| **id != l).unwrap();
     assert!(logs[&follower].linearizable_ending().await.unwrap() >= last);
