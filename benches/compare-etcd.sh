@@ -8,6 +8,7 @@
 #   COUNTS="2000 20000 50000" (operations per concurrency level 1, 64, 1000)
 #   ROUNDS=3 (each round runs every level against replog and etcd; which of
 #   the two goes first alternates between rounds)
+#   LEVELS="1 64 1000" (the concurrency levels to run, a subset of these)
 # Prints one JSON report per run and, at the end, a Markdown table of the
 # medians over the rounds (benches/report-row.py).
 set -euo pipefail
@@ -55,8 +56,11 @@ one() { # system clients count
 }
 for round in $(seq 1 "${ROUNDS:-3}"); do
   if [ $((round % 2)) = 1 ]; then systems="replog etcd"; else systems="etcd replog"; fi
-  for spec in "1 $N1" "64 $N64" "1000 $N1000"; do
-    read -r c n <<<"$spec"
+  for c in ${LEVELS:-1 64 1000}; do
+    case $c in
+      1) n=$N1 ;; 64) n=$N64 ;; 1000) n=$N1000 ;;
+      *) echo "LEVELS: $c is not one of 1, 64, 1000" >&2; exit 1 ;;
+    esac
     for s in $systems; do one "$s" "$c" "$n"; done
   done
 done
