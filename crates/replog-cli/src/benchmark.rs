@@ -69,6 +69,11 @@ pub struct Report {
     /// fsyncs the replica did during the run (replog appends only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fsyncs: Option<u64>,
+    /// The longest stretch of the run in which no operation completed, in
+    /// µs (closed-loop runs against a cluster): a disk stall or an election
+    /// shows here, while p99 only says that something was slow.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub longest_gap_us: Option<u64>,
 }
 
 impl Report {
@@ -93,6 +98,7 @@ impl Report {
             p99_us: pct(0.99),
             max_us: latencies.last().map(|d| d.as_micros() as u64).unwrap_or(0),
             fsyncs: None,
+            longest_gap_us: None,
         }
     }
 
@@ -105,8 +111,12 @@ impl Report {
             ),
             None => String::new(),
         };
+        let gap = match self.longest_gap_us {
+            Some(g) => format!("  longest_gap={g}us"),
+            None => String::new(),
+        };
         format!(
-            "{:<28} count={:<8} bytes={:<11} time={:>8.3}s  {:>10.1} ops/s  {:>8.2} MB/s  p50={}us p99={}us max={}us{fsyncs}",
+            "{:<28} count={:<8} bytes={:<11} time={:>8.3}s  {:>10.1} ops/s  {:>8.2} MB/s  p50={}us p99={}us max={}us{fsyncs}{gap}",
             self.label, self.count, self.bytes, self.seconds, self.ops_per_sec, self.mb_per_sec,
             self.p50_us, self.p99_us, self.max_us
         )

@@ -136,6 +136,7 @@ pub async fn run<T: Target>(
         let (count, limit) = (spec.count, spec.op_timeout);
         workers.spawn(async move {
             let mut latencies = Vec::with_capacity(per_client);
+            let mut completions = Vec::with_capacity(per_client);
             while !stop.load(Ordering::Relaxed) {
                 let seq = next.fetch_add(1, Ordering::Relaxed);
                 if seq >= count {
@@ -149,17 +150,23 @@ pub async fn run<T: Target>(
                         "client {c}: operation {seq} failed; {ok} of {count} operations had succeeded"
                     )));
                 }
-                latencies.push(t.elapsed());
+                let done = Instant::now();
+                latencies.push(done - t);
+                completions.push(done - start);
                 succeeded.fetch_add(1, Ordering::SeqCst);
                 progress.inc(1);
             }
-            Ok(latencies)
+            Ok((latencies, completions))
         });
     }
     let mut latencies = Vec::with_capacity(spec.count as usize);
+    let mut completions = Vec::with_capacity(spec.count as usize);
     while let Some(joined) = workers.join_next().await {
         match joined {
-            Ok(Ok(l)) => latencies.extend(l),
+            Ok(Ok((l, c))) => {
+                latencies.extend(l);
+                completions.extend(c);
+            }
             Ok(Err(e)) => {
                 workers.abort_all();
                 return Err(e);
@@ -172,7 +179,22 @@ pub async fn run<T: Target>(
     }
     let elapsed = start.elapsed();
     let bytes = latencies.len() as u64 * spec.value_size as u64;
-    Ok(Report::new(&spec.label, latencies, bytes, elapsed))
+    let mut report = Report::new(&spec.label, latencies, bytes, elapsed);
+    report.longest_gap_us = Some(longest_gap(completions).as_micros() as u64);
+    Ok(report)
+}
+
+/// The longest stretch, from the start of the run (offset zero) through
+/// the given completion offsets, with no completion in it.
+fn longest_gap(mut completions: Vec<Duration>) -> Duration {
+    completions.sort_unstable();
+    let mut previous = Duration::ZERO;
+    let mut longest = Duration::ZERO;
+    for c in completions {
+        longest = longest.max(c - previous);
+        previous = c;
+    }
+    longest
 }
 
 // ---------------------------------------------------------------------------
@@ -548,6 +570,23 @@ mod tests {
             .unwrap();
         assert_eq!((r.p50_us, r.p99_us, r.max_us), (50_000, 99_000, 100_000));
         assert!(r.seconds < 1.5, "{}", r.seconds);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_longest_stretch_without_a_completion_is_reported() {
+        // One client; op 5 takes 2 s, the others 1 ms.
+        let fake = Fake::new(None, |s| {
+            Duration::from_millis(if s == 5 { 2000 } else { 1 })
+        });
+        let r = run(fake, &spec(1, 10), &ProgressBar::hidden())
+            .await
+            .unwrap();
+        assert_eq!(r.longest_gap_us, Some(2_000_000));
+        assert_eq!(
+            longest_gap(vec![Duration::from_millis(3), Duration::from_millis(1)]),
+            Duration::from_millis(2)
+        );
+        assert_eq!(longest_gap(Vec::new()), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
