@@ -15,7 +15,7 @@
 //! acknowledged appends in position order (plus appends whose outcome was
 //! unknown to their writer, never anything that was not proposed).
 //!
-//! `REPLOG_SIM_SEEDS=N` sets how many seeds run (default 150 per cluster
+//! `REPLOG_SIM_SEEDS=N` sets how many seeds run (default 300 per cluster
 //! size); `REPLOG_SIM_SEED=S` replays one seed. A failing seed is printed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -720,7 +720,7 @@ fn seeds() -> Vec<u64> {
     let n: u64 = std::env::var("REPLOG_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(150);
+        .unwrap_or(300);
     (0..n).collect()
 }
 
