@@ -39,9 +39,10 @@ impl Drop for UnaryConn {
 }
 
 impl UnaryConn {
-    /// Connects to `authority` (`host:port`) with TCP_NODELAY and the
-    /// HTTP/2 handshake, within `timeout`.
-    pub async fn connect(authority: &str, timeout: Duration) -> Result<Self> {
+    /// Connects to `endpoint` (`host:port`, or `http://host:port`) with
+    /// TCP_NODELAY and the HTTP/2 handshake, within `timeout`.
+    pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Self> {
+        let authority = endpoint.trim_start_matches("http://");
         let connect = async {
             let tcp = tokio::net::TcpStream::connect(authority).await?;
             tcp.set_nodelay(true)?;

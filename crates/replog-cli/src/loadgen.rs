@@ -308,8 +308,7 @@ impl Target for EtcdTarget {
 
     /// Opens the client's own connection to the leader.
     async fn connect(&self, _client: usize) -> Result<UnaryConn> {
-        let authority = self.leader.trim_start_matches("http://");
-        UnaryConn::connect(authority, CONNECT_TIMEOUT).await
+        UnaryConn::connect(&self.leader, CONNECT_TIMEOUT).await
     }
 
     async fn put(&self, conn: &mut UnaryConn, seq: u64, payload: Bytes) -> Result<()> {
@@ -359,8 +358,7 @@ impl Target for ReplogTarget {
 
     /// Opens the client's own connection to the leader.
     async fn connect(&self, _client: usize) -> Result<UnaryConn> {
-        let authority = self.leader.trim_start_matches("http://");
-        UnaryConn::connect(authority, CONNECT_TIMEOUT).await
+        UnaryConn::connect(&self.leader, CONNECT_TIMEOUT).await
     }
 
     async fn put(&self, conn: &mut UnaryConn, _seq: u64, payload: Bytes) -> Result<()> {

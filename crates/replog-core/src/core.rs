@@ -655,7 +655,7 @@ impl<S: LogStorage> ReplicaCore<S> {
                     },
                 });
                 if raft.state == StateRole::Leader && self.status == ReplicaStatus::Voting {
-                    self.leader_handles_recovering(from, status, last_index);
+                    self.leader_handles_recovering(from, status, last_index, &conf);
                 }
             }
             PeerMessage::RecoverResponse { status, .. } => {
@@ -671,11 +671,17 @@ impl<S: LogStorage> ReplicaCore<S> {
 
     /// The leader's part: a voter that lost its state is demoted, so that
     /// it catches up as a learner and is promoted afterwards.
-    fn leader_handles_recovering(&mut self, from: u64, status: ReplicaStatus, last_index: u64) {
+    /// `conf` is the membership the leader has now.
+    fn leader_handles_recovering(
+        &mut self,
+        from: u64,
+        status: ReplicaStatus,
+        last_index: u64,
+        conf: &ConfState,
+    ) {
         if status == ReplicaStatus::Voting {
             return;
         }
-        let conf = self.node.raft.prs().conf().to_conf_state();
         if let Some(pr) = self.node.raft.mut_prs().get_mut(from) {
             if pr.matched > last_index {
                 // It lost what it held: replicate to it from what it has.
@@ -689,7 +695,7 @@ impl<S: LogStorage> ReplicaCore<S> {
                 pr.become_probe();
             }
         }
-        if is_voter(&conf, from) {
+        if is_voter(conf, from) {
             if self.node.raft.has_pending_conf() || !conf.voters_outgoing.is_empty() {
                 debug!(
                     replica = from,
@@ -702,7 +708,7 @@ impl<S: LogStorage> ReplicaCore<S> {
             if let Err(e) = self.node.propose_conf_change(Vec::new(), cc) {
                 warn!(error = %e, replica = from, "could not propose the demotion");
             }
-        } else if !is_learner(&conf, from) {
+        } else if !is_learner(conf, from) {
             info!(replica = from, %status,
                   "replica is not a member of this cluster; add it with `replog members add`");
         }

@@ -158,7 +158,7 @@ impl Shared {
             ..Work::default()
         };
         self.caller_driven.fetch_add(1, Ordering::Relaxed);
-        Self::turn(self, &mut guard, work);
+        self.turn(&mut guard, work);
         Ok(())
     }
 
@@ -183,7 +183,7 @@ impl Shared {
             ..Work::default()
         };
         self.sync_reported.fetch_add(1, Ordering::Relaxed);
-        Self::turn(self, &mut guard, work);
+        self.turn(&mut guard, work);
         true
     }
 
