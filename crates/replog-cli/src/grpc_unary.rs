@@ -120,7 +120,7 @@ impl UnaryConn {
 }
 
 /// `request` as one gRPC length-prefixed message (uncompressed).
-fn frame<M: prost::Message>(request: &M) -> Bytes {
+pub fn frame<M: prost::Message>(request: &M) -> Bytes {
     let len = request.encoded_len();
     let mut buf = BytesMut::with_capacity(5 + len);
     buf.put_u8(0);
@@ -131,8 +131,10 @@ fn frame<M: prost::Message>(request: &M) -> Bytes {
     buf.freeze()
 }
 
-/// Decodes the one length-prefixed message of an answer.
-fn unframe<M: prost::Message + Default>(bytes: &[u8], path: &str) -> Result<M> {
+/// Decodes the one length-prefixed message of an answer (`path` names the
+/// call in an error). These are the network bytes this client parses
+/// itself; public for the fuzz targets in `fuzz/`.
+pub fn unframe<M: prost::Message + Default>(bytes: &[u8], path: &str) -> Result<M> {
     if bytes.len() < 5 {
         bail!("{path} answered {} bytes, not a gRPC message", bytes.len());
     }

@@ -52,7 +52,7 @@ impl Default for ClusterOptions {
 
 /// What an inbound envelope carries for the core.
 #[derive(Debug)]
-pub(crate) enum Inbound {
+pub enum Inbound {
     Raft(Box<Message>),
     Peer(PeerMessage),
 }
@@ -84,7 +84,8 @@ pub fn status_pb(s: ReplicaStatus) -> i32 {
     status_to_pb(s)
 }
 
-pub(crate) fn raft_envelope(cluster_id: &str, m: &Message) -> Envelope {
+/// The envelope that carries Raft message `m` of cluster `cluster_id`.
+pub fn raft_envelope(cluster_id: &str, m: &Message) -> Envelope {
     Envelope {
         cluster_id: cluster_id.to_string(),
         from: m.from,
@@ -97,7 +98,9 @@ pub(crate) fn raft_envelope(cluster_id: &str, m: &Message) -> Envelope {
     }
 }
 
-pub(crate) fn peer_envelope(cluster_id: &str, from: u64, to: u64, msg: &PeerMessage) -> Envelope {
+/// The envelope that carries recover-protocol message `msg` from replica
+/// `from` to replica `to` of cluster `cluster_id`.
+pub fn peer_envelope(cluster_id: &str, from: u64, to: u64, msg: &PeerMessage) -> Envelope {
     let body = match msg {
         PeerMessage::RecoverRequest {
             status,
@@ -128,8 +131,11 @@ pub(crate) fn peer_envelope(cluster_id: &str, from: u64, to: u64, msg: &PeerMess
     }
 }
 
-/// Checks and decodes an envelope for replica `me` of `cluster_id`.
-pub(crate) fn decode(cluster_id: &str, me: u64, env: Envelope) -> Result<(u64, Inbound), String> {
+/// Checks and decodes an envelope for replica `me` of `cluster_id`: the
+/// sender and what it carries, or why the envelope is dropped. Every
+/// envelope a peer sends goes through it (public for the fuzz targets in
+/// `fuzz/`).
+pub fn decode(cluster_id: &str, me: u64, env: Envelope) -> Result<(u64, Inbound), String> {
     if env.cluster_id != cluster_id {
         return Err(format!(
             "envelope from replica {} of cluster '{}' (this is cluster '{cluster_id}')",

@@ -11,14 +11,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, StorageError};
-use crate::frame;
 use crate::model::ReplicaIdentity;
+use crate::records;
 
 /// File name of the identity record inside a replica directory.
 /// (Not `IDENTITY`: RocksDB keeps a file of that name for its own id.)
 pub const IDENTITY_FILE: &str = "REPLICA-IDENTITY";
-const KEY: &[u8] = b"replog/identity";
-const LIMIT: usize = 64 * 1024;
 
 pub(crate) fn path(dir: &Path) -> PathBuf {
     dir.join(IDENTITY_FILE)
@@ -39,16 +37,14 @@ pub fn read(dir: &Path) -> Result<Option<ReplicaIdentity>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io(&p)(e)),
     };
-    let location = p.display().to_string();
-    let payload = frame::decode(KEY, &bytes, LIMIT, || location.clone())?;
-    ReplicaIdentity::decode(payload, &location).map(Some)
+    records::decode_identity(&bytes, &p.display().to_string()).map(Some)
 }
 
 /// Writes the identity atomically and durably.
 pub(crate) fn write(dir: &Path, id: &ReplicaIdentity) -> Result<()> {
     let p = path(dir);
     let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
-    let framed = frame::encode(KEY, &id.encode());
+    let framed = records::encode_identity(id);
     {
         let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(&framed).map_err(io(&tmp))?;

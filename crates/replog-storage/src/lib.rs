@@ -20,6 +20,7 @@ pub mod frame;
 pub mod identity;
 mod memory;
 mod model;
+pub mod records;
 mod rocks;
 
 pub use api::{LogStorage, LogUpdate};

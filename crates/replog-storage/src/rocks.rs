@@ -22,7 +22,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use parking_lot::RwLock;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState};
@@ -34,12 +33,12 @@ use tracing::{info, warn};
 
 use crate::api::{check_conf_changes, LogStorage, LogUpdate};
 use crate::error::{Result, StorageError};
-use crate::frame;
 use crate::identity;
 use crate::model::{
-    decode_entry, encode_entry, key_position, now_unix_ms, position_key, Member, ReplicaIdentity,
-    ReplicaMeta, ReplicaStatus, FORMAT_VERSION,
+    key_position, now_unix_ms, position_key, Member, ReplicaIdentity, ReplicaMeta, ReplicaStatus,
+    FORMAT_VERSION,
 };
+use crate::records::{self, META_KEY};
 
 const CF_META: &str = "meta";
 const CF_LOG: &str = "log";
@@ -51,8 +50,6 @@ pub const CF_STATE: &str = "state";
 /// Column family of a staged recovery (a backup loaded for inspection and
 /// editing before it is committed through the log).
 pub const CF_STAGING: &str = "staging";
-const META_KEY: &[u8] = b"replica";
-const META_LIMIT: usize = 16 * 1024 * 1024;
 
 /// Default upper bound of one stored record (a framed log entry).
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 256 * 1024 * 1024;
@@ -318,7 +315,7 @@ impl RocksStorage {
             let cf = db.cf_handle(CF_META).expect("created above");
             let mut wo = WriteOptions::default();
             wo.set_sync(true);
-            db.put_cf_opt(cf, META_KEY, frame::encode(META_KEY, &meta.encode()), &wo)
+            db.put_cf_opt(cf, META_KEY, records::encode_meta(&meta), &wo)
                 .map_err(rocks_err(dir))?;
         }
         drop(db);
@@ -528,11 +525,7 @@ impl RocksStorage {
             position_key(last_index + 1),
             position_key(u64::MAX),
         );
-        batch.put_cf(
-            self.meta_cf(),
-            META_KEY,
-            frame::encode(META_KEY, &st.meta.encode()),
-        );
+        batch.put_cf(self.meta_cf(), META_KEY, records::encode_meta(&st.meta));
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         inner
@@ -604,8 +597,7 @@ impl RocksStorage {
             .map_err(rocks_err(&self.inner.dir))?;
         let Some(v) = got else { return Ok(None) };
         let loc = || log_location(&self.inner.dir, index);
-        let p = frame::decode(&key, &v, self.inner.max_record_bytes, loc)?;
-        decode_entry(index, Bytes::copy_from_slice(p), loc).map(Some)
+        records::decode_log_entry(index, &v, self.inner.max_record_bytes, loc).map(Some)
     }
 
     /// The error for an entry that should be present but is not: compacted
@@ -666,8 +658,7 @@ impl RocksStorage {
                 return Err(self.missing(expected));
             }
             let loc = || log_location(&self.inner.dir, idx);
-            let p = frame::decode(&k, &v, self.inner.max_record_bytes, loc)?;
-            let e = decode_entry(idx, Bytes::copy_from_slice(p), loc)?;
+            let e = records::decode_log_entry(idx, &v, self.inner.max_record_bytes, loc)?;
             approx += (e.data.len() + e.context.len()) as u64;
             out.push(e);
             expected += 1;
@@ -773,8 +764,7 @@ fn verify(
             StorageError::corrupt(dir.display().to_string(), "column family 'meta' is missing")
         })?;
         match db.get_pinned_cf(cf, META_KEY) {
-            Ok(Some(v)) => frame::decode(META_KEY, &v, META_LIMIT, || meta_loc.clone())
-                .and_then(|p| ReplicaMeta::decode(p, &meta_loc)),
+            Ok(Some(v)) => records::decode_meta(&v, || meta_loc.clone()),
             Ok(None) => Err(StorageError::corrupt(
                 meta_loc.clone(),
                 "metadata record is missing",
@@ -866,8 +856,7 @@ fn verify(
                 break;
             }
             let loc = || log_location(dir, idx);
-            let checked = frame::decode(&k, &v, opts.max_record_bytes, loc)
-                .and_then(|p| decode_entry(idx, Bytes::copy_from_slice(p), loc));
+            let checked = records::decode_log_entry(idx, &v, opts.max_record_bytes, loc);
             match checked {
                 Ok(e) if e.term < prev_term => {
                     bad = Some((
@@ -1010,7 +999,7 @@ impl LogStorage for RocksStorage {
             }
             for e in &u.entries {
                 let key = position_key(e.index);
-                let framed = frame::encode(&key, &encode_entry(e));
+                let framed = records::encode_log_entry(e);
                 if framed.len() > inner.max_record_bytes {
                     return Err(StorageError::TooLarge {
                         what: "log entry",
@@ -1067,11 +1056,7 @@ impl LogStorage for RocksStorage {
             meta.status = s;
         }
         debug_assert!(meta.snapshot_index <= last);
-        batch.put_cf(
-            self.meta_cf(),
-            META_KEY,
-            frame::encode(META_KEY, &meta.encode()),
-        );
+        batch.put_cf(self.meta_cf(), META_KEY, records::encode_meta(&meta));
         let mut wo = WriteOptions::default();
         let synced = u_sync && inner.sync && !inner.read_only;
         wo.set_sync(synced);
