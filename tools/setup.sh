@@ -50,6 +50,7 @@ fi
 need=()
 command -v c++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
+command -v iptables >/dev/null 2>&1 || need+=(iptables) # replog-faults: partitions and packet loss in namespaces
 if [ "$(libclang_present "${REPLOG_SETUP_ROOT:-}")" = no ]; then
   need+=(libclang-dev)
 fi

@@ -1,0 +1,63 @@
+//! Short fault campaigns for CI (about a minute each, one at a time): the
+//! process faults, the network faults and the wipes, each against a real
+//! 3-replica cluster in network namespaces, checked by the checker. The
+//! long ones are `replog-faults campaign --duration 1h --mix all` (see
+//! docs/reliability.md).
+//!
+//! Needs root and a working `ip netns` (fails with the reason otherwise,
+//! never skips), and the `replog` binary built in the same target
+//! directory (`cargo build -p replog-cli --bin replog`) or REPLOG_BIN.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use replog_faults::campaign::{self, CampaignConfig, FaultKind};
+use replog_faults::cluster::ClusterConfig;
+
+/// One cluster at a time: the machine has two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn campaign(mix: &str, seed: u64, duration: Duration) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    replog_faults::netns::preflight().expect("fault campaigns need root and a working `ip netns`");
+    let cluster = ClusterConfig::new(3).expect("the replog binary");
+    let cfg = CampaignConfig::new(cluster, duration, FaultKind::parse_mix(mix).unwrap(), seed);
+    let (report, _history) = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(campaign::run(&cfg))
+        .unwrap_or_else(|e| panic!("campaign {mix} (seed {seed}) did not complete: {e}"));
+    eprintln!("{}", report.table());
+    let faults: u64 = report.faults.values().sum();
+    assert!(faults > 0, "no fault was injected: {report:?}");
+    let acked = report
+        .operations
+        .get("append")
+        .and_then(|o| o.get("ok"))
+        .copied()
+        .unwrap_or(0);
+    assert!(acked > 0, "no append was acknowledged");
+    assert!(
+        report.violations.is_empty(),
+        "violations: {:#?}\nhistory excerpts: {:#?}",
+        report.violations,
+        report.excerpts
+    );
+}
+
+#[test]
+fn kills_pauses_and_partitions() {
+    campaign("kill,pause,partition", 11, Duration::from_secs(45));
+}
+
+#[test]
+fn packet_loss_and_delay() {
+    campaign("packet-loss,delay", 12, Duration::from_secs(30));
+}
+
+#[test]
+fn wiped_followers_rejoin() {
+    campaign("wipe,kill", 13, Duration::from_secs(40));
+}
