@@ -88,13 +88,26 @@ pub struct CampaignConfig {
 }
 
 impl CampaignConfig {
+    /// A campaign with the default workload: appends and reads, or with
+    /// `--state` state-store puts and gets (raw appends are refused then).
     pub fn new(cluster: ClusterConfig, duration: Duration, mix: Vec<FaultKind>, seed: u64) -> Self {
+        let workload = if cluster.state {
+            WorkloadConfig {
+                appenders: 0,
+                linearizable_readers: 0,
+                local_readers: 0,
+                state_clients: 4,
+                ..WorkloadConfig::default()
+            }
+        } else {
+            WorkloadConfig::default()
+        };
         CampaignConfig {
             duration,
             mix,
             seed,
             cluster,
-            workload: WorkloadConfig::default(),
+            workload,
             hold: (Duration::from_millis(500), Duration::from_secs(4)),
             quiet: (Duration::from_millis(500), Duration::from_secs(2)),
             settle_timeout: Duration::from_secs(120),
@@ -434,6 +447,7 @@ pub async fn run(cfg: &CampaignConfig) -> Result<(Report, History), ClusterError
         statuses: rec.statuses(),
         faults,
         wipes,
+        state_mode: cfg.cluster.state,
         final_logs,
     };
     drop(nemesis);

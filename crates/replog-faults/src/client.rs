@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::cluster::Cluster;
 use crate::history::{Call, Member, Op, Outcome, ReadEntry, Ret, StatusSample};
+use crate::state_client::{self, StateClients, StateKeys};
 
 /// How far back from the highest acknowledged position reads reach.
 const READ_SPAN: u64 = 20;
@@ -155,6 +156,9 @@ pub struct WorkloadConfig {
     pub appenders: u32,
     pub linearizable_readers: u32,
     pub local_readers: u32,
+    /// Clients of the state store (`--state`), each alternating puts and
+    /// linearizable gets on shared keys.
+    pub state_clients: u32,
     pub pause: Duration,
     pub request_timeout: Duration,
     /// Status polls per replica per second.
@@ -167,6 +171,7 @@ impl Default for WorkloadConfig {
             appenders: 4,
             linearizable_readers: 1,
             local_readers: 1,
+            state_clients: 0,
             pause: Duration::from_millis(5),
             request_timeout: Duration::from_secs(3),
             status_poll_interval: Duration::from_millis(50),
@@ -244,6 +249,8 @@ impl Workload {
                 );
                 tasks.push(tokio::spawn(async move {
                     let ids = c.ids();
+                    let locals: Vec<Client> =
+                        ids.iter().map(|r| c.client_of(*r, timeout)).collect();
                     let mut turn = k as usize;
                     while !stop.load(Ordering::SeqCst) {
                         let high = rec.high();
@@ -258,16 +265,47 @@ impl Workload {
                             // A replica's committed view may lag: read the
                             // span before the newest acknowledgements.
                             turn += 1;
-                            let r = ids[turn % ids.len()];
+                            let r = turn % ids.len();
                             let to = high.saturating_sub(READ_SPAN).max(1);
                             let range = (to.saturating_sub(READ_SPAN - 1).max(1), to);
-                            let one = c.client_of(r, timeout);
-                            read(&rec, &c, &one, id, range, false, Some(r)).await;
+                            read(&rec, &c, &locals[r], id, range, false, Some(ids[r])).await;
                         }
                         tokio::time::sleep(pause * 4).await;
                     }
                 }));
             }
+        }
+        let keys = Arc::new(StateKeys::default());
+        for k in 0..cfg.state_clients {
+            next_client += 1;
+            let (c, rec, stop, pause, id, keys) = (
+                cluster.clone(),
+                rec.clone(),
+                stop.clone(),
+                cfg.pause,
+                next_client,
+                keys.clone(),
+            );
+            let sc = StateClients::new(&cluster, cfg.request_timeout);
+            tasks.push(tokio::spawn(async move {
+                let mut turn = k as u64;
+                while !stop.load(Ordering::SeqCst) {
+                    turn += 1;
+                    // A cheap spread of keys and replicas per client.
+                    let pick = turn.wrapping_mul(0x9E37_79B9) >> 7;
+                    let key = keys.next_key(pick);
+                    let invoke = now_us(&c);
+                    let (call, outcome) = if turn.is_multiple_of(2) {
+                        state_client::put(&sc, pick as usize, &key, keys.next_value()).await
+                    } else {
+                        state_client::get(&sc, pick as usize, &key).await
+                    };
+                    let ok = matches!(outcome, Outcome::Ok(_));
+                    rec.record(id, invoke, now_us(&c), call, outcome);
+                    let wait = if ok { pause } else { Duration::from_millis(50) };
+                    tokio::time::sleep(wait).await;
+                }
+            }));
         }
         for r in cluster.ids() {
             let (c, rec, stop, every) = (

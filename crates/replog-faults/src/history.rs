@@ -176,6 +176,9 @@ pub struct History {
     pub statuses: Vec<StatusSample>,
     pub faults: Vec<FaultRecord>,
     pub wipes: Vec<Wipe>,
+    /// The log holds state-store records (`--state`), not raw appends: the
+    /// rules about appended values do not apply to its entries.
+    pub state_mode: bool,
     /// Each replica's application entries after healing, by position.
     #[serde(skip)]
     pub final_logs: BTreeMap<u64, BTreeMap<u64, Vec<u8>>>,

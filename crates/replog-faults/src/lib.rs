@@ -19,3 +19,4 @@ pub mod delay;
 pub mod history;
 pub mod nemesis;
 pub mod netns;
+pub mod state_client;

@@ -211,13 +211,12 @@ impl Network {
         let subnet = (1..=254u8)
             .find(|n| !used.contains(n))
             .ok_or(NetError::NoSubnet)?;
-        let net = Network {
+        // From here on, Drop removes whatever was made.
+        let mut net = Network {
             tag,
             subnet,
             nodes: Vec::new(),
         };
-        // From here on, Drop removes whatever was made.
-        let mut net = net;
         let bridge = net.bridge();
         run("ip", &["link", "add", &bridge, "type", "bridge"])?;
         run(

@@ -125,6 +125,7 @@ fn good() -> History {
             replica: 3,
             at_us: 300,
         }],
+        state_mode: false,
         final_logs: [1, 2, 3].into_iter().map(|r| (r, log(&entries))).collect(),
     }
 }

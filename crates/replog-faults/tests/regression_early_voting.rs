@@ -236,6 +236,7 @@ async fn scenario() {
         statuses: rec.statuses(),
         faults,
         wipes,
+        state_mode: false,
         final_logs,
     };
     let violations = check_all(&h);
