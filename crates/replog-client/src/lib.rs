@@ -9,7 +9,9 @@
 //! - a write whose outcome is unknown (leadership lost, the connection broke
 //!   after the request was sent) fails with [`ClientError::OutcomeUnknown`]:
 //!   the caller decides (re-read, or write again if duplicates are fine);
-//! - reads, status and watches are retried on any replica.
+//! - reads, status and watches are retried on any replica; so is a
+//!   linearizable read a replica refused as READ_NOT_CONFIRMED (no leader
+//!   confirmed it within the replica's read timeout: nothing happened).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), replog_client::ClientError> {
@@ -272,7 +274,11 @@ impl Client {
                             });
                         }
                         // Not executed: retry elsewhere or later.
-                        Some("BUSY") | Some("NOT_VOTING") | Some("CLOSED") | Some("TIMEOUT") => {
+                        Some("BUSY")
+                        | Some("NOT_VOTING")
+                        | Some("CLOSED")
+                        | Some("TIMEOUT")
+                        | Some("READ_NOT_CONFIRMED") => {
                             *self.inner.leader.lock().await = None;
                             last = format!("{endpoint}: {}", status.message());
                             tokio::time::sleep(self.backoff(attempt)).await;

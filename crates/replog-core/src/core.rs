@@ -1011,6 +1011,33 @@ impl<S: LogStorage> ReplicaCore<S> {
         self.inline_sync = allowed;
     }
 
+    /// Starts a turn of the runtime (before its inputs are stepped): the
+    /// storage's budget of reads for sends to followers is whole again
+    /// ([`LogStorage::begin_fetch_turn`]), and the sends it refused in
+    /// earlier turns are retried (`RawNode::on_entries_fetched`) while the
+    /// budget lasts. A follower catching up a large log is thus fed a
+    /// budget's worth per turn, and the requests queued between turns are
+    /// served in between, instead of one turn reading up to
+    /// `max_inflight_msgs * max_bytes_per_msg`. Each retry either spends
+    /// budget or is dropped (leadership or the follower gone), so this
+    /// loop ends; the retried sends come out of the next [`Self::drive`].
+    pub fn begin_turn(&mut self) {
+        self.storage.begin_fetch_turn();
+        for _ in 0..self.storage.deferred_fetches() {
+            let Some(context) = self.storage.next_deferred_fetch() else {
+                break;
+            };
+            self.node.on_entries_fetched(context);
+        }
+    }
+
+    /// True while sends to followers wait for a later turn's budget (see
+    /// [`Self::begin_turn`]): the runtime then runs another turn soon,
+    /// without waiting for a message or a tick.
+    pub fn has_deferred_fetches(&self) -> bool {
+        self.storage.deferred_fetches() > 0
+    }
+
     /// Processes everything raft-rs has ready: writes, applies, and emits
     /// outputs. Returns the log's progress afterwards.
     pub fn drive(&mut self, out: &mut Vec<Output>) -> Result<Progress, CoreError> {

@@ -79,12 +79,21 @@ pub enum LogError {
     #[error("the log is closed{}", .0.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
     Closed(Option<String>),
 
-    /// Waiting for leadership (a writer's start, a read index) took longer
-    /// than allowed.
-    #[error(
-        "timed out after {0:?} waiting for a leader (to become the writer, or to confirm a read)"
-    )]
+    /// Waiting for this replica to lead (a writer's start) took longer than
+    /// allowed.
+    #[error("timed out after {0:?} waiting for this replica to become the writer")]
     Timeout(std::time::Duration),
+
+    /// A linearizable read was not confirmed within `read_timeout`: no
+    /// leader confirmed its read index (none known, one that has not
+    /// committed an entry of its term yet, messages lost), or this replica
+    /// did not apply the confirmed position. Nothing was executed: the read
+    /// may be retried, here or on another replica.
+    #[error(
+        "linearizable read not confirmed within {waited:?} (no leader confirmed it, or this \
+         replica did not apply it); nothing was executed, retry"
+    )]
+    ReadNotConfirmed { waited: std::time::Duration },
 
     /// The core refused to start.
     #[error(transparent)]

@@ -75,7 +75,10 @@ pub struct LogOptions {
     pub max_batch: usize,
     /// How long `Writer::start` waits for this replica to lead.
     pub start_timeout: Duration,
-    /// How long a linearizable read waits for the leader's confirmation.
+    /// Longest a linearizable read ([`Log::linearizable_ending`]) takes: the
+    /// leader's confirmation and this replica's apply of the confirmed
+    /// position together. Past it the read fails with
+    /// [`LogError::ReadNotConfirmed`].
     pub read_timeout: Duration,
     /// Raft's election timeout, in ticks.
     pub election_ticks: usize,
@@ -100,6 +103,13 @@ pub struct LogOptions {
     /// Off: every request and every fsync report goes through the driver
     /// thread.
     pub caller_drives: bool,
+    /// Most bytes of log entries read for sends to followers in one turn of
+    /// the core (0: no limit). A follower catching up a large log is fed
+    /// this much per turn, with the requests queued meanwhile answered in
+    /// between; without a limit raft-rs reads up to its whole in-flight
+    /// window (256 messages of 1 MiB) in one turn, and the leader answers
+    /// nobody for that long.
+    pub fetch_budget_bytes: u64,
 }
 
 impl Default for LogOptions {
@@ -118,6 +128,7 @@ impl Default for LogOptions {
             heartbeat_ticks: 2,
             idle_spin: Duration::from_micros(100),
             caller_drives: true,
+            fetch_budget_bytes: replog_storage::DEFAULT_FETCH_BUDGET_BYTES,
         }
     }
 }
@@ -229,9 +240,13 @@ impl Log {
                 ..Default::default()
             },
         };
+        storage.set_fetch_budget_bytes(opts.fetch_budget_bytes);
         let cfg = RuntimeConfig {
             tick_interval: opts.tick_interval,
             read_timeout: opts.read_timeout,
+            // Half an election timeout: a lost request is asked for again
+            // well before the caller gives up, a slow one is not flooded.
+            read_retry: opts.tick_interval * (opts.election_ticks.max(2) as u32) / 2,
             max_in_flight: opts.max_in_flight,
             max_batch: opts.max_batch,
             idle_spin: opts.idle_spin,
@@ -289,13 +304,20 @@ impl Log {
     /// A linearizable ending: the committed position every read must see,
     /// confirmed by the leader (Raft ReadIndex), once this replica has
     /// applied it.
+    ///
+    /// Always ends within [`LogOptions::read_timeout`]: when no leader
+    /// confirms the read in time (none is known, the leader has not
+    /// committed an entry of its term yet, messages were lost) or this
+    /// replica does not apply the confirmed position in time, it fails with
+    /// [`LogError::ReadNotConfirmed`]: nothing happened, and the read may
+    /// be tried again here or on another replica.
     pub async fn linearizable_ending(&self) -> Result<Position> {
-        let index = self
-            .shared
-            .call(|permit, reply| Control::Read { reply, permit })
-            .await?;
-        let mut progress = self.shared.progress.subscribe();
-        let wait = async {
+        let read = async {
+            let index = self
+                .shared
+                .call(|permit, reply| Control::Read { reply, permit })
+                .await?;
+            let mut progress = self.shared.progress.subscribe();
             loop {
                 let p = *progress.borrow_and_update();
                 if p.applied >= index {
@@ -306,9 +328,10 @@ impl Log {
                 }
             }
         };
-        tokio::time::timeout(self.opts.read_timeout, wait)
+        let waited = self.opts.read_timeout;
+        tokio::time::timeout(waited, read)
             .await
-            .map_err(|_| LogError::Timeout(self.opts.read_timeout))?
+            .map_err(|_| LogError::ReadNotConfirmed { waited })?
     }
 
     /// Changes the membership (on the leader): several changes form one
@@ -370,6 +393,12 @@ impl Log {
     /// than the number of appends under concurrency).
     pub fn sync_count(&self) -> u64 {
         self.storage.sync_count()
+    }
+
+    /// Counters of the budget of reads for sends to followers (see
+    /// [`LogOptions::fetch_budget_bytes`]).
+    pub fn fetch_stats(&self) -> replog_storage::FetchStats {
+        self.storage.fetch_stats()
     }
 
     /// Requests (appends, truncates, reads, membership changes) that found

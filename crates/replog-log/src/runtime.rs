@@ -18,7 +18,23 @@
 //! - only the holder of the engine lock touches the core; the engine is
 //!   `None` once stopped, and a stopped engine is never started again;
 //! - a caller drives only its own request and only when no request is
-//!   queued, so it never answers for, or reorders, anyone else's.
+//!   queued, so it never answers for, or reorders, anyone else's;
+//! - no turn reads more than the storage's fetch budget
+//!   ([`crate::LogOptions::fetch_budget_bytes`], plus one entry) for sends
+//!   to followers: every turn starts with [`ReplicaCore::begin_turn`],
+//!   which retries the sends an earlier turn's budget refused, and while
+//!   any wait the driver thread runs turn after turn without parking (after
+//!   taking whatever is queued), so a catch-up never stops the leader from
+//!   answering for longer than one budget's worth of reading;
+//! - a linearizable read ends within `read_timeout`: answered, or refused
+//!   with [`LogError::ReadNotConfirmed`] (nothing was executed; safe to
+//!   retry). Its read index is asked for again under a new id, never
+//!   reused, whenever the leader changes or `read_retry` passed without an
+//!   answer (raft-rs drops a read index request silently: no leader, a
+//!   leader without a committed entry of its term, a lost message, a
+//!   leadership change), and read ids start at a random value per start,
+//!   so that two replicas' requests never share a context at the leader
+//!   (raft-rs keeps one request per context and drops the second).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -61,6 +77,10 @@ pub(crate) enum Control {
     TransferLeader {
         to: u64,
     },
+    /// Run a turn: sends to followers wait for a turn's fetch budget (a
+    /// caller's or the sync thread's turn left them; see
+    /// [`Shared::resume_queued`]).
+    Resume,
     Status {
         reply: oneshot::Sender<ClusterStatus>,
     },
@@ -96,6 +116,8 @@ pub(crate) struct Shared {
     /// batches and fsyncs (the first caller to find the queue empty after
     /// a batch was answered would otherwise write and fsync alone).
     driver_batching: AtomicBool,
+    /// A [`Control::Resume`] is queued and not yet taken: at most one is.
+    resume_queued: AtomicBool,
 }
 
 impl Shared {
@@ -196,7 +218,17 @@ impl Shared {
         let turn =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.process(self, work)));
         let failure = match turn {
-            Ok(Ok(_)) => return,
+            Ok(Ok(_)) => {
+                // Sends this turn deferred need a turn of their own: the
+                // driver thread may be parked, so it is woken.
+                if engine.core.has_deferred_fetches()
+                    && !self.resume_queued.swap(true, Ordering::AcqRel)
+                    && self.requests.send(Control::Resume).is_err()
+                {
+                    self.resume_queued.store(false, Ordering::Release);
+                }
+                return;
+            }
             Ok(Err(failure)) => failure,
             Err(panic) => panic_reason(panic.as_ref()),
         };
@@ -209,8 +241,12 @@ impl Shared {
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     pub tick_interval: Duration,
-    /// How long a linearizable read waits for the leader to confirm it.
+    /// How long a linearizable read waits, in all, to be confirmed by the
+    /// leader and applied here.
     pub read_timeout: Duration,
+    /// How long a read index request may go unanswered before it is asked
+    /// for again, under a new id.
+    pub read_retry: Duration,
     pub max_in_flight: usize,
     pub max_batch: usize,
     /// See [`crate::LogOptions::idle_spin`].
@@ -258,7 +294,7 @@ pub(crate) fn start(
         core,
         waiting: HashMap::new(),
         reads: HashMap::new(),
-        next_id: 1,
+        next_id: random_u64() >> 1,
         sync_tx,
         compact_tx,
         queued_requests: req_rx.clone(),
@@ -281,6 +317,7 @@ pub(crate) fn start(
         caller_driven: AtomicU64::new(0),
         sync_reported: AtomicU64::new(0),
         driver_batching: AtomicBool::new(false),
+        resume_queued: AtomicBool::new(false),
     });
 
     let syncer = {
@@ -388,7 +425,30 @@ fn compact_loop(storage: RocksStorage, rx: Receiver<u64>) {
     }
 }
 
-type ReadWaiter = (oneshot::Sender<Result<u64>>, OwnedSemaphorePermit, Instant);
+/// A random number, from the standard library's randomly keyed hasher
+/// (fresh keys from the OS at each start of the process).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// A linearizable read waiting for its read index.
+struct ReadWaiter {
+    reply: oneshot::Sender<Result<u64>>,
+    _permit: OwnedSemaphorePermit,
+    /// When the read is refused if still unanswered.
+    deadline: Instant,
+    /// When its read index was last asked for.
+    asked_at: Instant,
+    /// The term and leader this replica knew then.
+    asked_of: (u64, Option<u64>),
+}
 
 /// What one turn of the engine handles.
 #[derive(Default)]
@@ -420,8 +480,12 @@ struct Engine {
     core: ReplicaCore<RocksStorage>,
     /// Callers waiting for their proposal, each holding its permit.
     waiting: HashMap<u64, (oneshot::Sender<Result<Position>>, OwnedSemaphorePermit)>,
-    /// Linearizable reads waiting for their read index, with a deadline.
+    /// Linearizable reads waiting for their read index, by the id of their
+    /// latest request.
     reads: HashMap<u64, ReadWaiter>,
+    /// The next id of a proposal or read. Starts at a random value (see
+    /// the module docs: read ids must not repeat across replicas or
+    /// restarts) and wraps.
     next_id: u64,
     sync_tx: Sender<u64>,
     compact_tx: Sender<u64>,
@@ -464,8 +528,18 @@ fn drive_loop(
     let mut next_tick = Instant::now() + tick_interval;
     let mut work = initial;
     let mut had_work = false;
+    // Sends to followers wait for the next turn's fetch budget: take what
+    // is queued, without parking, and run that turn.
+    let mut resume = false;
     loop {
-        if work.is_empty() {
+        if work.is_empty() && resume {
+            work.envelopes
+                .extend(inbound_batch(&inbound).take(max_batch));
+            while let Ok(r) = persisted_rx.try_recv() {
+                let n = r.map_err(|e| format!("fsync failed: {e}"))?;
+                work.persisted = Some(work.persisted.map_or(n, |p| p.max(n)));
+            }
+        } else if work.is_empty() {
             if had_work {
                 spin_until_ready(
                     idle_spin.min(next_tick.saturating_duration_since(Instant::now())),
@@ -522,6 +596,7 @@ fn drive_loop(
         if engine.process(shared, std::mem::take(&mut work))? {
             return Ok(());
         }
+        resume = engine.core.has_deferred_fetches();
     }
 }
 
@@ -533,6 +608,10 @@ impl Engine {
         let mut inputs = Vec::with_capacity(work.controls.len() + work.envelopes.len() + 2);
         let mut shutdown = false;
         for c in work.controls {
+            if matches!(c, Control::Resume) {
+                shared.resume_queued.store(false, Ordering::Release);
+                continue;
+            }
             shutdown |= self.admit(c, &mut inputs);
         }
         if shutdown {
@@ -546,9 +625,11 @@ impl Engine {
         }
         if work.tick {
             inputs.push(Input::Tick);
-            self.expire_reads();
+            self.expire_or_retry_reads(&mut inputs);
         }
         let mut outs = work.outputs;
+        // The fetch budget is whole again; sends it refused before go first.
+        self.core.begin_turn();
         for input in inputs {
             self.core
                 .step(input, &mut outs)
@@ -598,18 +679,42 @@ impl Engine {
         }
     }
 
-    fn expire_reads(&mut self) {
+    /// Refuses the reads past their deadline, and asks again, under a new
+    /// id, for the read index of those asked of another leader or too long
+    /// ago: raft-rs drops a read index request without a word when there is
+    /// no leader, when the leader has not committed an entry of its term
+    /// yet, when it loses leadership, or when the request or its answer is
+    /// lost; the answer to the old id, should it come, is ignored.
+    fn expire_or_retry_reads(&mut self, inputs: &mut Vec<Input>) {
         let now = Instant::now();
-        let expired: Vec<u64> = self
+        let p = self.core.progress();
+        let leader_now = (p.term, p.leader);
+        let due: Vec<u64> = self
             .reads
             .iter()
-            .filter(|(_, (_, _, deadline))| *deadline <= now)
+            .filter(|(_, r)| {
+                r.deadline <= now
+                    || r.asked_of != leader_now
+                    || now.duration_since(r.asked_at) >= self.cfg.read_retry
+            })
             .map(|(id, _)| *id)
             .collect();
-        for id in expired {
-            if let Some((tx, _permit, _)) = self.reads.remove(&id) {
-                let _ = tx.send(Err(LogError::Timeout(self.cfg.read_timeout)));
+        for id in due {
+            let Some(mut r) = self.reads.remove(&id) else {
+                continue;
+            };
+            if r.deadline <= now {
+                let _ = r.reply.send(Err(LogError::ReadNotConfirmed {
+                    waited: self.cfg.read_timeout,
+                }));
+                continue;
             }
+            debug!(old = id, ?leader_now, "asking again for a read index");
+            r.asked_at = now;
+            r.asked_of = leader_now;
+            let id = self.new_id();
+            self.reads.insert(id, r);
+            inputs.push(Input::ReadIndex { id });
         }
     }
 
@@ -661,7 +766,7 @@ impl Engine {
 
     fn new_id(&mut self) -> u64 {
         let id = self.next_id;
-        self.next_id += 1;
+        self.next_id = self.next_id.wrapping_add(1);
         id
     }
 
@@ -669,10 +774,21 @@ impl Engine {
     fn admit(&mut self, c: Control, inputs: &mut Vec<Input>) -> bool {
         match c {
             Control::Shutdown => true,
+            Control::Resume => false,
             Control::Read { reply, permit } => {
                 let id = self.new_id();
-                let deadline = Instant::now() + self.cfg.read_timeout;
-                self.reads.insert(id, (reply, permit, deadline));
+                let now = Instant::now();
+                let p = self.core.progress();
+                self.reads.insert(
+                    id,
+                    ReadWaiter {
+                        reply,
+                        _permit: permit,
+                        deadline: now + self.cfg.read_timeout,
+                        asked_at: now,
+                        asked_of: (p.term, p.leader),
+                    },
+                );
                 inputs.push(Input::ReadIndex { id });
                 false
             }
@@ -728,8 +844,8 @@ impl Engine {
                     .map_err(|_| "the sync thread stopped".to_string())?,
                 Output::Committed { id, position } => self.answer(id, Ok(Position::new(position))),
                 Output::Failed { id, error } => {
-                    if let Some((tx, _permit, _)) = self.reads.remove(&id) {
-                        let _ = tx.send(Err(error.into()));
+                    if let Some(r) = self.reads.remove(&id) {
+                        let _ = r.reply.send(Err(error.into()));
                     } else {
                         self.answer(id, Err(error.into()));
                     }
@@ -756,8 +872,8 @@ impl Engine {
                     None => debug!(to, "no peers; dropping a recover-protocol message"),
                 },
                 Output::ReadReady { id, index } => {
-                    if let Some((tx, _permit, _)) = self.reads.remove(&id) {
-                        let _ = tx.send(Ok(index));
+                    if let Some(r) = self.reads.remove(&id) {
+                        let _ = r.reply.send(Ok(index));
                     }
                 }
                 Output::StatusChanged { status } => {
@@ -788,8 +904,8 @@ impl Engine {
         for (_, (tx, _permit)) in self.waiting.drain() {
             let _ = tx.send(Err(LogError::Closed(failure.clone())));
         }
-        for (_, (tx, _permit, _)) in self.reads.drain() {
-            let _ = tx.send(Err(LogError::Closed(failure.clone())));
+        for (_, r) in self.reads.drain() {
+            let _ = r.reply.send(Err(LogError::Closed(failure.clone())));
         }
         shared.permits.close();
         shared.progress.send_modify(|p| {

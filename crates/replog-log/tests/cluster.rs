@@ -20,15 +20,59 @@ const CLUSTER: &str = "cluster-test";
 #[derive(Clone, Default)]
 struct Switchboard {
     routes: Arc<Mutex<HashMap<u64, Sender<Envelope>>>>,
+    /// Envelopes for which this returns true are held in `held` instead of
+    /// being delivered (see [`Switchboard::release`]).
+    hold: Arc<Mutex<Option<HoldFilter>>>,
+    held: Arc<Mutex<Vec<Envelope>>>,
+    /// Replicas whose messages, both ways, are dropped.
+    cut: Arc<Mutex<Vec<u64>>>,
 }
+
+type HoldFilter = Box<dyn Fn(&Envelope) -> bool + Send>;
 
 impl PeerLink for Switchboard {
     fn send(&self, envelope: Envelope) {
+        {
+            let cut = self.cut.lock();
+            if cut.contains(&envelope.to) || cut.contains(&envelope.from) {
+                return;
+            }
+        }
+        if self.hold.lock().as_ref().is_some_and(|f| f(&envelope)) {
+            self.held.lock().push(envelope);
+            return;
+        }
         if let Some(tx) = self.routes.lock().get(&envelope.to) {
             let _ = tx.try_send(envelope);
         }
     }
     fn set_peer(&self, _id: u64, _address: String) {}
+}
+
+impl Switchboard {
+    /// Stops holding and delivers what was held, all at once (under the
+    /// routes' lock, so that a receiver takes them as one batch).
+    fn release(&self) {
+        *self.hold.lock() = None;
+        let held: Vec<Envelope> = std::mem::take(&mut *self.held.lock());
+        let routes = self.routes.lock();
+        for env in held {
+            if let Some(tx) = routes.get(&env.to) {
+                let _ = tx.try_send(env);
+            }
+        }
+    }
+}
+
+/// The type of the raft-rs message an envelope carries, if it carries one.
+fn raft_type(env: &Envelope) -> Option<raft::eraftpb::MessageType> {
+    match &env.body {
+        Some(replog_proto::replica::envelope::Body::Raft(bytes)) => {
+            let m: raft::eraftpb::Message = protobuf::Message::parse_from_bytes(bytes).ok()?;
+            Some(m.get_msg_type())
+        }
+        _ => None,
+    }
 }
 
 fn opts() -> LogOptions {
@@ -40,6 +84,10 @@ fn opts() -> LogOptions {
 }
 
 fn start(board: &Switchboard, dir: &Path, id: u64, all: &[u64]) -> Log {
+    start_with(board, dir, id, all, opts())
+}
+
+fn start_with(board: &Switchboard, dir: &Path, id: u64, all: &[u64], opts: LogOptions) -> Log {
     let (tx, rx) = bounded(4096);
     board.routes.lock().insert(id, tx);
     let cluster = ClusterOptions {
@@ -50,7 +98,7 @@ fn start(board: &Switchboard, dir: &Path, id: u64, all: &[u64]) -> Log {
             .collect::<BTreeMap<_, _>>(),
         ..Default::default()
     };
-    Log::open_replica(dir, opts(), cluster, Arc::new(board.clone()), rx).unwrap()
+    Log::open_replica(dir, opts, cluster, Arc::new(board.clone()), rx).unwrap()
 }
 
 fn init(dir: &Path, id: u64, all: &[u64]) {
@@ -256,4 +304,199 @@ async fn three_replicas_replicate_and_a_wiped_replica_rejoins() {
 /// Runs a future to completion from synchronous test code.
 fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+/// Three initialized replicas started with `opts`; returns them and their
+/// directories (in `tmp`).
+fn cluster_of_three(
+    tmp: &Path,
+    board: &Switchboard,
+    opts: &LogOptions,
+) -> (BTreeMap<u64, Log>, BTreeMap<u64, PathBuf>) {
+    let all = [1, 2, 3];
+    let dirs: BTreeMap<u64, PathBuf> = all
+        .iter()
+        .map(|i| (*i, tmp.join(format!("r{i}"))))
+        .collect();
+    let mut logs = BTreeMap::new();
+    for (id, dir) in &dirs {
+        init(dir, *id, &all);
+        logs.insert(*id, start_with(board, dir, *id, &all, opts.clone()));
+    }
+    (logs, dirs)
+}
+
+/// Two followers forward their first linearizable read to the leader in
+/// the same instant. raft-rs keeps one pending read index request per
+/// request context and silently drops a second one with the same context;
+/// read ids used to start at 1 on every replica, so both followers' first
+/// reads carried the same context and one of them hung until its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_forwarded_by_two_followers_at_once_are_both_answered() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let board = Switchboard::default();
+    let opts = LogOptions {
+        read_timeout: Duration::from_secs(3),
+        ..opts()
+    };
+    let (logs, _dirs) = cluster_of_three(tmp.path(), &board, &opts);
+    let l = leader(&logs);
+    let mut w = logs[&l].writer();
+    w.start().await.unwrap();
+    let last = w.append(&b"before the reads"[..]).await.unwrap();
+    let followers: Vec<u64> = logs.keys().copied().filter(|id| *id != l).collect();
+    for f in &followers {
+        eventually("the followers to know the leader", || {
+            logs[f].progress().leader == Some(l)
+        });
+    }
+
+    // Hold the forwarded read index requests until both were sent, then
+    // deliver them to the leader together.
+    *board.hold.lock() = Some(Box::new(move |env: &Envelope| {
+        env.to == l && raft_type(env) == Some(raft::eraftpb::MessageType::MsgReadIndex)
+    }));
+    let (a, b) = (&logs[&followers[0]], &logs[&followers[1]]);
+    let reads = async { tokio::join!(a.linearizable_ending(), b.linearizable_ending()) };
+    let release = async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while board.held.lock().len() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the followers did not forward their reads"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        board.release();
+    };
+    let ((ra, rb), ()) = tokio::join!(reads, release);
+    for (id, r) in [(followers[0], ra), (followers[1], rb)] {
+        let ending = r.unwrap_or_else(|e| panic!("replica {id}: linearizable read failed: {e}"));
+        assert!(
+            ending >= last,
+            "replica {id}: read ending {ending} before {last}"
+        );
+    }
+}
+
+/// A follower cut off from its cluster still ends a linearizable read: it
+/// is refused with `ReadNotConfirmed` (nothing executed, safe to retry)
+/// within the read timeout, never left waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_no_leader_confirms_ends_with_read_not_confirmed() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let board = Switchboard::default();
+    let read_timeout = Duration::from_secs(1);
+    let opts = LogOptions {
+        read_timeout,
+        ..opts()
+    };
+    let (logs, _dirs) = cluster_of_three(tmp.path(), &board, &opts);
+    let l = leader(&logs);
+    let f = *logs.keys().find(|id| **id != l).unwrap();
+    eventually("the follower to know the leader", || {
+        logs[&f].progress().leader == Some(l)
+    });
+    board.cut.lock().push(f);
+    // Generous: the read must end by itself, long before this.
+    let r = tokio::time::timeout(read_timeout * 10, logs[&f].linearizable_ending())
+        .await
+        .expect("a linearizable read was left waiting");
+    match r {
+        Err(replog_log::LogError::ReadNotConfirmed { waited }) => assert_eq!(waited, read_timeout),
+        other => panic!("expected ReadNotConfirmed, got {other:?}"),
+    }
+    // Back in touch, the same replica answers again.
+    board.cut.lock().clear();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match logs[&f].linearizable_ending().await {
+            Ok(_) => break,
+            Err(replog_log::LogError::ReadNotConfirmed { .. }) => {
+                assert!(Instant::now() < deadline, "reads never confirmed again");
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+}
+
+/// A wiped follower catches up a log many times the fetch budget: the
+/// leader's reads for it are spread over many turns, none reading more
+/// than the budget (plus one entry), and the follower gets the whole log
+/// and turns VOTING again; the leader keeps committing meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_follower_catches_up_a_budget_per_turn() {
+    init_tracing();
+    const BUDGET: u64 = 1024 * 1024;
+    const ENTRY: usize = 64 * 1024;
+    const ENTRIES: u32 = 384; // 24 MiB
+    let tmp = tempfile::tempdir().unwrap();
+    let board = Switchboard::default();
+    let opts = LogOptions {
+        fetch_budget_bytes: BUDGET,
+        ..opts()
+    };
+    let (mut logs, dirs) = cluster_of_three(tmp.path(), &board, &opts);
+    let all = [1, 2, 3];
+    let l = leader(&logs);
+    let f = *logs.keys().find(|id| **id != l).unwrap();
+    logs.remove(&f).unwrap().close();
+    let mut w = logs[&l].writer();
+    w.start().await.unwrap();
+    let mut last = None;
+    for i in 0..ENTRIES {
+        let mut data = vec![(i % 251) as u8; ENTRY];
+        data[..4].copy_from_slice(&i.to_be_bytes());
+        last = Some(w.append(data).await.unwrap());
+    }
+    let last = last.unwrap();
+    let before = logs[&l].fetch_stats();
+
+    std::fs::remove_dir_all(&dirs[&f]).unwrap();
+    empty(&dirs[&f], f);
+    let rejoined = start_with(&board, &dirs[&f], f, &all, opts.clone());
+    // Appends keep being answered while the follower catches up.
+    let mut during = Vec::new();
+    while !(rejoined.progress().status == ReplicaStatus::Voting
+        && rejoined.reader().ending() >= last)
+    {
+        assert!(during.len() < 100_000, "the follower never caught up");
+        during.push(w.append(&b"during the catch-up"[..]).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let got = rejoined
+        .reader()
+        .read(rejoined.reader().beginning(), last)
+        .unwrap();
+    let data: Vec<_> = got.iter().filter(|e| e.data.len() == ENTRY).collect();
+    assert_eq!(
+        data.len(),
+        ENTRIES as usize,
+        "the follower has every large entry"
+    );
+    for (i, e) in data.iter().enumerate() {
+        assert_eq!(
+            &e.data[..4],
+            &(i as u32).to_be_bytes(),
+            "entry {} out of order",
+            e.position
+        );
+    }
+    let s = logs[&l].fetch_stats();
+    assert!(
+        s.deferred > before.deferred,
+        "the catch-up never waited for a later turn's budget: {s:?}"
+    );
+    assert!(
+        s.max_turn_bytes <= BUDGET + ENTRY as u64 + 1024,
+        "a turn read {} bytes for followers, over the budget of {BUDGET}",
+        s.max_turn_bytes
+    );
+    // So the catch-up took at least total / budget turns.
+    assert!(
+        s.bytes - before.bytes >= u64::from(ENTRIES) * ENTRY as u64,
+        "the leader read less than the log for the follower: {s:?}"
+    );
 }

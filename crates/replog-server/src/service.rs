@@ -4,7 +4,9 @@
 //! when the term changes a new writer is started, so a write never crosses
 //! terms. A replica that is not the writer refuses writes with
 //! FAILED_PRECONDITION and the trailer `replog-leader: <id>=<address>`.
-//! Every error carries a stable code in the `replog-error` metadata.
+//! Every error carries a stable code in the `replog-error` metadata; a
+//! linearizable read that was not confirmed in time is READ_NOT_CONFIRMED
+//! (UNAVAILABLE): nothing was executed, and clients retry it.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -56,6 +58,8 @@ pub fn error_code(e: &LogError) -> &'static str {
         LogError::Invalid(_) | LogError::WriterNotStarted => "INVALID",
         LogError::Closed(_) => "CLOSED",
         LogError::Timeout(_) => "TIMEOUT",
+        // Nothing was executed: clients retry it, on any replica.
+        LogError::ReadNotConfirmed { .. } => "READ_NOT_CONFIRMED",
         LogError::Storage(_) | LogError::Core(_) => "STORAGE",
     }
 }
@@ -141,9 +145,10 @@ pub fn log_status(log: &Log, e: LogError) -> Status {
             Code::FailedPrecondition
         }
         LogError::Truncated { .. } | LogError::PastEnd { .. } => Code::OutOfRange,
-        LogError::Pending { .. } | LogError::Busy | LogError::MembershipInProgress(_) => {
-            Code::Unavailable
-        }
+        LogError::Pending { .. }
+        | LogError::Busy
+        | LogError::MembershipInProgress(_)
+        | LogError::ReadNotConfirmed { .. } => Code::Unavailable,
         LogError::EntryTooLarge { .. } | LogError::Invalid(_) | LogError::WriterNotStarted => {
             Code::InvalidArgument
         }

@@ -81,6 +81,23 @@ pub trait LogStorage: raft::Storage + Clone + Send + Sync + 'static {
     /// Gives the space of removed entries back to the filesystem (a no-op for
     /// storage that holds none).
     fn reclaim_space(&self) -> Result<()>;
+
+    /// Starts a turn of the read budget for sends to followers (see
+    /// [`crate::FetchBudget`]): reads that can wait are served again, up to
+    /// the budget. Storage without a budget serves every read at once.
+    fn begin_fetch_turn(&self) {}
+
+    /// The oldest read context refused for want of budget, to be retried
+    /// with `RawNode::on_entries_fetched` now, while this turn's budget
+    /// lasts. `None`: nothing to retry now.
+    fn next_deferred_fetch(&self) -> Option<raft::GetEntriesContext> {
+        None
+    }
+
+    /// Read contexts refused for want of budget and not retried yet.
+    fn deferred_fetches(&self) -> usize {
+        0
+    }
 }
 
 /// Checks that `conf_changes` are after the compaction point and in order.

@@ -16,6 +16,7 @@
 mod api;
 pub mod conformance;
 mod error;
+mod fetch_budget;
 pub mod frame;
 pub mod identity;
 mod memory;
@@ -25,6 +26,7 @@ mod rocks;
 
 pub use api::{LogStorage, LogUpdate};
 pub use error::{Result, StorageError};
+pub use fetch_budget::{FetchBudget, FetchStats, DEFAULT_FETCH_BUDGET_BYTES, MAX_DEFERRED};
 pub use memory::MemoryStorage;
 pub use model::{
     decode_member_addresses, encode_member_addresses, key_position, now_unix_ms, position_key,

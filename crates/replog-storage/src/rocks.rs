@@ -16,6 +16,10 @@
 //!   log means acknowledged data is missing, which strict open refuses.
 //! - A non-strict open that found damage persists status RECOVERING before it
 //!   returns, so the replica never votes or acknowledges on damaged data.
+//! - Reads for sends to followers are held to a per-turn byte budget
+//!   ([`FetchBudget`], [`DEFAULT_FETCH_BUDGET_BYTES`]): a catch-up never
+//!   keeps the leader's driver thread reading for longer than one budget's
+//!   worth per turn.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -33,6 +37,7 @@ use tracing::{info, warn};
 
 use crate::api::{check_conf_changes, LogStorage, LogUpdate};
 use crate::error::{Result, StorageError};
+use crate::fetch_budget::{FetchBudget, FetchStats, DEFAULT_FETCH_BUDGET_BYTES};
 use crate::identity;
 use crate::model::{
     key_position, now_unix_ms, position_key, Member, ReplicaIdentity, ReplicaMeta, ReplicaStatus,
@@ -139,6 +144,8 @@ struct Inner {
     state: RwLock<State>,
     /// fsyncs done by [`LogStorage::sync`] since open.
     syncs: AtomicU64,
+    /// Budget of the reads for sends to followers, per core turn.
+    fetch_budget: FetchBudget,
 }
 
 /// A replica's log on RocksDB. Cheap to clone (shared handle); safe to read
@@ -495,6 +502,7 @@ impl RocksStorage {
                     last_index,
                 }),
                 syncs: AtomicU64::new(0),
+                fetch_budget: FetchBudget::new(DEFAULT_FETCH_BUDGET_BYTES),
             }),
         };
         if !damage.is_empty() && !opts.read_only {
@@ -563,6 +571,17 @@ impl RocksStorage {
     /// [`LogUpdate::sync`]).
     pub fn sync_count(&self) -> u64 {
         self.inner.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Sets the budget, in bytes per core turn, of the reads for sends to
+    /// followers (0: no budget). See [`FetchBudget`].
+    pub fn set_fetch_budget_bytes(&self, bytes: u64) {
+        self.inner.fetch_budget.set_limit_bytes(bytes);
+    }
+
+    /// Counters of the read budget for sends to followers.
+    pub fn fetch_stats(&self) -> FetchStats {
+        self.inner.fetch_budget.stats()
     }
 
     /// Last position present in the log.
@@ -904,9 +923,28 @@ impl raft::Storage for RocksStorage {
         low: u64,
         high: u64,
         max_size: impl Into<Option<u64>>,
-        _context: GetEntriesContext,
+        context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        Ok(self.read_entries(low, high, max_size.into())?)
+        let max_size = max_size.into();
+        if !context.can_async() {
+            return Ok(self.read_entries(low, high, max_size)?);
+        }
+        let budget = &self.inner.fetch_budget;
+        let Some(allowed) = budget.admit(context) else {
+            // Refused for this turn; the core retries it at its next turn.
+            return Err(raft::Error::Store(
+                raft::StorageError::LogTemporarilyUnavailable,
+            ));
+        };
+        let limit = max_size.map_or(allowed, |m| m.min(allowed));
+        let entries = self.read_entries(low, high, Some(limit))?;
+        budget.charge(
+            entries
+                .iter()
+                .map(|e| (e.data.len() + e.context.len()) as u64)
+                .sum(),
+        );
+        Ok(entries)
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
@@ -1099,6 +1137,18 @@ impl LogStorage for RocksStorage {
         );
         Ok(())
     }
+
+    fn begin_fetch_turn(&self) {
+        self.inner.fetch_budget.begin_turn();
+    }
+
+    fn next_deferred_fetch(&self) -> Option<GetEntriesContext> {
+        self.inner.fetch_budget.next_deferred()
+    }
+
+    fn deferred_fetches(&self) -> usize {
+        self.inner.fetch_budget.deferred_len()
+    }
 }
 
 #[cfg(test)]
@@ -1213,5 +1263,76 @@ mod tests {
             "truncation must give space back: {before} bytes before, {after} after"
         );
         assert_eq!(s.read_entries(last - 10, last + 1, None).unwrap().len(), 11);
+    }
+
+    /// A follower's catch-up, read as raft-rs's leader reads it (messages
+    /// of at most 1 MiB, each read with a context that can wait): with a
+    /// budget of 1 MiB per turn it is spread over several turns, each turn
+    /// serves at most the budget (plus one entry), reads that cannot wait
+    /// are never refused, and every entry arrives, in order.
+    #[test]
+    fn a_large_catch_up_is_read_over_several_turns() {
+        use raft::Storage as _;
+        let mut h = Rocks { dirs: Vec::new() };
+        let s = conformance::Harness::fresh(&mut h);
+        const ENTRY: usize = 64 * 1024;
+        const BUDGET: u64 = 1024 * 1024;
+        let first = s.last_index() + 1;
+        let entries: Vec<Entry> = (first..first + 128)
+            .map(|index| Entry {
+                index,
+                term: 2,
+                data: vec![index as u8; ENTRY].into(),
+                ..Default::default()
+            })
+            .collect();
+        s.write(LogUpdate {
+            entries,
+            ..Default::default()
+        })
+        .unwrap();
+        s.set_fetch_budget_bytes(BUDGET);
+        let last = s.last_index();
+        let mut next = first;
+        let mut turns = 0u64;
+        while next <= last {
+            turns += 1;
+            assert!(turns < 100, "the catch-up does not advance");
+            s.begin_fetch_turn();
+            // A turn first takes back what the last one refused.
+            assert_eq!(s.next_deferred_fetch().is_some(), turns > 1);
+            let mut served: u64 = 0;
+            while next <= last {
+                let ctx = raft::GetEntriesContext::empty(true);
+                match s.entries(next, last + 1, Some(BUDGET), ctx) {
+                    Ok(got) => {
+                        assert_eq!(got[0].index, next);
+                        served += got.iter().map(|e| e.data.len() as u64).sum::<u64>();
+                        next += got.len() as u64;
+                    }
+                    Err(raft::Error::Store(raft::StorageError::LogTemporarilyUnavailable)) => {
+                        assert_eq!(s.deferred_fetches(), 1, "the refused read is remembered");
+                        break;
+                    }
+                    Err(e) => panic!("unexpected error {e}"),
+                }
+            }
+            assert!(
+                served <= BUDGET + ENTRY as u64,
+                "turn {turns} served {served} bytes, over the budget of {BUDGET}"
+            );
+            // Reads that cannot wait are served even with the budget spent.
+            let all = s
+                .entries(first, last + 1, None, raft::GetEntriesContext::empty(false))
+                .unwrap();
+            assert_eq!(all.len(), 128);
+        }
+        let total = 128 * ENTRY as u64;
+        assert!(
+            turns >= total / BUDGET,
+            "{total} bytes in {turns} turns: the budget did not spread them"
+        );
+        let stats = s.fetch_stats();
+        assert!(stats.deferred > 0 && stats.max_turn_bytes <= BUDGET + ENTRY as u64);
     }
 }
