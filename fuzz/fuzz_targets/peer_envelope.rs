@@ -33,7 +33,11 @@ fuzz_target!(|data: &[u8]| {
             match again {
                 Ok((s, Inbound::Raft(m2))) => {
                     assert_eq!(s, sender);
-                    assert_eq!(m2, m);
+                    // Compared by their known fields (text format): the
+                    // unknown fields rust-protobuf keeps may come back in
+                    // another place (a singular message given twice is
+                    // merged) and are never read.
+                    assert_eq!(format!("{m2:?}"), format!("{m:?}"));
                 }
                 other => panic!("a re-sent raft message came back as {other:?}"),
             }
