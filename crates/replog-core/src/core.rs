@@ -30,11 +30,23 @@
 //!   lost what it voted for and what it held, its vote could elect a leader
 //!   that lacks committed entries. It catches up as a learner (the leader
 //!   demotes it first if it was a voter) and persists VOTING when it applies
-//!   its own promotion after having been a learner;
+//!   the promotion that names it *and its current incarnation*;
 //! - the leader demotes a voter that reports EMPTY or RECOVERING, unless
-//!   the report carries the incarnation the voter had as a learner here
-//!   (a request delayed past its promotion), and promotes a learner once it
-//!   has everything committed (`auto_promote`).
+//!   the report carries the incarnation a promotion already named (a request
+//!   delayed past its promotion), and promotes a learner once it has
+//!   everything committed (`auto_promote`), naming the incarnation the
+//!   learner announced in its recover requests.
+//!
+//! The rejoin rule (asserted where the status changes): a RECOVERING
+//! replica turns VOTING only by applying a promotion entry whose
+//! [`Promotion`] names this replica and the incarnation it runs in now. A
+//! replica replaying the log from the start meets the demotions and
+//! promotions of its earlier incarnations (it may have lost its disk
+//! before); they name other incarnations, or none, and never make it
+//! VOTING. A promotion entry at position P is applied only once this
+//! replica holds the log through P durably, and the leader proposed it
+//! when the learner had matched everything committed, so a replica that
+//! turns VOTING holds every entry committed before its promotion.
 //!
 //! Invariants:
 //! - a proposal is reported [`Output::Committed`] only once its entry is
@@ -43,7 +55,8 @@
 //! - `applied` is written in the same batch as the effects of the entries
 //!   it covers (truncation, membership), so a crash never applies an entry
 //!   twice;
-//! - a replica whose status is not VOTING never sends a vote.
+//! - a replica whose status is not VOTING never sends a vote, a vote
+//!   request or a pre-vote (asserted on every ready).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -52,8 +65,10 @@ use raft::eraftpb::{
     Entry, EntryType, Message, MessageType,
 };
 use raft::{Config, RawNode, SnapshotStatus, StateRole};
+use replog_storage::bugs::{self, InjectedBug};
 use replog_storage::{
-    decode_member_addresses, encode_member_addresses, LogStorage, LogUpdate, Member, ReplicaStatus,
+    decode_membership_context, encode_membership_context, LogStorage, LogUpdate, Member,
+    MembershipContext, Promotion, ReplicaStatus,
 };
 use tracing::{debug, info, warn};
 
@@ -100,6 +115,10 @@ pub struct CoreConfig {
     /// the leader tell a recover request delayed past the sender's promotion
     /// from one sent after the sender lost its data or restarted.
     pub incarnation: u64,
+    /// A bug put back on purpose, for tests that prove they find it (see
+    /// [`replog_storage::bugs`]); ignored unless built with the feature
+    /// `inject-bugs`. Defaults to `REPLOG_INJECT_BUG` under that feature.
+    pub injected_bug: Option<InjectedBug>,
 }
 
 impl Default for CoreConfig {
@@ -117,6 +136,7 @@ impl Default for CoreConfig {
             election_tick_range: None,
             inline_sync_max_entries: 8,
             incarnation: rand::random(),
+            injected_bug: InjectedBug::from_env(),
         }
     }
 }
@@ -325,13 +345,20 @@ pub struct ReplicaCore<S: LogStorage> {
     /// Answers to this round of recover requests, by replica.
     recover_responses: BTreeMap<u64, ReplicaStatus>,
     /// While RECOVERING: this replica has been a learner since it started
-    /// recovering, so a promotion it applies is a promotion after catch-up.
+    /// recovering. Only [`InjectedBug::EarlyVoting`] decides on it (the
+    /// rule that bug puts back); the real rule is the named promotion.
     seen_as_learner: bool,
     /// The incarnation each replica last announced in a non-VOTING recover
-    /// request while it was a learner here (one entry per replica id). If
-    /// that replica is a voter now, it was promoted in that incarnation, and
-    /// another non-VOTING request of the same incarnation is stale.
+    /// request while it was a learner here (one entry per replica id): the
+    /// incarnation a promotion of it names.
     learner_incarnations: BTreeMap<u64, u64>,
+    /// The incarnation named by the last promotion of each replica applied
+    /// here. A non-VOTING request of that incarnation from a voter was sent
+    /// before it applied its promotion, and is stale.
+    promoted_incarnations: BTreeMap<u64, u64>,
+    /// Ticks since this replica last became leader (promotions of learners
+    /// with no known incarnation wait for them to announce one).
+    ticks_as_leader: u64,
     /// This replica's incarnation in its recover requests: starts as
     /// [`CoreConfig::incarnation`] and changes when this replica, RECOVERING,
     /// finds itself a voter it cannot turn VOTING from (see
@@ -374,6 +401,90 @@ fn is_voter(cs: &ConfState, id: u64) -> bool {
     cs.voters.contains(&id) || cs.voters_outgoing.contains(&id)
 }
 
+/// What a RECOVERING replica makes of a membership it now has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnMembership {
+    /// Its own promotion, in this incarnation: persist VOTING.
+    TurnVoting,
+    /// A learner: it catches up and waits for its promotion.
+    Learner,
+    /// A voter by an entry that is not its own promotion (an earlier
+    /// incarnation's promotion replayed, an unnamed or another replica's
+    /// promotion): stays RECOVERING; the leader demotes it on its next
+    /// recover request and promotes it anew.
+    UntrustedVoter,
+    /// A voter by a snapshot's membership: stays RECOVERING, and takes a
+    /// new incarnation, since the promotion of its current one may be among
+    /// the compacted entries, and the leader would then take its recover
+    /// requests for stale ones and never demote it.
+    VoterBySnapshot,
+    /// Not a member at all.
+    NotMember,
+}
+
+/// The rejoin rule as a pure decision: replica `id`, RECOVERING in
+/// `incarnation`, now has membership `cs`, from an applied entry naming
+/// `promotion` or (`from_entry == false`) from a snapshot.
+fn judge_own_membership(
+    id: u64,
+    incarnation: u64,
+    cs: &ConfState,
+    from_entry: bool,
+    promotion: Option<Promotion>,
+) -> OwnMembership {
+    let own = Promotion {
+        replica_id: id,
+        incarnation,
+    };
+    if is_learner(cs, id) {
+        OwnMembership::Learner
+    } else if !is_voter(cs, id) {
+        OwnMembership::NotMember
+    } else if !from_entry {
+        OwnMembership::VoterBySnapshot
+    } else if promotion == Some(own) {
+        OwnMembership::TurnVoting
+    } else {
+        OwnMembership::UntrustedVoter
+    }
+}
+
+/// Which caught-up learner the leader promotes, and the promotion it
+/// names: the first one that announced an incarnation; else, once the
+/// grace for announcing is over, the first one, unnamed.
+fn choose_promotion(
+    caught_up: &[u64],
+    learner_incarnations: &BTreeMap<u64, u64>,
+    grace_over: bool,
+) -> Option<(u64, Option<Promotion>)> {
+    let named = caught_up.iter().find_map(|id| {
+        learner_incarnations.get(id).map(|&incarnation| {
+            let p = Promotion {
+                replica_id: *id,
+                incarnation,
+            };
+            (*id, Some(p))
+        })
+    });
+    named.or_else(|| {
+        caught_up
+            .first()
+            .filter(|_| grace_over)
+            .map(|id| (*id, None))
+    })
+}
+
+/// True for the messages a replica sends only as a full voter.
+fn is_vote_traffic(m: &Message) -> bool {
+    matches!(
+        m.get_msg_type(),
+        MessageType::MsgRequestVote
+            | MessageType::MsgRequestVoteResponse
+            | MessageType::MsgRequestPreVote
+            | MessageType::MsgRequestPreVoteResponse
+    )
+}
+
 impl<S: LogStorage> ReplicaCore<S> {
     /// Starts the core on an opened storage, whatever its status.
     pub fn new(storage: S, config: &CoreConfig) -> Result<Self, CoreError> {
@@ -394,6 +505,8 @@ impl<S: LogStorage> ReplicaCore<S> {
             recover_responses: BTreeMap::new(),
             seen_as_learner: is_learner(&meta.conf_state, meta.replica_id),
             learner_incarnations: BTreeMap::new(),
+            promoted_incarnations: BTreeMap::new(),
+            ticks_as_leader: 0,
             incarnation: config.incarnation,
             deferred: None,
             inline_sync: false,
@@ -570,7 +683,8 @@ impl<S: LogStorage> ReplicaCore<S> {
             // panic on it. The positions this replica does hold match the
             // leader's up to there, so clamping is safe.
             let last = self.node.raft.raft_log.last_index();
-            if m.commit > last {
+            if m.commit > last && !bugs::active(self.config.injected_bug, InjectedBug::NoCommitClamp)
+            {
                 debug!(
                     replica = self.id,
                     commit = m.commit,
@@ -589,6 +703,10 @@ impl<S: LogStorage> ReplicaCore<S> {
         self.ticks += 1;
         if self.status == ReplicaStatus::Voting {
             self.node.tick();
+            self.ticks_as_leader = match self.node.raft.state {
+                StateRole::Leader => self.ticks_as_leader + 1,
+                _ => 0,
+            };
             self.auto_promote();
         } else if self.ticks % self.config.recover_interval_ticks.max(1) == 1 {
             self.broadcast_recover(out);
@@ -632,7 +750,7 @@ impl<S: LogStorage> ReplicaCore<S> {
                 );
                 let conf = self.node.raft.prs().conf().to_conf_state();
                 if status != ReplicaStatus::Voting && is_voter(&conf, from) {
-                    if self.learner_incarnations.get(&from) == Some(&incarnation) {
+                    if self.promoted_incarnations.get(&from) == Some(&incarnation) {
                         // Sent while it was a learner, delivered after its
                         // promotion: it turns VOTING when it applies that.
                         debug!(
@@ -714,7 +832,13 @@ impl<S: LogStorage> ReplicaCore<S> {
         }
     }
 
-    /// The leader promotes one caught-up learner per tick.
+    /// The leader promotes one caught-up learner per tick, naming the
+    /// incarnation it announced as a learner (the rejoin rule). A learner
+    /// that announced none (a VOTING replica an operator made a learner)
+    /// is promoted unnamed, but only after it had two recover rounds of
+    /// this leadership to announce one: a RECOVERING replica ignores an
+    /// unnamed promotion and would stay a voter that cannot vote until it
+    /// is demoted again.
     fn auto_promote(&mut self) {
         let raft = &self.node.raft;
         if !self.config.auto_promote
@@ -729,20 +853,34 @@ impl<S: LogStorage> ReplicaCore<S> {
             return;
         }
         let committed = raft.raft_log.committed;
-        let ready = conf
+        let caught_up: Vec<u64> = conf
             .learners
             .iter()
             .copied()
-            .find(|id| raft.prs().get(*id).is_some_and(|p| p.matched >= committed));
-        if let Some(id) = ready {
-            info!(
-                replica = id,
-                committed, "learner has caught up; promoting it to voter"
-            );
-            let cc = conf_change(&[MembershipChange::AddVoter(id)]);
-            if let Err(e) = self.node.propose_conf_change(Vec::new(), cc) {
-                warn!(error = %e, replica = id, "could not propose the promotion");
-            }
+            .filter(|id| raft.prs().get(*id).is_some_and(|p| p.matched >= committed))
+            .collect();
+        let grace_over = self.ticks_as_leader >= 2 * self.config.recover_interval_ticks.max(1);
+        let Some((id, promotion)) =
+            choose_promotion(&caught_up, &self.learner_incarnations, grace_over)
+        else {
+            return;
+        };
+        info!(
+            replica = id,
+            committed,
+            incarnation = ?promotion.map(|p| p.incarnation),
+            "learner has caught up; promoting it to voter"
+        );
+        let mut cc = conf_change(&[MembershipChange::AddVoter(id)]);
+        if promotion.is_some() {
+            let context = MembershipContext {
+                addresses: Vec::new(),
+                promotion,
+            };
+            cc.context = encode_membership_context(&context).into();
+        }
+        if let Err(e) = self.node.propose_conf_change(Vec::new(), cc) {
+            warn!(error = %e, replica = id, "could not propose the promotion");
         }
     }
 
@@ -990,7 +1128,11 @@ impl<S: LogStorage> ReplicaCore<S> {
         let term = raft.term;
         let mut cc = conf_change(changes);
         if !addresses.is_empty() {
-            cc.context = encode_member_addresses(addresses).into();
+            let context = MembershipContext {
+                addresses: addresses.to_vec(),
+                promotion: None,
+            };
+            cc.context = encode_membership_context(&context).into();
         }
         let r = self.node.propose_conf_change(Vec::new(), cc);
         self.note_proposal(id, term, PendingKind::Membership, r, out);
@@ -1062,6 +1204,7 @@ impl<S: LogStorage> ReplicaCore<S> {
         let sends_before_sync = !rd.messages().is_empty();
         if !rd.messages().is_empty() {
             let msgs = rd.take_messages();
+            self.assert_votes_only_when_voting(&msgs);
             snapshots_sent.extend(
                 msgs.iter()
                     .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
@@ -1097,7 +1240,7 @@ impl<S: LogStorage> ReplicaCore<S> {
         }
         if let Some((index, cs)) = &installed {
             self.applied = *index;
-            self.note_own_membership(cs, false, &mut update);
+            self.note_own_membership(cs, false, None, &mut update);
         }
         let committed = rd.take_committed_entries();
         self.apply(&committed, &mut update, out)?;
@@ -1107,6 +1250,11 @@ impl<S: LogStorage> ReplicaCore<S> {
             || !update.entries.is_empty()
             || update.snapshot.is_some()
             || update.status.is_some();
+        let needs_sync = needs_sync
+            && !(bugs::active(self.config.injected_bug, InjectedBug::VoteNotPersisted)
+                && update.entries.is_empty()
+                && update.snapshot.is_none()
+                && update.status.is_none());
         if let Some((index, _)) = &installed {
             // The snapshot's position counts as applied: a held (older)
             // applied position must not be written with it, or the replica
@@ -1141,7 +1289,10 @@ impl<S: LogStorage> ReplicaCore<S> {
             && installed.is_none()
             && update.entries.len() <= self.config.inline_sync_max_entries;
         update.sync = inline;
+        let pretend_persisted = needs_sync && !inline && self.pretends_durable(&update);
+        let inline = inline || pretend_persisted;
         let new_status = update.status;
+        let status_before = self.status;
         let only_commit_and_applied = !needs_sync && update.only_commit_and_applied();
         if only_commit_and_applied {
             if !update.is_empty() {
@@ -1156,8 +1307,11 @@ impl<S: LogStorage> ReplicaCore<S> {
             out.push(Output::StatusChanged { status });
         }
         let number = rd.number();
-        let (heartbeat_responses, persisted_msgs): (Vec<Message>, Vec<Message>) = rd
-            .take_persisted_messages()
+        let persisted_msgs = rd.take_persisted_messages();
+        // The status this ready was produced under (a promotion in this
+        // ready cannot have produced its vote messages).
+        self.assert_votes_only_when_voting_in(&persisted_msgs, status_before);
+        let (heartbeat_responses, persisted_msgs): (Vec<Message>, Vec<Message>) = persisted_msgs
             .into_iter()
             .partition(|m| m.get_msg_type() == MessageType::MsgHeartbeatResponse);
         // raft-rs files every message of a non-leader as "persisted". A
@@ -1205,28 +1359,103 @@ impl<S: LogStorage> ReplicaCore<S> {
         Ok(())
     }
 
-    /// While RECOVERING: notes whether this replica is a learner, and turns
-    /// VOTING when it applies a log entry that promotes it after it has been
-    /// a learner. A snapshot's membership never promotes: it may be older
-    /// than what this replica already applied.
-    fn note_own_membership(&mut self, cs: &ConfState, from_entry: bool, update: &mut LogUpdate) {
+    /// Asserts the rejoin rule's other half on outgoing messages: a replica
+    /// that is not VOTING never campaigns and never answers a vote.
+    fn assert_votes_only_when_voting(&self, msgs: &[Message]) {
+        self.assert_votes_only_when_voting_in(msgs, self.status);
+    }
+
+    fn assert_votes_only_when_voting_in(&self, msgs: &[Message], status: ReplicaStatus) {
+        if let Some(m) = msgs.iter().find(|m| is_vote_traffic(m)) {
+            assert!(
+                status == ReplicaStatus::Voting,
+                "replica {} in status {status} sends {:?} to {}",
+                self.id,
+                m.get_msg_type(),
+                m.to
+            );
+        }
+    }
+
+    /// Whether an injected bug treats a ready that needs an fsync as
+    /// durable without one (the leader's own entries, or a follower's
+    /// answers). Always false in a product build.
+    fn pretends_durable(&self, update: &LogUpdate) -> bool {
+        let bug = if self.node.raft.state == StateRole::Leader {
+            InjectedBug::AckBeforeFsync
+        } else {
+            InjectedBug::FollowerAnswersBeforeFsync
+        };
+        bugs::active(self.config.injected_bug, bug) && update.snapshot.is_none()
+    }
+
+    /// While RECOVERING: acts on a membership this replica now has, from an
+    /// applied entry (with the promotion it names, if any) or from an
+    /// installed snapshot (`from_entry == false`; a snapshot's membership
+    /// never promotes: it may be older than what this replica applied, and
+    /// it names no incarnation). See [`judge_own_membership`].
+    fn note_own_membership(
+        &mut self,
+        cs: &ConfState,
+        from_entry: bool,
+        promotion: Option<Promotion>,
+        update: &mut LogUpdate,
+    ) {
         if self.status != ReplicaStatus::Recovering {
             return;
         }
-        if is_learner(cs, self.id) {
-            self.seen_as_learner = true;
-        } else if from_entry && is_voter(cs, self.id) && self.seen_as_learner {
-            info!(replica = self.id, "promoted to voter after catching up");
-            update.status = Some(ReplicaStatus::Voting);
-        } else {
-            if is_voter(cs, self.id) {
-                // A voter again without a promotion it can trust (a
-                // snapshot's membership): a new incarnation makes the
-                // leader demote it instead of taking its requests for ones
-                // delayed past a promotion.
-                self.incarnation = self.incarnation.wrapping_add(1);
+        let mut verdict = judge_own_membership(self.id, self.incarnation, cs, from_entry, promotion);
+        if bugs::active(self.config.injected_bug, InjectedBug::EarlyVoting)
+            && from_entry
+            && is_voter(cs, self.id)
+            && self.seen_as_learner
+        {
+            verdict = OwnMembership::TurnVoting;
+        }
+        match verdict {
+            OwnMembership::TurnVoting => {
+                assert!(
+                    is_voter(cs, self.id) && from_entry,
+                    "replica {} turns VOTING only by applying its promotion",
+                    self.id
+                );
+                assert!(
+                    promotion
+                        == Some(Promotion {
+                            replica_id: self.id,
+                            incarnation: self.incarnation
+                        })
+                        || bugs::active(self.config.injected_bug, InjectedBug::EarlyVoting),
+                    "replica {} turns VOTING only on the promotion of its incarnation {} (got {promotion:?})",
+                    self.id,
+                    self.incarnation
+                );
+                info!(
+                    replica = self.id,
+                    incarnation = self.incarnation,
+                    "promoted to voter in this incarnation after catching up"
+                );
+                update.status = Some(ReplicaStatus::Voting);
             }
-            self.seen_as_learner = false;
+            OwnMembership::Learner => self.seen_as_learner = true,
+            OwnMembership::UntrustedVoter => {
+                debug!(
+                    replica = self.id,
+                    incarnation = self.incarnation,
+                    "a voter by an entry that is not this incarnation's promotion; still RECOVERING"
+                );
+                self.seen_as_learner = false;
+            }
+            OwnMembership::VoterBySnapshot => {
+                self.incarnation = self.incarnation.wrapping_add(1);
+                debug!(
+                    replica = self.id,
+                    incarnation = self.incarnation,
+                    "a voter by a snapshot: new incarnation, to be demoted"
+                );
+                self.seen_as_learner = false;
+            }
+            OwnMembership::NotMember => self.seen_as_learner = false,
         }
     }
 
@@ -1245,6 +1474,7 @@ impl<S: LogStorage> ReplicaCore<S> {
             let mut membership_applied = false;
             match e.get_entry_type() {
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    let mut promotion = None;
                     let cs = if e.get_entry_type() == EntryType::EntryConfChange {
                         let cc: ConfChange = protobuf::Message::parse_from_bytes(&e.data)
                             .map_err(raft::Error::CodecError)?;
@@ -1253,14 +1483,19 @@ impl<S: LogStorage> ReplicaCore<S> {
                         let cc: ConfChangeV2 = protobuf::Message::parse_from_bytes(&e.data)
                             .map_err(raft::Error::CodecError)?;
                         if !cc.context.is_empty() {
-                            match decode_member_addresses(&cc.context) {
-                                Some(a) => {
-                                    update.member_addresses.extend(a.iter().cloned());
-                                    out.push(Output::Addresses(a));
+                            match decode_membership_context(&cc.context) {
+                                Some(context) => {
+                                    promotion = context.promotion;
+                                    if !context.addresses.is_empty() {
+                                        update
+                                            .member_addresses
+                                            .extend(context.addresses.iter().cloned());
+                                        out.push(Output::Addresses(context.addresses));
+                                    }
                                 }
                                 None => warn!(
                                     position = e.index,
-                                    "membership change with an undecodable address list"
+                                    "membership change with an undecodable context"
                                 ),
                             }
                         }
@@ -1284,7 +1519,10 @@ impl<S: LogStorage> ReplicaCore<S> {
                                 );
                                 self.node.raft.become_follower(term + 1, raft::INVALID_ID);
                             }
-                            self.note_own_membership(&cs, true, update);
+                            if let Some(p) = promotion {
+                                self.promoted_incarnations.insert(p.replica_id, p.incarnation);
+                            }
+                            self.note_own_membership(&cs, true, promotion, update);
                             update.conf_changes.push((e.index, cs));
                             membership_applied = true;
                         }
@@ -1702,8 +1940,167 @@ mod tests {
         assert_eq!(c.progress().term, 1, "the vote request was not even seen");
     }
 
+    fn conf(voters: &[u64], learners: &[u64]) -> ConfState {
+        ConfState {
+            voters: voters.to_vec(),
+            learners: learners.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// Every row of the rejoin rule: replica 3, RECOVERING in incarnation 7.
     #[test]
-    fn a_recover_request_delayed_past_a_promotion_does_not_demote() {
+    fn the_rejoin_rule_as_a_table() {
+        use OwnMembership::*;
+        let own = Some(Promotion {
+            replica_id: 3,
+            incarnation: 7,
+        });
+        let older = Some(Promotion {
+            replica_id: 3,
+            incarnation: 6,
+        });
+        let other = Some(Promotion {
+            replica_id: 2,
+            incarnation: 7,
+        });
+        let voter = conf(&[1, 2, 3], &[]);
+        let learner = conf(&[1, 2], &[3]);
+        let gone = conf(&[1, 2], &[]);
+        #[rustfmt::skip]
+        let rows: [(&str, &ConfState, bool, Option<Promotion>, OwnMembership); 9] = [
+            ("its promotion in this incarnation",        &voter,   true,  own,   TurnVoting),
+            ("a promotion of an earlier incarnation",    &voter,   true,  older, UntrustedVoter),
+            ("another replica's promotion",              &voter,   true,  other, UntrustedVoter),
+            ("an unnamed promotion (operator, old log)", &voter,   true,  None,  UntrustedVoter),
+            ("a snapshot that makes it a voter",         &voter,   false, None,  VoterBySnapshot),
+            ("a snapshot, even naming it",               &voter,   false, own,   VoterBySnapshot),
+            ("its demotion",                             &learner, true,  None,  Learner),
+            ("a snapshot as a learner",                  &learner, false, None,  Learner),
+            ("a removal",                                &gone,    true,  None,  NotMember),
+        ];
+        for (what, cs, from_entry, promotion, want) in rows {
+            assert_eq!(
+                judge_own_membership(3, 7, cs, from_entry, promotion),
+                want,
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn which_learner_the_leader_promotes_as_a_table() {
+        let known: BTreeMap<u64, u64> = [(4, 40), (5, 50)].into();
+        let named = |id, incarnation| {
+            Some((
+                id,
+                Some(Promotion {
+                    replica_id: id,
+                    incarnation,
+                }),
+            ))
+        };
+        #[rustfmt::skip]
+        let rows: [(&str, &[u64], bool, Option<(u64, Option<Promotion>)>); 6] = [
+            ("nobody caught up",                        &[],     true,  None),
+            ("a learner with its incarnation",          &[5],    false, named(5, 50)),
+            ("the named one before an unnamed one",     &[3, 4], false, named(4, 40)),
+            ("unnamed waits for the grace",             &[3],    false, None),
+            ("unnamed after the grace",                 &[3],    true,  Some((3, None))),
+            ("named first even after the grace",        &[3, 5], true,  named(5, 50)),
+        ];
+        for (what, caught_up, grace_over, want) in rows {
+            assert_eq!(choose_promotion(caught_up, &known, grace_over), want, "{what}");
+        }
+    }
+
+    fn conf_entry(index: u64, change: MembershipChange, promotion: Option<Promotion>) -> Entry {
+        let mut cc = conf_change(&[change]);
+        if promotion.is_some() {
+            let context = MembershipContext {
+                addresses: Vec::new(),
+                promotion,
+            };
+            cc.context = encode_membership_context(&context).into();
+        }
+        let mut e = Entry::default();
+        e.set_entry_type(EntryType::EntryConfChangeV2);
+        e.index = index;
+        e.term = 2;
+        e.data = protobuf::Message::write_to_bytes(&cc).unwrap().into();
+        e
+    }
+
+    /// Feeds replica 3 (RECOVERING, incarnation 7) the leader's entries
+    /// 2.. and returns its status after it applied them.
+    fn replay(entries: Vec<Entry>, bug: Option<InjectedBug>) -> ReplicaStatus {
+        let s = MemoryStorage::new_initialized("t", 3, vec![1, 2, 3]);
+        s.write(LogUpdate {
+            status: Some(ReplicaStatus::Recovering),
+            ..Default::default()
+        })
+        .unwrap();
+        s.sync().unwrap();
+        let cfg = CoreConfig {
+            peers: vec![1, 2],
+            incarnation: 7,
+            injected_bug: bug,
+            ..Default::default()
+        };
+        let mut c = ReplicaCore::new(s, &cfg).unwrap();
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        m.from = 1;
+        m.to = 3;
+        m.term = 2;
+        m.log_term = 1;
+        m.index = 1;
+        m.commit = entries.last().map_or(1, |e| e.index);
+        m.set_entries(entries.into());
+        let mut out = Vec::new();
+        c.step(Input::Message(Box::new(m)), &mut out).unwrap();
+        pump(&mut c, true);
+        assert_eq!(c.storage().meta().status, c.status(), "status is persisted");
+        c.status()
+    }
+
+    /// The bug the fault campaign found: a replica wiped twice replays the
+    /// demotion and promotion of its first rejoin and must not turn VOTING
+    /// on them; only the promotion of its current incarnation counts.
+    #[test]
+    fn replaying_an_earlier_incarnations_promotion_does_not_make_it_voting() {
+        let old_promotion = Some(Promotion {
+            replica_id: 3,
+            incarnation: 6,
+        });
+        let earlier_rejoin = vec![
+            conf_entry(2, MembershipChange::AddLearner(3), None),
+            conf_entry(3, MembershipChange::AddVoter(3), old_promotion),
+        ];
+        assert_eq!(
+            replay(earlier_rejoin.clone(), None),
+            ReplicaStatus::Recovering
+        );
+        let mut this_rejoin = earlier_rejoin.clone();
+        this_rejoin.push(conf_entry(4, MembershipChange::AddLearner(3), None));
+        this_rejoin.push(conf_entry(
+            5,
+            MembershipChange::AddVoter(3),
+            Some(Promotion {
+                replica_id: 3,
+                incarnation: 7,
+            }),
+        ));
+        assert_eq!(replay(this_rejoin, None), ReplicaStatus::Voting);
+        // The switch that puts the bug back does put it back.
+        assert_eq!(
+            replay(earlier_rejoin, Some(InjectedBug::EarlyVoting)),
+            ReplicaStatus::Voting
+        );
+    }
+
+    #[test]
+    fn a_recover_request_delayed_past_its_promotion_does_not_demote() {
         let s = MemoryStorage::new_initialized("t", 1, vec![1]);
         let cfg = CoreConfig {
             peers: vec![2],
@@ -1741,11 +2138,17 @@ mod tests {
             )
             .unwrap();
         };
-        // Replica 2 recovers as a learner (incarnation 11) and is promoted.
+        // Replica 2 recovers as a learner (incarnation 11), catches up and
+        // is promoted by the leader, naming incarnation 11.
         change(&mut c, 1, MembershipChange::AddLearner(2));
         recover(&mut c, 11);
-        change(&mut c, 2, MembershipChange::AddVoter(2));
+        let committed = c.node.raft.raft_log.committed;
+        c.node.raft.mut_prs().get_mut(2).unwrap().matched = committed;
+        let mut out = Vec::new();
+        c.step(Input::Tick, &mut out).unwrap();
+        pump(&mut c, true);
         assert!(c.node.raft.prs().conf().to_conf_state().voters.contains(&2));
+        assert_eq!(c.promoted_incarnations.get(&2), Some(&11));
         // A request of that incarnation arrives late: no demotion.
         recover(&mut c, 11);
         assert!(

@@ -14,6 +14,7 @@
 //! - the log is contiguous from `snapshot_index + 1` to `last_index`.
 
 mod api;
+pub mod bugs;
 pub mod conformance;
 mod error;
 mod fetch_budget;
@@ -29,8 +30,9 @@ pub use error::{Result, StorageError};
 pub use fetch_budget::{FetchBudget, FetchStats, DEFAULT_FETCH_BUDGET_BYTES, MAX_DEFERRED};
 pub use memory::MemoryStorage;
 pub use model::{
-    decode_member_addresses, encode_member_addresses, key_position, now_unix_ms, position_key,
-    Member, ReplicaIdentity, ReplicaMeta, ReplicaStatus, FORMAT_VERSION,
+    decode_membership_context, encode_membership_context, key_position, now_unix_ms, position_key,
+    Member, MembershipContext, Promotion, ReplicaIdentity, ReplicaMeta, ReplicaStatus,
+    FORMAT_VERSION,
 };
 pub use rocks::{
     disk_usage, validate_cluster_id, InitOptions, OpenOptions, RecoveryReport, RocksStorage,

@@ -434,30 +434,58 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Encodes the addresses a membership change carries (its entry context).
-pub fn encode_member_addresses(members: &[Member]) -> Vec<u8> {
+/// What a membership change carries besides raft-rs's change: the members'
+/// addresses, and for a promotion of a catching-up learner, the incarnation
+/// it promotes (see [`Promotion`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MembershipContext {
+    pub addresses: Vec<Member>,
+    pub promotion: Option<Promotion>,
+}
+
+/// The promotion of replica `replica_id` in its incarnation `incarnation`
+/// (the random number it drew at start and sends in its recover requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Promotion {
+    pub replica_id: u64,
+    pub incarnation: u64,
+}
+
+/// Encodes a membership change's context (stored in the log entry).
+pub fn encode_membership_context(context: &MembershipContext) -> Vec<u8> {
     pb::MemberAddresses {
-        members: members
+        members: context
+            .addresses
             .iter()
             .map(|m| pb::Member {
                 id: m.id,
                 address: m.address.clone(),
             })
             .collect(),
+        promotion: context.promotion.map(|p| pb::Promotion {
+            replica_id: p.replica_id,
+            incarnation: p.incarnation,
+        }),
     }
     .encode_to_vec()
 }
 
-/// Decodes a membership change's context; `None` if it is not one.
-pub fn decode_member_addresses(bytes: &[u8]) -> Option<Vec<Member>> {
+/// Decodes a membership change's context; `None` if it is not one. An
+/// empty context is an empty [`MembershipContext`].
+pub fn decode_membership_context(bytes: &[u8]) -> Option<MembershipContext> {
     let m = pb::MemberAddresses::decode(bytes).ok()?;
-    Some(
-        m.members
+    Some(MembershipContext {
+        addresses: m
+            .members
             .into_iter()
             .map(|x| Member {
                 id: x.id,
                 address: x.address,
             })
             .collect(),
-    )
+        promotion: m.promotion.map(|p| Promotion {
+            replica_id: p.replica_id,
+            incarnation: p.incarnation,
+        }),
+    })
 }
