@@ -356,9 +356,10 @@ pub struct ReplicaCore<S: LogStorage> {
     /// here. A non-VOTING request of that incarnation from a voter was sent
     /// before it applied its promotion, and is stale.
     promoted_incarnations: BTreeMap<u64, u64>,
-    /// Ticks since this replica last became leader (promotions of learners
-    /// with no known incarnation wait for them to announce one).
-    ticks_as_leader: u64,
+    /// The tick at which this leader first found each caught-up learner
+    /// with no known incarnation (an unnamed promotion waits for it to
+    /// announce one for two recover rounds).
+    unnamed_since: BTreeMap<u64, u64>,
     /// This replica's incarnation in its recover requests: starts as
     /// [`CoreConfig::incarnation`] and changes when this replica, RECOVERING,
     /// finds itself a voter it cannot turn VOTING from (see
@@ -450,12 +451,12 @@ fn judge_own_membership(
 }
 
 /// Which caught-up learner the leader promotes, and the promotion it
-/// names: the first one that announced an incarnation; else, once the
-/// grace for announcing is over, the first one, unnamed.
+/// names: the first one that announced an incarnation; else the first one
+/// whose grace for announcing one is over, unnamed.
 fn choose_promotion(
     caught_up: &[u64],
     learner_incarnations: &BTreeMap<u64, u64>,
-    grace_over: bool,
+    grace_over: &BTreeSet<u64>,
 ) -> Option<(u64, Option<Promotion>)> {
     let named = caught_up.iter().find_map(|id| {
         learner_incarnations.get(id).map(|&incarnation| {
@@ -468,8 +469,8 @@ fn choose_promotion(
     });
     named.or_else(|| {
         caught_up
-            .first()
-            .filter(|_| grace_over)
+            .iter()
+            .find(|id| grace_over.contains(id))
             .map(|id| (*id, None))
     })
 }
@@ -506,7 +507,7 @@ impl<S: LogStorage> ReplicaCore<S> {
             seen_as_learner: is_learner(&meta.conf_state, meta.replica_id),
             learner_incarnations: BTreeMap::new(),
             promoted_incarnations: BTreeMap::new(),
-            ticks_as_leader: 0,
+            unnamed_since: BTreeMap::new(),
             incarnation: config.incarnation,
             deferred: None,
             inline_sync: false,
@@ -703,10 +704,6 @@ impl<S: LogStorage> ReplicaCore<S> {
         self.ticks += 1;
         if self.status == ReplicaStatus::Voting {
             self.node.tick();
-            self.ticks_as_leader = match self.node.raft.state {
-                StateRole::Leader => self.ticks_as_leader + 1,
-                _ => 0,
-            };
             self.auto_promote();
         } else if self.ticks % self.config.recover_interval_ticks.max(1) == 1 {
             self.broadcast_recover(out);
@@ -773,7 +770,7 @@ impl<S: LogStorage> ReplicaCore<S> {
                     },
                 });
                 if raft.state == StateRole::Leader && self.status == ReplicaStatus::Voting {
-                    self.leader_handles_recovering(from, status, last_index, &conf);
+                    self.leader_handles_recovering(from, status, last_index, incarnation, &conf);
                 }
             }
             PeerMessage::RecoverResponse { status, .. } => {
@@ -795,6 +792,7 @@ impl<S: LogStorage> ReplicaCore<S> {
         from: u64,
         status: ReplicaStatus,
         last_index: u64,
+        incarnation: u64,
         conf: &ConfState,
     ) {
         if status == ReplicaStatus::Voting {
@@ -821,7 +819,9 @@ impl<S: LogStorage> ReplicaCore<S> {
                 );
                 return;
             }
-            info!(replica = from, %status, "demoting a voter that lost its state to learner; it is promoted again once it has caught up");
+            info!(replica = from, %status, incarnation, "demoting a voter that lost its state to learner; it is promoted again once it has caught up");
+            // Its promotion names the incarnation it was demoted in.
+            self.learner_incarnations.insert(from, incarnation);
             let cc = conf_change(&[MembershipChange::AddLearner(from)]);
             if let Err(e) = self.node.propose_conf_change(Vec::new(), cc) {
                 warn!(error = %e, replica = from, "could not propose the demotion");
@@ -835,8 +835,8 @@ impl<S: LogStorage> ReplicaCore<S> {
     /// The leader promotes one caught-up learner per tick, naming the
     /// incarnation it announced as a learner (the rejoin rule). A learner
     /// that announced none (a VOTING replica an operator made a learner)
-    /// is promoted unnamed, but only after it had two recover rounds of
-    /// this leadership to announce one: a RECOVERING replica ignores an
+    /// is promoted unnamed, but only after it was found caught up and
+    /// unnamed for two recover rounds: a RECOVERING replica ignores an
     /// unnamed promotion and would stay a voter that cannot vote until it
     /// is demoted again.
     fn auto_promote(&mut self) {
@@ -859,12 +859,22 @@ impl<S: LogStorage> ReplicaCore<S> {
             .copied()
             .filter(|id| raft.prs().get(*id).is_some_and(|p| p.matched >= committed))
             .collect();
-        let grace_over = self.ticks_as_leader >= 2 * self.config.recover_interval_ticks.max(1);
+        let (now, grace) = (self.ticks, 2 * self.config.recover_interval_ticks.max(1));
+        self.unnamed_since
+            .retain(|id, _| caught_up.contains(id) && !self.learner_incarnations.contains_key(id));
+        let mut grace_over = BTreeSet::new();
+        for &id in caught_up.iter().filter(|id| !self.learner_incarnations.contains_key(id)) {
+            let since = *self.unnamed_since.entry(id).or_insert(now);
+            if now - since >= grace {
+                grace_over.insert(id);
+            }
+        }
         let Some((id, promotion)) =
-            choose_promotion(&caught_up, &self.learner_incarnations, grace_over)
+            choose_promotion(&caught_up, &self.learner_incarnations, &grace_over)
         else {
             return;
         };
+        self.unnamed_since.remove(&id);
         info!(
             replica = id,
             committed,
@@ -2000,14 +2010,18 @@ mod tests {
                 }),
             ))
         };
+        let none = BTreeSet::new();
+        let three: BTreeSet<u64> = [3].into();
+        let six: BTreeSet<u64> = [6].into();
         #[rustfmt::skip]
-        let rows: [(&str, &[u64], bool, Option<(u64, Option<Promotion>)>); 6] = [
-            ("nobody caught up",                        &[],     true,  None),
-            ("a learner with its incarnation",          &[5],    false, named(5, 50)),
-            ("the named one before an unnamed one",     &[3, 4], false, named(4, 40)),
-            ("unnamed waits for the grace",             &[3],    false, None),
-            ("unnamed after the grace",                 &[3],    true,  Some((3, None))),
-            ("named first even after the grace",        &[3, 5], true,  named(5, 50)),
+        let rows: [(&str, &[u64], &BTreeSet<u64>, Option<(u64, Option<Promotion>)>); 7] = [
+            ("nobody caught up",                        &[],     &three, None),
+            ("a learner with its incarnation",          &[5],    &none,  named(5, 50)),
+            ("the named one before an unnamed one",     &[3, 4], &none,  named(4, 40)),
+            ("unnamed waits for the grace",             &[3],    &none,  None),
+            ("unnamed after its grace",                 &[3],    &three, Some((3, None))),
+            ("another learner's grace does not count",  &[3],    &six,   None),
+            ("named first even after the grace",        &[3, 5], &three, named(5, 50)),
         ];
         for (what, caught_up, grace_over, want) in rows {
             assert_eq!(choose_promotion(caught_up, &known, grace_over), want, "{what}");

@@ -682,6 +682,29 @@ impl Sim {
         self.check_one_leader_per_term();
     }
 
+    /// Every replica's status, positions and membership, for failures.
+    fn describe(&self) -> String {
+        let state: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let m = n.storage.meta();
+                let p = n.core.as_ref().map(|c| c.progress());
+                format!(
+                    "r{} {} applied {} last {:?} conf {:?}/{:?} leader {:?}",
+                    n.id,
+                    m.status,
+                    m.applied_index,
+                    p.as_ref().map(|p| p.last_index),
+                    m.conf_state.voters,
+                    m.conf_state.learners,
+                    p.map(|p| (p.is_leader, p.term))
+                )
+            })
+            .collect();
+        state.join("; ")
+    }
+
     fn check_one_leader_per_term(&mut self) {
         for n in &self.nodes {
             if let Some(c) = &n.core {
@@ -1019,10 +1042,10 @@ fn wiped_twice_scenario(seed: u64, bug: Option<InjectedBug>, check_rejoin_online
         sync: 0.9,
         truncate: 0.0,
     };
-    // Small append messages: a catching-up replica replays the log over
-    // many messages, as a real one does over a long log.
-    sim.config.max_bytes_per_msg = 256;
-    sim.config.max_inflight_msgs = 2;
+    // One entry per append message, one in flight: a catching-up replica
+    // replays the log slowly, as a real one does over a long log.
+    sim.config.max_bytes_per_msg = 1;
+    sim.config.max_inflight_msgs = 1;
     for i in 0..3 {
         sim.start(i);
     }
@@ -1037,9 +1060,17 @@ fn wiped_twice_scenario(seed: u64, bug: Option<InjectedBug>, check_rejoin_online
     sim.lose_disk(c, 50);
     assert!(
         run_until(&mut sim, 0.1, 50_000, |s| s.all_voting(usize::MAX)),
-        "seed {seed}: C did not rejoin the first time"
+        "seed {seed}: C did not rejoin the first time: {}",
+        sim.describe()
     );
     let old_promotion = sim.nodes[a].storage.meta().applied_index;
+    // More appends that every replica holds, so that B's log reaches well
+    // past C's old promotion.
+    let acked_before = sim.acked.len();
+    assert!(
+        run_until(&mut sim, 0.2, 20_000, |s| s.acked.len() >= acked_before + 20),
+        "seed {seed}: no appends after C rejoined"
+    );
     // A acknowledges appends that B lacks.
     let (ida, idb) = (sim.nodes[a].id, sim.nodes[b].id);
     sim.partition = Some(Partition {
@@ -1060,9 +1091,11 @@ fn wiped_twice_scenario(seed: u64, bug: Option<InjectedBug>, check_rejoin_online
         s.nodes[c].core.is_some() && s.nodes[c].storage.meta().applied_index > old_promotion
     });
     assert!(replayed, "seed {seed}: C did not replay its old promotion");
+    let c_last = raft::Storage::last_index(&sim.nodes[c].storage).unwrap();
     assert!(
-        status_of(&sim, c) == ReplicaStatus::Voting || bug.is_none(),
-        "seed {seed}: the scenario did not reach the bug's window"
+        bug.is_none() || (status_of(&sim, c) == ReplicaStatus::Voting && c_last < b_last),
+        "seed {seed}: the scenario missed the bug's window: {}",
+        sim.describe()
     );
     // Kill A, heal the link, write on whoever leads next.
     sim.nodes[a].core = None;
