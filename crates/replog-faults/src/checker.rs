@@ -334,8 +334,9 @@ pub fn one_leader_per_term(statuses: &[StatusSample]) -> Vec<Violation> {
 /// [`Rule::RejoinVotesOnlyWhenPromoted`]: for every wipe of a replica, its
 /// VOTING reports after the wipe (until its next wipe) must come with
 /// everything acknowledged before the wipe in its log, and no leader of
-/// that term or a later one may list it as a learner in a poll begun after
-/// the VOTING report completed.
+/// that term or a later one, having applied at least what the replica had
+/// applied when it first said VOTING, may list it as a learner in a poll
+/// begun after that report completed.
 pub fn rejoin_votes_only_when_promoted(h: &History) -> Vec<Violation> {
     let mut out = Vec::new();
     for w in &h.wipes {
@@ -372,11 +373,16 @@ pub fn rejoin_votes_only_when_promoted(h: &History) -> Vec<Violation> {
         let Some(first) = voting.iter().min_by_key(|s| s.complete_us) else {
             continue;
         };
+        // The leader applies a promotion a little after it commits it, and
+        // the promoted replica may apply it first: only a leader that had
+        // applied at least as much as the replica when it said VOTING, and
+        // still lists it as a learner, contradicts a real promotion.
         let learner_later = h.statuses.iter().filter(in_window).find(|l| {
             l.is_leader
                 && l.replica != w.replica
                 && l.invoke_us > first.complete_us
                 && l.term >= first.term
+                && l.applied >= first.applied
                 && l.members.iter().any(|m| m.id == w.replica && !m.voter)
         });
         if let Some(l) = learner_later {

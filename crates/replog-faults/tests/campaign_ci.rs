@@ -49,15 +49,15 @@ fn campaign(mix: &str, seed: u64, duration: Duration) {
 
 #[test]
 fn kills_pauses_and_partitions() {
-    campaign("kill,pause,partition", 11, Duration::from_secs(45));
+    campaign("kill,pause,partition", 11, Duration::from_secs(40));
 }
 
 #[test]
 fn packet_loss_and_delay() {
-    campaign("packet-loss,delay", 12, Duration::from_secs(30));
+    campaign("packet-loss,delay", 12, Duration::from_secs(25));
 }
 
 #[test]
 fn wiped_followers_rejoin() {
-    campaign("wipe,kill", 13, Duration::from_secs(40));
+    campaign("wipe,kill", 13, Duration::from_secs(35));
 }

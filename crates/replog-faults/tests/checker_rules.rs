@@ -263,6 +263,16 @@ fn a_wiped_replica_voting_while_the_leader_lists_it_as_learner_is_found() {
 }
 
 #[test]
+fn a_leader_that_has_not_applied_the_promotion_yet_is_no_violation() {
+    let mut h = good();
+    // The leader lists 3 as a learner after 3 said VOTING, but had applied
+    // less than 3 had: it may not have applied the promotion yet.
+    h.statuses.push(sample(3, 330, 4, 3, false, 5));
+    h.statuses[4].applied = 4;
+    assert!(checker::rejoin_votes_only_when_promoted(&h).is_empty());
+}
+
+#[test]
 fn a_wiped_replica_voting_without_what_was_acknowledged_before_is_found() {
     let mut h = good();
     // VOTING after the leader's learner listing, but holding only up to 2
