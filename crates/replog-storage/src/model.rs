@@ -489,3 +489,41 @@ pub fn decode_membership_context(bytes: &[u8]) -> Option<MembershipContext> {
         }),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_membership_context_round_trips_and_garbage_is_refused() {
+        let member = |id: u64| Member {
+            id,
+            address: format!("10.0.0.{id}:7100"),
+        };
+        let contexts = [
+            MembershipContext::default(),
+            MembershipContext {
+                addresses: vec![member(1), member(2)],
+                promotion: None,
+            },
+            MembershipContext {
+                addresses: Vec::new(),
+                promotion: Some(Promotion {
+                    replica_id: 3,
+                    incarnation: u64::MAX,
+                }),
+            },
+        ];
+        for c in contexts {
+            let bytes = encode_membership_context(&c);
+            assert_eq!(decode_membership_context(&bytes), Some(c));
+        }
+        // An empty context (a change without addresses) is an empty one,
+        // and bytes that are no protobuf message are refused.
+        assert_eq!(
+            decode_membership_context(&[]),
+            Some(MembershipContext::default())
+        );
+        assert_eq!(decode_membership_context(&[0xff, 0xff, 0xff]), None);
+    }
+}
