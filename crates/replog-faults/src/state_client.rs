@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use replog_proto::state::{
-    op, JobKey, Op as StateOp, SaveTasks, ScheduledTask, TaskConfig, Transaction,
+    op, JobKey, Op as StateOp, SaveTasks, ScheduleStatus, ScheduledTask, TaskConfig, Transaction,
 };
 use replog_proto::store::scheduler_state_client::SchedulerStateClient;
 use replog_proto::store::{ReadMode, SubmitRequest, TaskQueryRequest};
@@ -95,6 +95,7 @@ fn task(key: &str, value: u64) -> ScheduledTask {
             is_service: true,
             ..Default::default()
         }),
+        status: ScheduleStatus::Running as i32,
         failure_count: value as i32,
         ..Default::default()
     }

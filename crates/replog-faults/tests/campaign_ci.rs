@@ -1,7 +1,8 @@
-//! Short fault campaigns for CI (about a minute each, one at a time): the
-//! process faults, the network faults and the wipes, each against a real
-//! 3-replica cluster in network namespaces, checked by the checker. The
-//! long ones are `replog-faults campaign --duration 1h --mix all` (see
+//! Short fault campaigns for CI (under a minute each, one at a time): the
+//! process faults, the network faults, the wipes, and the state store under
+//! kills and partitions, each against a real 3-replica cluster in network
+//! namespaces, checked by the checker. The long ones are
+//! `replog-faults campaign --duration 1h --mix all` (see
 //! docs/reliability.md).
 //!
 //! Needs root and a working `ip netns` (fails with the reason otherwise,
@@ -17,10 +18,11 @@ use replog_faults::cluster::ClusterConfig;
 /// One cluster at a time: the machine has two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn campaign(mix: &str, seed: u64, duration: Duration) {
+fn campaign(mix: &str, seed: u64, duration: Duration, state: bool) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     replog_faults::netns::preflight().expect("fault campaigns need root and a working `ip netns`");
-    let cluster = ClusterConfig::new(3).expect("the replog binary");
+    let mut cluster = ClusterConfig::new(3).expect("the replog binary");
+    cluster.state = state;
     let cfg = CampaignConfig::new(cluster, duration, FaultKind::parse_mix(mix).unwrap(), seed);
     let (report, _history) = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -32,13 +34,14 @@ fn campaign(mix: &str, seed: u64, duration: Duration) {
     eprintln!("{}", report.table());
     let faults: u64 = report.faults.values().sum();
     assert!(faults > 0, "no fault was injected: {report:?}");
+    let written = if state { "state-put" } else { "append" };
     let acked = report
         .operations
-        .get("append")
+        .get(written)
         .and_then(|o| o.get("ok"))
         .copied()
         .unwrap_or(0);
-    assert!(acked > 0, "no append was acknowledged");
+    assert!(acked > 0, "no {written} was acknowledged");
     assert!(
         report.violations.is_empty(),
         "violations: {:#?}\nhistory excerpts: {:#?}",
@@ -49,15 +52,20 @@ fn campaign(mix: &str, seed: u64, duration: Duration) {
 
 #[test]
 fn kills_pauses_and_partitions() {
-    campaign("kill,pause,partition", 11, Duration::from_secs(40));
+    campaign("kill,pause,partition", 11, Duration::from_secs(40), false);
 }
 
 #[test]
 fn packet_loss_and_delay() {
-    campaign("packet-loss,delay", 12, Duration::from_secs(25));
+    campaign("packet-loss,delay", 12, Duration::from_secs(25), false);
 }
 
 #[test]
 fn wiped_followers_rejoin() {
-    campaign("wipe,kill", 13, Duration::from_secs(35));
+    campaign("wipe,kill", 13, Duration::from_secs(35), false);
+}
+
+#[test]
+fn state_store_under_kills_and_partitions() {
+    campaign("kill,partition", 14, Duration::from_secs(20), true);
 }
