@@ -684,7 +684,8 @@ impl<S: LogStorage> ReplicaCore<S> {
             // panic on it. The positions this replica does hold match the
             // leader's up to there, so clamping is safe.
             let last = self.node.raft.raft_log.last_index();
-            if m.commit > last && !bugs::active(self.config.injected_bug, InjectedBug::NoCommitClamp)
+            if m.commit > last
+                && !bugs::active(self.config.injected_bug, InjectedBug::NoCommitClamp)
             {
                 debug!(
                     replica = self.id,
@@ -863,7 +864,10 @@ impl<S: LogStorage> ReplicaCore<S> {
         self.unnamed_since
             .retain(|id, _| caught_up.contains(id) && !self.learner_incarnations.contains_key(id));
         let mut grace_over = BTreeSet::new();
-        for &id in caught_up.iter().filter(|id| !self.learner_incarnations.contains_key(id)) {
+        for &id in caught_up
+            .iter()
+            .filter(|id| !self.learner_incarnations.contains_key(id))
+        {
             let since = *self.unnamed_since.entry(id).or_insert(now);
             if now - since >= grace {
                 grace_over.insert(id);
@@ -1414,7 +1418,8 @@ impl<S: LogStorage> ReplicaCore<S> {
         if self.status != ReplicaStatus::Recovering {
             return;
         }
-        let mut verdict = judge_own_membership(self.id, self.incarnation, cs, from_entry, promotion);
+        let mut verdict =
+            judge_own_membership(self.id, self.incarnation, cs, from_entry, promotion);
         if bugs::active(self.config.injected_bug, InjectedBug::EarlyVoting)
             && from_entry
             && is_voter(cs, self.id)
@@ -1530,7 +1535,8 @@ impl<S: LogStorage> ReplicaCore<S> {
                                 self.node.raft.become_follower(term + 1, raft::INVALID_ID);
                             }
                             if let Some(p) = promotion {
-                                self.promoted_incarnations.insert(p.replica_id, p.incarnation);
+                                self.promoted_incarnations
+                                    .insert(p.replica_id, p.incarnation);
                             }
                             self.note_own_membership(&cs, true, promotion, update);
                             update.conf_changes.push((e.index, cs));
@@ -2013,8 +2019,14 @@ mod tests {
         let none = BTreeSet::new();
         let three: BTreeSet<u64> = [3].into();
         let six: BTreeSet<u64> = [6].into();
+        type Row<'a> = (
+            &'a str,
+            &'a [u64],
+            &'a BTreeSet<u64>,
+            Option<(u64, Option<Promotion>)>,
+        );
         #[rustfmt::skip]
-        let rows: [(&str, &[u64], &BTreeSet<u64>, Option<(u64, Option<Promotion>)>); 7] = [
+        let rows: [Row; 7] = [
             ("nobody caught up",                        &[],     &three, None),
             ("a learner with its incarnation",          &[5],    &none,  named(5, 50)),
             ("the named one before an unnamed one",     &[3, 4], &none,  named(4, 40)),
@@ -2024,7 +2036,11 @@ mod tests {
             ("named first even after the grace",        &[3, 5], &three, named(5, 50)),
         ];
         for (what, caught_up, grace_over, want) in rows {
-            assert_eq!(choose_promotion(caught_up, &known, grace_over), want, "{what}");
+            assert_eq!(
+                choose_promotion(caught_up, &known, grace_over),
+                want,
+                "{what}"
+            );
         }
     }
 

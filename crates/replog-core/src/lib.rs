@@ -8,8 +8,8 @@ mod core;
 pub mod slog_bridge;
 
 pub use command::{classify, BadEntry, Command, EntryContent};
-pub use replog_storage::bugs::InjectedBug;
 pub use core::{
     CoreConfig, CoreError, Input, MemberProgress, MembershipChange, Output, PeerMessage, Progress,
     ProposalError, ProposalId, ReplicaCore,
 };
+pub use replog_storage::bugs::InjectedBug;

@@ -173,7 +173,7 @@ fn a_lagging_follower_is_fed_a_budget_per_leader_turn_and_catches_up() {
         leader_turns += 1;
         assert!(leader_turns < 100_000, "replica 3 never caught up");
         let before = c.nodes[&1].storage.fetch_stats().bytes;
-        c.turn(1, leader_turns % 5 == 0);
+        c.turn(1, leader_turns.is_multiple_of(5));
         let read = c.nodes[&1].storage.fetch_stats().bytes - before;
         assert!(
             read <= BUDGET + ENTRY as u64 + 1024,
@@ -182,8 +182,8 @@ fn a_lagging_follower_is_fed_a_budget_per_leader_turn_and_catches_up() {
         if read > 0 {
             turns_with_reads += 1;
         }
-        c.turn(2, leader_turns % 5 == 0);
-        c.turn(3, leader_turns % 5 == 0);
+        c.turn(2, leader_turns.is_multiple_of(5));
+        c.turn(3, leader_turns.is_multiple_of(5));
     }
     assert!(
         turns_with_reads >= ENTRIES * ENTRY as u64 / BUDGET,

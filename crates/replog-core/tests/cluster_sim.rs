@@ -874,7 +874,10 @@ impl Sim {
 /// The bug named by `REPLOG_SIM_BUG`, if any.
 fn sim_bug_from_env() -> Option<InjectedBug> {
     let name = std::env::var("REPLOG_SIM_BUG").ok()?;
-    Some(name.parse().unwrap_or_else(|e| panic!("REPLOG_SIM_BUG: {e}")))
+    Some(
+        name.parse()
+            .unwrap_or_else(|e| panic!("REPLOG_SIM_BUG: {e}")),
+    )
 }
 
 fn run_seed(seed: u64, size: u64) -> RunStats {
@@ -1080,7 +1083,8 @@ fn wiped_twice_scenario(seed: u64, bug: Option<InjectedBug>, check_rejoin_online
     // past C's old promotion.
     let acked_before = sim.acked.len();
     assert!(
-        run_until(&mut sim, 0.2, 20_000, |s| s.acked.len() >= acked_before + 20),
+        run_until(&mut sim, 0.2, 20_000, |s| s.acked.len()
+            >= acked_before + 20),
         "seed {seed}: no appends after C rejoined"
     );
     // A acknowledges appends that B lacks.
@@ -1091,7 +1095,8 @@ fn wiped_twice_scenario(seed: u64, bug: Option<InjectedBug>, check_rejoin_online
     });
     let acked_before = sim.acked.len();
     assert!(
-        run_until(&mut sim, 0.3, 20_000, |s| s.acked.len() >= acked_before + 10),
+        run_until(&mut sim, 0.3, 20_000, |s| s.acked.len()
+            >= acked_before + 10),
         "seed {seed}: A acknowledged nothing with C's help"
     );
     let b_last = raft::Storage::last_index(&sim.nodes[b].storage).unwrap();
@@ -1137,16 +1142,14 @@ fn a_replica_that_lost_its_disk_twice_never_votes_before_it_caught_up() {
         if let Some(e) = panic_message(|| wiped_twice_scenario(seed, None, true)) {
             panic!("seed {seed}: the scenario fails with the fix: {e}");
         }
-        let caught = panic_message(|| {
-            wiped_twice_scenario(seed, Some(InjectedBug::EarlyVoting), true)
-        });
+        let caught =
+            panic_message(|| wiped_twice_scenario(seed, Some(InjectedBug::EarlyVoting), true));
         let caught = caught.expect("the rejoin rule check misses the bug put back");
         assert!(caught.contains("rejoin rule"), "seed {seed}: {caught}");
         // Without the online check, the final checks see the consequence:
         // acknowledged appends lost or changed.
-        let lost = panic_message(|| {
-            wiped_twice_scenario(seed, Some(InjectedBug::EarlyVoting), false)
-        });
+        let lost =
+            panic_message(|| wiped_twice_scenario(seed, Some(InjectedBug::EarlyVoting), false));
         let lost = lost.expect("the bug put back loses no acknowledged append");
         assert!(
             lost.contains("acknowledged") || lost.contains("disagrees"),
