@@ -13,10 +13,13 @@ use std::collections::BTreeMap;
 
 use serde::{Serialize, Serializer};
 
-/// Bytes shown as hex in JSON.
+/// Bytes in JSON: their length and the hex of their first 12 bytes (an
+/// append's payload starts with the client id and sequence number that
+/// determine the rest; whole payloads would make a long campaign's history
+/// gigabytes).
 fn hex<S: Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
-    let text: String = data.iter().map(|b| format!("{b:02x}")).collect();
-    s.serialize_str(&text)
+    let head: String = data.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    s.serialize_str(&format!("{}:{head}", data.len()))
 }
 
 /// What an operation asked for.
