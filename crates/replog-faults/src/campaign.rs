@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::checker::{check_all, Violation};
 use crate::client::{Recorder, Workload, WorkloadConfig};
 use crate::cluster::{Cluster, ClusterConfig, ClusterError, VOTING};
-use crate::history::{FaultRecord, History, Op, Wipe};
+use crate::history::{Call, FaultRecord, History, Op, Wipe};
 use crate::nemesis::{Fault, Nemesis};
 
 /// Kinds of fault a mix can hold.
@@ -129,6 +129,9 @@ pub struct Report {
     /// Operations around each violation (by the ids it names).
     pub excerpts: Vec<Vec<Op>>,
     pub longest_gap_ms: u64,
+    /// The same for acknowledged writes only (local reads are served
+    /// without a leader, so the first gap can hide an unavailable writer).
+    pub longest_write_gap_ms: u64,
     pub status_samples: usize,
     pub final_log_entries: usize,
 }
@@ -159,9 +162,10 @@ impl Report {
             s += &format!("{kind:<20} {n:>8}\n");
         }
         s += &format!(
-            "violations: {}\nlongest gap without a completed operation: {} ms\nstatus samples: {}, healed log: {} entries\n",
+            "violations: {}\nlongest gap without a completed operation: {} ms (without an acknowledged write: {} ms)\nstatus samples: {}, healed log: {} entries\n",
             self.violations.len(),
             self.longest_gap_ms,
+            self.longest_write_gap_ms,
             self.status_samples,
             self.final_log_entries
         );
@@ -203,12 +207,12 @@ impl Rng {
     }
 }
 
-/// The longest stretch in `[from_us, to_us]` with no ok operation
-/// completing.
-pub fn longest_gap_us(ops: &[Op], from_us: u64, to_us: u64) -> u64 {
+/// The longest stretch in `[from_us, to_us]` with no ok operation that
+/// `counts` completing.
+pub fn longest_gap_us(ops: &[Op], from_us: u64, to_us: u64, counts: impl Fn(&Op) -> bool) -> u64 {
     let mut done: Vec<u64> = ops
         .iter()
-        .filter(|o| matches!(o.outcome, crate::history::Outcome::Ok(_)))
+        .filter(|o| matches!(o.outcome, crate::history::Outcome::Ok(_)) && counts(o))
         .map(|o| o.complete_us)
         .filter(|t| (from_us..=to_us).contains(t))
         .collect();
@@ -373,7 +377,10 @@ pub fn report(cfg: &CampaignConfig, h: &History, from_us: u64, to_us: u64) -> Re
         faults,
         violations,
         excerpts,
-        longest_gap_ms: longest_gap_us(&h.ops, from_us, to_us) / 1000,
+        longest_gap_ms: longest_gap_us(&h.ops, from_us, to_us, |_| true) / 1000,
+        longest_write_gap_ms: longest_gap_us(&h.ops, from_us, to_us, |o| {
+            matches!(o.call, Call::Append { .. } | Call::StatePut { .. })
+        }) / 1000,
         status_samples: h.statuses.len(),
         final_log_entries: crate::checker::reference_log(h).len(),
     }
@@ -453,4 +460,65 @@ pub async fn run(cfg: &CampaignConfig) -> Result<(Report, History), ClusterError
     drop(nemesis);
     let report = report(cfg, &history, from_us, to_us);
     Ok((report, history))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{Outcome, Ret};
+
+    fn op(complete_us: u64, write: bool, ok: bool) -> Op {
+        let call = if write {
+            Call::Append { data: vec![1] }
+        } else {
+            Call::Read {
+                from: 1,
+                to: 1,
+                linearizable: false,
+                replica: Some(1),
+            }
+        };
+        let outcome = match (ok, write) {
+            (false, _) => Outcome::Failed("refused".into()),
+            (true, true) => Outcome::Ok(Ret::Appended {
+                position: 1,
+                term: 1,
+            }),
+            (true, false) => Outcome::Ok(Ret::Read { entries: vec![] }),
+        };
+        Op {
+            id: complete_us,
+            client: 1,
+            invoke_us: 0,
+            complete_us,
+            call,
+            outcome,
+        }
+    }
+
+    #[test]
+    fn gaps_count_only_ok_operations_of_the_kind_asked() {
+        let ops = [
+            op(10, true, true),
+            op(30, false, true),
+            op(45, true, false),
+            op(70, true, true),
+        ];
+        // Completions of ok operations: 10, 30, 70, then the end at 100.
+        assert_eq!(longest_gap_us(&ops, 0, 100, |_| true), 40);
+        let writes = |o: &Op| matches!(o.call, Call::Append { .. });
+        assert_eq!(longest_gap_us(&ops, 0, 100, writes), 60);
+        assert_eq!(longest_gap_us(&[], 0, 100, writes), 100);
+    }
+
+    #[test]
+    fn mixes_parse() {
+        assert_eq!(FaultKind::parse_mix("all").unwrap(), FaultKind::ALL);
+        assert_eq!(
+            FaultKind::parse_mix("wipe, kill,kill").unwrap(),
+            [FaultKind::Kill, FaultKind::Wipe]
+        );
+        assert!(FaultKind::parse_mix("kill,flood").is_err());
+        assert!(FaultKind::parse_mix("").is_err());
+    }
 }
