@@ -115,7 +115,8 @@ done
 
 python3 - "$WORK/load.jsonl" "$rounds" "$caught_up" "$LOG_MB" <<'EOF'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+# Each line is the generator's report: a list with one report per level.
+rows = [json.loads(l)[0] for l in open(sys.argv[1]) if l.strip()]
 gap = max(r.get("longest_gap_us", 0) for r in rows)
 p99 = max(r["p99_us"] for r in rows)
 ops = sum(r["count"] for r in rows) / sum(r["seconds"] for r in rows)
