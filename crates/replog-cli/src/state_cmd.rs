@@ -770,7 +770,12 @@ fn worth_retrying(s: &tonic::Status) -> bool {
         .unwrap_or("");
     matches!(
         code,
-        "NOT_LEADER" | "LEADERSHIP_LOST" | "TIMEOUT" | "BUSY" | "STATE_REPLACED"
+        "NOT_LEADER"
+            | "LEADERSHIP_LOST"
+            | "TIMEOUT"
+            | "BUSY"
+            | "STATE_REPLACED"
+            | "READ_NOT_CONFIRMED"
     ) || (code.is_empty() && s.code() == Code::Unavailable)
 }
 
