@@ -211,7 +211,11 @@ fn read_result(op: &Op) -> Option<(u64, u64, bool, &[crate::history::ReadEntry])
 
 /// [`Rule::LinearizableReadNotStale`].
 pub fn linearizable_reads_not_stale(h: &History) -> Vec<Violation> {
-    let acked: Vec<(&Op, u64, &[u8])> = acked_appends(h).collect();
+    // Acknowledged appends by position (several, if the log broke).
+    let mut acked: BTreeMap<u64, Vec<(&Op, &[u8])>> = BTreeMap::new();
+    for (a, pos, data) in acked_appends(h) {
+        acked.entry(pos).or_default().push((a, data));
+    }
     let mut out = Vec::new();
     for op in &h.ops {
         let Some((from, to, true, entries)) = read_result(op) else {
@@ -221,11 +225,11 @@ pub fn linearizable_reads_not_stale(h: &History) -> Vec<Violation> {
             .iter()
             .map(|e| (e.position, e.data.as_slice()))
             .collect();
-        for (a, pos, data) in &acked {
-            if a.complete_us < op.invoke_us
-                && (from..=to).contains(pos)
-                && got.get(pos) != Some(data)
-            {
+        let in_range = acked
+            .range(from..=to)
+            .flat_map(|(p, v)| v.iter().map(move |(a, d)| (*a, *p, *d)));
+        for (a, pos, data) in in_range {
+            if a.complete_us < op.invoke_us && got.get(&pos) != Some(&data) {
                 out.push(violation(
                     Rule::LinearizableReadNotStale,
                     vec![a.id, op.id],
