@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::checker::{check_all, Violation};
 use crate::client::{Recorder, Workload, WorkloadConfig};
@@ -309,6 +309,24 @@ pub async fn settle(c: &Cluster, timeout: Duration) -> Result<u64, ClusterError>
     Ok(commit)
 }
 
+/// Logs every replica's status and the tail of its log: the cluster did
+/// not settle after healing (a liveness failure to look into).
+async fn report_unsettled(c: &Cluster) {
+    for id in c.ids() {
+        let s = c.status(id).await;
+        error!(
+            replica = id,
+            status = ?s.as_ref().map(|s| crate::cluster::status_name(s.status)),
+            term = ?s.as_ref().map(|s| s.term),
+            leader = ?s.as_ref().map(|s| s.leader),
+            applied = ?s.as_ref().map(|s| s.applied),
+            members = ?s.as_ref().map(|s| s.members.iter().map(|m| (m.id, m.voter)).collect::<Vec<_>>()),
+            "replica after healing (the cluster did not settle); its log ends:\n{}",
+            crate::cluster::tail(&c.log_file(id), 40)
+        );
+    }
+}
+
 /// Reads every replica's application entries up to `to` (local reads).
 pub async fn read_logs(
     c: &Cluster,
@@ -446,7 +464,13 @@ pub async fn run(cfg: &CampaignConfig) -> Result<(Report, History), ClusterError
     workload.stop().await;
     let to_us = cluster.elapsed().as_micros() as u64;
     result?;
-    let commit = settle(&cluster, cfg.settle_timeout).await?;
+    let commit = match settle(&cluster, cfg.settle_timeout).await {
+        Ok(c) => c,
+        Err(e) => {
+            report_unsettled(&cluster).await;
+            return Err(e);
+        }
+    };
     let final_logs = read_logs(&cluster, commit).await?;
     let (faults, wipes) = fault_records(&nemesis);
     let history = History {
