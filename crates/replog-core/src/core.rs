@@ -1218,7 +1218,7 @@ impl<S: LogStorage> ReplicaCore<S> {
         let sends_before_sync = !rd.messages().is_empty();
         if !rd.messages().is_empty() {
             let msgs = rd.take_messages();
-            self.assert_votes_only_when_voting(&msgs);
+            self.assert_votes_only_when_voting_in(&msgs, self.status);
             snapshots_sent.extend(
                 msgs.iter()
                     .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
@@ -1373,12 +1373,9 @@ impl<S: LogStorage> ReplicaCore<S> {
         Ok(())
     }
 
-    /// Asserts the rejoin rule's other half on outgoing messages: a replica
-    /// that is not VOTING never campaigns and never answers a vote.
-    fn assert_votes_only_when_voting(&self, msgs: &[Message]) {
-        self.assert_votes_only_when_voting_in(msgs, self.status);
-    }
-
+    /// Asserts the rejoin rule's other half on outgoing messages produced
+    /// under `status`: a replica that is not VOTING never campaigns and
+    /// never answers a vote.
     fn assert_votes_only_when_voting_in(&self, msgs: &[Message], status: ReplicaStatus) {
         if let Some(m) = msgs.iter().find(|m| is_vote_traffic(m)) {
             assert!(

@@ -947,18 +947,10 @@ fn settle_and_check(sim: &mut Sim) {
         n.storage.sync().unwrap();
     }
     if !settled {
-        let state: Vec<String> = sim
-            .nodes
-            .iter()
-            .map(|n| {
-                let m = n.storage.meta();
-                format!(
-                    "r{} {} applied {} conf {:?}/{:?}",
-                    n.id, m.status, m.applied_index, m.conf_state.voters, m.conf_state.learners
-                )
-            })
-            .collect();
-        panic!("seed {seed}: the cluster did not settle after healing: {state:?}");
+        panic!(
+            "seed {seed}: the cluster did not settle after healing: {}",
+            sim.describe()
+        );
     }
     sim.flush_commit_records();
     sim.final_checks();
@@ -1260,9 +1252,7 @@ fn auto_initialize_founds_one_log_and_a_lost_disk_never_founds_another() {
         // A replica loses its disk: it must rejoin, not found a new log.
         let lost = (seed % 3) as usize;
         let acked_before = sim.acked.clone();
-        sim.nodes[lost].core = None;
-        sim.nodes[lost].storage = MemoryStorage::new_empty(CLUSTER, sim.nodes[lost].id);
-        sim.nodes[lost].down_until = sim.now + 50;
+        sim.lose_disk(lost, 50);
         let mut saw_starting = false;
         for _ in 0..30_000 {
             sim.step(false, 0.02);
@@ -1293,24 +1283,7 @@ fn auto_initialize_founds_one_log_and_a_lost_disk_never_founds_another() {
         );
         // Settle without new writes (every replica a VOTING voter with
         // everything), then check everything.
-        for _ in 0..30_000 {
-            sim.step(false, 0.0);
-            sim.flush_commit_records();
-            let metas: Vec<_> = sim.nodes.iter().map(|n| n.storage.meta()).collect();
-            let applied: BTreeSet<u64> = metas.iter().map(|m| m.applied_index).collect();
-            if applied.len() == 1
-                && metas.iter().all(|m| {
-                    m.status == ReplicaStatus::Voting && m.conf_state.voters.contains(&m.replica_id)
-                })
-            {
-                break;
-            }
-        }
-        for n in &sim.nodes {
-            n.storage.sync().unwrap();
-        }
-        sim.flush_commit_records();
-        sim.final_checks();
+        settle_and_check(&mut sim);
     }
 }
 
