@@ -169,7 +169,7 @@ fn a_lagging_follower_is_fed_a_budget_per_leader_turn_and_catches_up() {
     c.cut.clear();
     let mut leader_turns = 0u64;
     let mut turns_with_reads = 0u64;
-    while c.nodes[&3].storage.last_index() < last || c.nodes[&3].core.progress().commit < last {
+    while c.nodes[&3].storage.last_index() < last || c.nodes[&3].core.progress().applied < last {
         leader_turns += 1;
         assert!(leader_turns < 100_000, "replica 3 never caught up");
         let before = c.nodes[&1].storage.fetch_stats().bytes;

@@ -321,7 +321,7 @@ impl Log {
             loop {
                 let p = *progress.borrow_and_update();
                 if p.applied >= index {
-                    return Ok(Position::new(p.commit.max(index)));
+                    return Ok(Position::new(p.applied.max(index)));
                 }
                 if progress.changed().await.is_err() {
                     return Err(self.shared.closed_error());
@@ -492,7 +492,7 @@ impl Writer {
             .await
             .map_err(|_| LogError::Timeout(self.start_timeout))??;
         self.term = Some(p.term);
-        Ok(Position::new(p.commit))
+        Ok(Position::new(p.applied))
     }
 
     /// The term this writer was started in.
@@ -516,10 +516,10 @@ impl Writer {
     /// position of the truncation entry.
     pub async fn truncate(&self, to: Position) -> Result<Position> {
         let p = *self.shared.progress.borrow();
-        if to.value() > p.commit + 1 {
+        if to.value() > p.applied + 1 {
             return Err(LogError::PastEnd {
                 requested: to,
-                last: Position::new(p.commit),
+                last: Position::new(p.applied),
             });
         }
         self.propose(Command::Truncate(to.value())).await
@@ -562,7 +562,7 @@ impl Reader {
 
     /// The last committed position.
     pub fn ending(&self) -> Position {
-        Position::new(self.progress.borrow().commit)
+        Position::new(self.progress.borrow().applied)
     }
 
     /// Committed application entries in `from..=to`.

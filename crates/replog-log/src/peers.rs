@@ -115,12 +115,12 @@ pub fn peer_envelope(cluster_id: &str, from: u64, to: u64, msg: &PeerMessage) ->
             status,
             term,
             leader,
-            commit,
+            applied,
         } => Body::RecoverResponse(RecoverResponse {
             status: status_to_pb(*status),
             term: *term,
             leader: *leader,
-            commit: *commit,
+            commit: *applied,
         }),
     };
     Envelope {
@@ -180,7 +180,7 @@ pub fn decode(cluster_id: &str, me: u64, env: Envelope) -> Result<(u64, Inbound)
             })?,
             term: r.term,
             leader: r.leader,
-            commit: r.commit,
+            applied: r.commit,
         }),
         None => return Err(format!("empty envelope from {from}")),
     };
@@ -211,7 +211,7 @@ mod tests {
             status: ReplicaStatus::Voting,
             term: 3,
             leader: 2,
-            commit: 9,
+            applied: 9,
         };
         let (_, inbound) = decode("c", 1, peer_envelope("c", 2, 1, &msg)).unwrap();
         assert!(matches!(inbound, Inbound::Peer(p) if p == msg));

@@ -741,7 +741,7 @@ impl Engine {
                     voter: m.voter,
                     matched: m.matched,
                     lag: if progress.is_leader {
-                        progress.commit.saturating_sub(m.matched)
+                        progress.applied.saturating_sub(m.matched)
                     } else {
                         0
                     },

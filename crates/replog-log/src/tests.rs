@@ -151,7 +151,7 @@ fn pending_positions_are_not_readable() {
     )
     .unwrap();
     let (tx, rx) = watch::channel(Progress {
-        commit: 1,
+        applied: 1,
         ..Default::default()
     });
     let r = Reader {

@@ -444,7 +444,7 @@ impl ReplicaServer {
         gauge(
             "replog_commit_position",
             "last committed position applied here",
-            p.commit as i64,
+            p.applied as i64,
         );
         gauge(
             "replog_first_position",

@@ -263,7 +263,7 @@ impl ReplogClient for ClientService {
             leader: p.leader.unwrap_or(0),
             leader_address: s.leader_address.unwrap_or_default(),
             is_leader: p.is_leader,
-            commit: p.commit,
+            commit: p.applied,
             applied: p.applied,
             first_index: p.first_index,
             last_index: p.last_index,

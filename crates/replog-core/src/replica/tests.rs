@@ -1,0 +1,551 @@
+//! Scenario tests of the whole core on [`MemoryStorage`]: a replica
+//! driven the way the runtime drives it (`pump`), with fsyncs that happen
+//! or not, crashes, and hand-made Raft messages. The pure decisions have
+//! their table tests next to them.
+
+use bytes::Bytes;
+use raft::eraftpb::{Entry, EntryType, Message, MessageType};
+use replog_storage::{
+    encode_membership_context, LogStorage, LogUpdate, MembershipContext, MemoryStorage, Promotion,
+    ReplicaStatus,
+};
+
+use super::membership::conf_change;
+use super::*;
+use crate::command::{classify, EntryContent};
+use crate::events::{MembershipChange, PeerMessage};
+use crate::InjectedBug;
+
+/// Runs the core like the runtime does, with `sync` deciding whether a
+/// requested fsync happens; returns the outputs that are not syncs.
+fn pump(c: &mut ReplicaCore<MemoryStorage>, sync: bool) -> Vec<Output> {
+    let mut done = Vec::new();
+    for _ in 0..100 {
+        let mut out = Vec::new();
+        c.drive(&mut out).unwrap();
+        let mut synced = None;
+        for o in out {
+            match o {
+                Output::Sync { ready_number } if sync => {
+                    c.storage().sync().unwrap();
+                    synced = Some(ready_number);
+                }
+                Output::Sync { .. } => {}
+                other => done.push(other),
+            }
+        }
+        match synced {
+            Some(n) => {
+                let mut out = Vec::new();
+                c.step(Input::Persisted { ready_number: n }, &mut out)
+                    .unwrap();
+                done.extend(out);
+            }
+            None => return done,
+        }
+    }
+    panic!("the core did not settle");
+}
+
+/// (proposal id, position) of every `Committed` output, in order.
+fn committed(outs: &[Output]) -> Vec<(ProposalId, u64)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Committed { id, position } => Some((*id, *position)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn leader(storage: &MemoryStorage) -> ReplicaCore<MemoryStorage> {
+    let mut c = ReplicaCore::new(storage.clone(), &CoreConfig::default()).unwrap();
+    pump(&mut c, true);
+    assert!(c.progress().leader_ready, "a single voter leads at once");
+    c
+}
+
+fn append(id: u64, s: &str) -> Input {
+    Input::Propose {
+        id,
+        command: Command::Append(Bytes::copy_from_slice(s.as_bytes())),
+        writer_term: None,
+    }
+}
+
+#[test]
+fn nothing_is_acknowledged_before_its_sync() {
+    let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+    let mut c = leader(&s);
+    let mut out = Vec::new();
+    for i in 0..10 {
+        c.step(append(i, "x"), &mut out).unwrap();
+    }
+    assert!(out.is_empty());
+    // Drive without fsyncs, remembering the syncs asked for.
+    let mut drive_out = Vec::new();
+    c.drive(&mut drive_out).unwrap();
+    let asked: Vec<u64> = drive_out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Sync { ready_number } => Some(*ready_number),
+            _ => None,
+        })
+        .collect();
+    assert!(!asked.is_empty(), "new entries need an fsync");
+    assert!(
+        !drive_out
+            .iter()
+            .any(|o| matches!(o, Output::Committed { .. })),
+        "acknowledged before the fsync: {drive_out:?}"
+    );
+    assert!(
+        pump(&mut c, false).is_empty(),
+        "nothing happens until the sync is done"
+    );
+    c.storage().sync().unwrap();
+    let mut synced = Vec::new();
+    c.step(
+        Input::Persisted {
+            ready_number: *asked.iter().max().unwrap(),
+        },
+        &mut synced,
+    )
+    .unwrap();
+    synced.extend(pump(&mut c, true));
+    let acked = committed(&synced);
+    assert_eq!(acked.len(), 10, "{synced:?}");
+    assert!(acked
+        .windows(2)
+        .all(|w| w[0].1 + 1 == w[1].1 && w[0].0 + 1 == w[1].0));
+}
+
+#[test]
+fn a_crash_loses_only_unacknowledged_entries() {
+    let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+    let mut c = leader(&s);
+    let mut out = Vec::new();
+    c.step(append(1, "durable"), &mut out).unwrap();
+    let acked = pump(&mut c, true);
+    let Some(Output::Committed { position, .. }) = acked.first() else {
+        panic!("{acked:?}")
+    };
+    let position = *position;
+    c.step(append(2, "lost"), &mut out).unwrap();
+    pump(&mut c, false);
+    drop(c);
+    s.crash();
+    let c = leader(&s);
+    let e = raft::Storage::entries(
+        c.storage(),
+        position,
+        position + 1,
+        None::<u64>,
+        raft::GetEntriesContext::empty(false),
+    )
+    .unwrap();
+    assert_eq!(
+        classify(&e[0]).unwrap(),
+        EntryContent::Command(Command::Append(Bytes::from_static(b"durable")))
+    );
+    let last = raft::Storage::last_index(c.storage()).unwrap();
+    let tail = raft::Storage::entries(
+        c.storage(),
+        position + 1,
+        last + 1,
+        None::<u64>,
+        raft::GetEntriesContext::empty(false),
+    )
+    .unwrap();
+    assert!(
+        tail.iter()
+            .all(|e| classify(e).unwrap() == EntryContent::LeaderNoop),
+        "the unsynced entry must not survive the crash: {tail:?}"
+    );
+}
+
+#[test]
+fn a_membership_change_during_another_is_refused_as_retryable() {
+    let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+    let mut c = leader(&s);
+    let mut out = Vec::new();
+    for id in [7, 8] {
+        c.step(
+            Input::ChangeMembership {
+                id,
+                changes: vec![MembershipChange::AddLearner(id)],
+                addresses: Vec::new(),
+            },
+            &mut out,
+        )
+        .unwrap();
+    }
+    // The first is proposed (not yet applied); the second is not made
+    // and says it may succeed later.
+    assert!(
+        matches!(
+            out.as_slice(),
+            [Output::Failed {
+                id: 8,
+                error: ProposalError::MembershipInProgress(_)
+            }]
+        ),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_writer_of_an_old_term_is_refused() {
+    let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+    let mut c = leader(&s);
+    let term = c.progress().term;
+    let mut out = Vec::new();
+    c.step(
+        Input::Propose {
+            id: 9,
+            command: Command::Append(Bytes::from_static(b"x")),
+            writer_term: Some(term - 1),
+        },
+        &mut out,
+    )
+    .unwrap();
+    assert!(matches!(
+        out.as_slice(),
+        [Output::Failed {
+            id: 9,
+            error: ProposalError::LeadershipLost { .. }
+        }]
+    ));
+}
+
+#[test]
+fn truncation_is_applied_with_the_applied_position() {
+    let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+    let mut c = leader(&s);
+    let mut out = Vec::new();
+    for i in 0..5 {
+        c.step(append(i, "x"), &mut out).unwrap();
+    }
+    let acked = pump(&mut c, true);
+    let positions: Vec<u64> = committed(&acked).into_iter().map(|(_, p)| p).collect();
+    c.step(
+        Input::Propose {
+            id: 99,
+            command: Command::Truncate(positions[3]),
+            writer_term: None,
+        },
+        &mut out,
+    )
+    .unwrap();
+    let done = pump(&mut c, true);
+    assert!(done
+        .iter()
+        .any(|o| matches!(o, Output::Truncated { first_index } if *first_index == positions[3])));
+    let meta = s.meta();
+    assert_eq!(meta.snapshot_index + 1, positions[3]);
+    assert!(meta.applied_index > positions[4]);
+}
+
+#[test]
+fn a_recovering_replica_never_campaigns_or_votes() {
+    let s = MemoryStorage::new_initialized("t", 1, vec![1, 2, 3]);
+    s.write(LogUpdate {
+        status: Some(ReplicaStatus::Recovering),
+        ..Default::default()
+    })
+    .unwrap();
+    let cfg = CoreConfig {
+        peers: vec![2, 3],
+        ..Default::default()
+    };
+    let mut c = ReplicaCore::new(s, &cfg).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..200 {
+        c.step(Input::Tick, &mut out).unwrap();
+    }
+    let mut vote = Message::default();
+    vote.set_msg_type(MessageType::MsgRequestVote);
+    vote.from = 2;
+    vote.to = 1;
+    vote.term = 5;
+    vote.log_term = 1;
+    vote.index = 1;
+    c.step(Input::Message(Box::new(vote)), &mut out).unwrap();
+    out.extend(pump(&mut c, true));
+    let raft_msgs: Vec<&Message> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send(m) => Some(m.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(raft_msgs.is_empty(), "sent raft messages: {raft_msgs:?}");
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::SendPeer {
+            msg: PeerMessage::RecoverRequest {
+                status: ReplicaStatus::Recovering,
+                ..
+            },
+            ..
+        }
+    )));
+    assert_eq!(c.progress().term, 1, "the vote request was not even seen");
+}
+
+fn conf_entry(index: u64, change: MembershipChange, promotion: Option<Promotion>) -> Entry {
+    let mut cc = conf_change(&[change]);
+    if promotion.is_some() {
+        let context = MembershipContext {
+            addresses: Vec::new(),
+            promotion,
+        };
+        cc.context = encode_membership_context(&context).into();
+    }
+    let mut e = Entry::default();
+    e.set_entry_type(EntryType::EntryConfChangeV2);
+    e.index = index;
+    e.term = 2;
+    e.data = protobuf::Message::write_to_bytes(&cc).unwrap().into();
+    e
+}
+
+/// Feeds replica 3 (RECOVERING, incarnation 7) the leader's entries
+/// 2.. and returns its status after it applied them.
+fn replay(entries: Vec<Entry>, bug: Option<InjectedBug>) -> ReplicaStatus {
+    let s = MemoryStorage::new_initialized("t", 3, vec![1, 2, 3]);
+    s.write(LogUpdate {
+        status: Some(ReplicaStatus::Recovering),
+        ..Default::default()
+    })
+    .unwrap();
+    s.sync().unwrap();
+    let cfg = CoreConfig {
+        peers: vec![1, 2],
+        incarnation: 7,
+        injected_bug: bug,
+        ..Default::default()
+    };
+    let mut c = ReplicaCore::new(s, &cfg).unwrap();
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgAppend);
+    m.from = 1;
+    m.to = 3;
+    m.term = 2;
+    m.log_term = 1;
+    m.index = 1;
+    m.commit = entries.last().map_or(1, |e| e.index);
+    m.set_entries(entries.into());
+    let mut out = Vec::new();
+    c.step(Input::Message(Box::new(m)), &mut out).unwrap();
+    pump(&mut c, true);
+    assert_eq!(c.storage().meta().status, c.status(), "status is persisted");
+    c.status()
+}
+
+/// The bug the fault campaign found: a replica wiped twice replays the
+/// demotion and promotion of its first rejoin and must not turn VOTING
+/// on them; only the promotion of its current incarnation counts.
+#[test]
+fn replaying_an_earlier_incarnations_promotion_does_not_make_it_voting() {
+    let old_promotion = Some(Promotion {
+        replica_id: 3,
+        incarnation: 6,
+    });
+    let earlier_rejoin = vec![
+        conf_entry(2, MembershipChange::AddLearner(3), None),
+        conf_entry(3, MembershipChange::AddVoter(3), old_promotion),
+    ];
+    assert_eq!(
+        replay(earlier_rejoin.clone(), None),
+        ReplicaStatus::Recovering
+    );
+    let mut this_rejoin = earlier_rejoin.clone();
+    this_rejoin.push(conf_entry(4, MembershipChange::AddLearner(3), None));
+    this_rejoin.push(conf_entry(
+        5,
+        MembershipChange::AddVoter(3),
+        Some(Promotion {
+            replica_id: 3,
+            incarnation: 7,
+        }),
+    ));
+    assert_eq!(replay(this_rejoin, None), ReplicaStatus::Voting);
+    // The switch that puts the bug back does put it back.
+    assert_eq!(
+        replay(earlier_rejoin, Some(InjectedBug::EarlyVoting)),
+        ReplicaStatus::Voting
+    );
+}
+
+#[test]
+fn a_recover_request_delayed_past_its_promotion_does_not_demote() {
+    let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+    let cfg = CoreConfig {
+        peers: vec![2],
+        ..Default::default()
+    };
+    let mut c = ReplicaCore::new(s, &cfg).unwrap();
+    pump(&mut c, true);
+    assert!(c.progress().leader_ready);
+    let change = |c: &mut ReplicaCore<MemoryStorage>, id, ch| {
+        let mut out = Vec::new();
+        c.step(
+            Input::ChangeMembership {
+                id,
+                changes: vec![ch],
+                addresses: Vec::new(),
+            },
+            &mut out,
+        )
+        .unwrap();
+        out.extend(pump(c, true));
+        assert!(committed(&out).iter().any(|(p, _)| *p == id), "{out:?}");
+    };
+    let recover = |c: &mut ReplicaCore<MemoryStorage>, incarnation| {
+        let mut out = Vec::new();
+        c.step(
+            Input::Peer {
+                from: 2,
+                msg: PeerMessage::RecoverRequest {
+                    status: ReplicaStatus::Recovering,
+                    last_index: 0,
+                    incarnation,
+                },
+            },
+            &mut out,
+        )
+        .unwrap();
+    };
+    // Replica 2 recovers as a learner (incarnation 11), catches up and
+    // is promoted by the leader, naming incarnation 11.
+    change(&mut c, 1, MembershipChange::AddLearner(2));
+    recover(&mut c, 11);
+    let committed = c.node.raft.raft_log.committed;
+    c.node.raft.mut_prs().get_mut(2).unwrap().matched = committed;
+    let mut out = Vec::new();
+    c.step(Input::Tick, &mut out).unwrap();
+    pump(&mut c, true);
+    assert!(c.node.raft.prs().conf().to_conf_state().voters.contains(&2));
+    assert_eq!(c.promoted_incarnations.get(&2), Some(&11));
+    // A request of that incarnation arrives late: no demotion.
+    recover(&mut c, 11);
+    assert!(
+        !c.node.raft.has_pending_conf(),
+        "demoted on a stale request"
+    );
+    // A request of a new incarnation (it restarted or lost its data):
+    // the leader demotes it.
+    recover(&mut c, 12);
+    assert!(
+        c.node.raft.has_pending_conf(),
+        "a new incarnation is demoted"
+    );
+}
+
+#[test]
+fn a_heartbeat_response_does_not_wait_for_a_pending_fsync() {
+    let s = MemoryStorage::new_initialized("t", 1, vec![1, 2, 3]);
+    let last = s
+        .meta()
+        .snapshot_index
+        .max(raft::Storage::last_index(&s).unwrap());
+    let last_term = raft::Storage::term(&s, last).unwrap();
+    let cfg = CoreConfig {
+        peers: vec![2, 3],
+        ..Default::default()
+    };
+    let mut c = ReplicaCore::new(s, &cfg).unwrap();
+    let sent = |out: &[Output], kind: MessageType| {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send(m) => Some(m.iter()),
+                _ => None,
+            })
+            .flatten()
+            .any(|m| m.get_msg_type() == kind)
+    };
+    // Leader 2 (term 2) appends an entry: it needs an fsync, which the
+    // runtime has not reported yet.
+    let mut append = Message::default();
+    append.set_msg_type(MessageType::MsgAppend);
+    (append.from, append.to, append.term) = (2, 1, 2);
+    (append.index, append.log_term, append.commit) = (last, last_term, last);
+    let mut e = Entry::default();
+    (e.index, e.term) = (last + 1, 2);
+    append.entries = vec![e].into();
+    let mut out = Vec::new();
+    c.step(Input::Message(Box::new(append)), &mut out).unwrap();
+    c.drive(&mut out).unwrap();
+    let ready_number = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Sync { ready_number } => Some(*ready_number),
+            _ => None,
+        })
+        .expect("the append asks for an fsync");
+    assert!(
+        !sent(&out, MessageType::MsgAppendResponse),
+        "not before the fsync"
+    );
+    // A heartbeat meanwhile is answered at once.
+    let mut hb = Message::default();
+    hb.set_msg_type(MessageType::MsgHeartbeat);
+    (hb.from, hb.to, hb.term, hb.commit) = (2, 1, 2, last);
+    let mut out = Vec::new();
+    c.step(Input::Message(Box::new(hb)), &mut out).unwrap();
+    c.drive(&mut out).unwrap();
+    assert!(sent(&out, MessageType::MsgHeartbeatResponse));
+    assert!(
+        !sent(&out, MessageType::MsgAppendResponse),
+        "still not before the fsync"
+    );
+    // The append's answer leaves once the fsync is reported.
+    let mut out = Vec::new();
+    c.step(Input::Persisted { ready_number }, &mut out).unwrap();
+    c.drive(&mut out).unwrap();
+    assert!(sent(&out, MessageType::MsgAppendResponse));
+}
+
+/// The replica lifecycle table of ARCHITECTURE.md, its "Raft traffic",
+/// "ticks" and "votes" columns, row by row (the "becomes" column is
+/// `recover::tests::what_a_replica_becomes_given_the_recover_answers_as_a_table`
+/// and `membership::tests::the_rejoin_rule_as_a_table`).
+#[test]
+fn the_replica_lifecycle_as_a_table() {
+    use MessageType::*;
+    use ReplicaStatus::*;
+    let catch_up = [MsgAppend, MsgHeartbeat, MsgSnapshot];
+    let elections = [MsgRequestVote, MsgRequestPreVote, MsgTimeoutNow];
+    // status, takes appends/heartbeats/snapshots, takes vote traffic, ticks
+    #[rustfmt::skip]
+    let rows = [
+        (Empty,      false, false, false),
+        (Starting,   false, false, false),
+        (Recovering, true,  false, false),
+        (Voting,     true,  true,  true),
+    ];
+    for (status, takes_catch_up, takes_elections, ticks) in rows {
+        for kind in catch_up {
+            assert_eq!(
+                admits_raft_message(status, kind),
+                takes_catch_up,
+                "{status} {kind:?}"
+            );
+        }
+        for kind in elections {
+            assert_eq!(
+                admits_raft_message(status, kind),
+                takes_elections,
+                "{status} {kind:?}"
+            );
+        }
+        // Answers to its own requests: only a VOTING replica sends any.
+        assert_eq!(
+            admits_raft_message(status, MsgRequestVoteResponse),
+            status != Empty && status != Starting,
+            "{status}"
+        );
+        assert_eq!(ticks_raft(status), ticks, "{status}");
+    }
+}
