@@ -51,6 +51,7 @@ need=()
 command -v c++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v iptables >/dev/null 2>&1 || need+=(iptables) # replog-faults: partitions and packet loss in namespaces
+command -v ip >/dev/null 2>&1 || need+=(iproute2)     # replog-faults: network namespaces (absent from minimal images)
 if [ "$(libclang_present "${REPLOG_SETUP_ROOT:-}")" = no ]; then
   need+=(libclang-dev)
 fi
@@ -67,8 +68,11 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 if command -v rustup >/dev/null 2>&1; then
+  # Read the whole list first: under pipefail, `rustup ... | grep -q` fails
+  # when grep exits before rustup has written its last line.
+  installed_components=$(rustup component list --installed 2>/dev/null || true)
   for c in rustfmt clippy; do
-    rustup component list --installed 2>/dev/null | grep -q "^$c" || {
+    grep -q "^$c" <<<"$installed_components" || {
       log "adding rustup component $c"
       rustup component add "$c" >/dev/null
     }
