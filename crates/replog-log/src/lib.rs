@@ -281,8 +281,10 @@ impl Log {
         }
     }
 
-    /// Watches leadership changes of this replica.
-    pub fn watch_leadership(&self) -> watch::Receiver<Progress> {
+    /// Watches this replica's [`Progress`]: status, term and leader, and
+    /// the applied position; it changes after every step of the core that
+    /// changed any of them.
+    pub fn watch_progress(&self) -> watch::Receiver<Progress> {
         self.shared.progress.subscribe()
     }
 

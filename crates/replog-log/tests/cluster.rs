@@ -279,7 +279,7 @@ async fn three_replicas_replicate_and_a_wiped_replica_rejoins() {
 
     // Leadership moves away: the old writer fails with a distinct error and
     // the leadership watch tells the embedding scheduler.
-    let mut watch = logs[&l].watch_leadership();
+    let mut watch = logs[&l].watch_progress();
     let to = *logs.keys().find(|id| **id != l).unwrap();
     logs[&l].transfer_leader(to).unwrap();
     eventually("leadership to move", || logs[&to].progress().leader_ready);

@@ -195,7 +195,7 @@ fn spawn_auto_commit(store: Arc<SchedulerStore>, staging: Arc<Staging>) {
         }
     };
     tokio::spawn(async move {
-        let mut progress = store.log().watch_leadership();
+        let mut progress = store.log().watch_progress();
         loop {
             if progress.borrow_and_update().leader_ready {
                 match store.commit_restored(&staging).await {
@@ -525,7 +525,7 @@ impl ReplicaServer {
     /// Waits until the replica is VOTING, or `timeout` passes
     /// (`--recovery-timeout`).
     pub async fn wait_voting(&self, timeout: Duration) -> Result<(), ReplicaStatus> {
-        let mut rx = self.log.watch_leadership();
+        let mut rx = self.log.watch_progress();
         let wait = async {
             loop {
                 if rx.borrow_and_update().status == ReplicaStatus::Voting {

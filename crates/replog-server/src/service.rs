@@ -291,7 +291,7 @@ impl ReplogClient for ClientService {
         &self,
         _req: Request<WatchLeadershipRequest>,
     ) -> Result<Response<Self::WatchLeadershipStream>, Status> {
-        let mut rx = self.log.watch_leadership();
+        let mut rx = self.log.watch_progress();
         let svc = self.clone();
         let mut stopping = self.stopping.clone();
         let stream = async_stream(move |tx| async move {

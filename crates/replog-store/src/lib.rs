@@ -11,6 +11,7 @@
 //! - a transaction too big for one entry is framed and applied whole at the
 //!   position of its last part, or not at all.
 
+mod applier;
 pub mod backup;
 pub mod record;
 pub mod staging;

@@ -1,8 +1,8 @@
 //! [`SchedulerStore`]: the state store bound to a replicated log.
 //!
-//! One applier task per store reads the log's committed entries in order,
-//! reassembles framed transactions ([`crate::record`]) and applies them to
-//! the local [`StateStore`]. Writers submit transactions through the log's
+//! One applier task per store ([`crate::applier`]) reads the log's
+//! committed entries in order, reassembles framed transactions
+//! ([`crate::record`]) and applies them to the local [`StateStore`]. Writers submit transactions through the log's
 //! [`Writer`] and wait until their own replica applied them.
 //!
 //! Invariants:
@@ -75,11 +75,12 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use replog_log::{Log, LogError, Position, Writer};
 use replog_proto::state::Transaction;
-use replog_state::{Applied, StateError, StateStore};
+use replog_state::{StateError, StateStore};
 use tokio::sync::{mpsc, watch, RwLock};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
-use crate::record::{decode_record, encode_transaction, Assembled, Reassembler, RecordError};
+use crate::applier::Applier;
+use crate::record::{encode_transaction, RecordError};
 
 /// Outcomes of this many recent positions are kept for their submitters.
 pub const RESULT_SLOTS: usize = 65_536;
@@ -87,8 +88,6 @@ pub const RESULT_SLOTS: usize = 65_536;
 /// before it. Its state is empty, or the backup the log was founded from
 /// (`replog initialize --from-backup`, loaded at this position).
 pub const FOUNDING_POSITION: u64 = 1;
-/// Entries read from the log per page.
-const PAGE: u64 = 4096;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -193,21 +192,22 @@ pub trait SnapshotSource: Send + Sync + 'static {
     fn fetch(&self, attempt: u64) -> FetchFuture<'_>;
 }
 
-struct Shared {
-    state: StateStore,
-    progress: watch::Sender<ApplyProgress>,
+/// What the store, its applier and its compaction task share.
+pub(crate) struct Shared {
+    pub(crate) state: StateStore,
+    pub(crate) progress: watch::Sender<ApplyProgress>,
     /// Rejections of recent positions (position -> error), bounded.
-    rejected: Mutex<BTreeMap<u64, String>>,
-    aborted_writes: AtomicU64,
+    pub(crate) rejected: Mutex<BTreeMap<u64, String>>,
+    pub(crate) aborted_writes: AtomicU64,
     /// Bytes of log entries applied since start (compaction by bytes).
-    applied_bytes: AtomicU64,
+    pub(crate) applied_bytes: AtomicU64,
     /// Log truncations this replica proposed as leader, since start.
-    compactions: AtomicU64,
+    pub(crate) compactions: AtomicU64,
     /// State snapshots installed from a peer, since start.
-    catch_ups: AtomicU64,
+    pub(crate) catch_ups: AtomicU64,
     /// This replica's staging area, cleared when its staged backup is
     /// applied as a replacement.
-    staging: Option<Arc<crate::staging::Staging>>,
+    pub(crate) staging: Option<Arc<crate::staging::Staging>>,
 }
 
 /// The scheduler-state store on a replicated log (see the module docs).
@@ -271,12 +271,15 @@ impl SchedulerStore {
             catch_ups: AtomicU64::new(0),
             staging,
         });
-        let applier = tokio::spawn(apply_loop(
-            shared.clone(),
-            log.clone(),
-            opts.max_transaction_bytes,
-            source,
-        ));
+        let applier = tokio::spawn(
+            Applier::new(
+                shared.clone(),
+                log.clone(),
+                opts.max_transaction_bytes,
+                source,
+            )
+            .run(),
+        );
         let compactor = tokio::spawn(compaction_loop(shared.clone(), log.clone(), opts.clone()));
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -734,373 +737,6 @@ async fn compaction_loop(shared: Arc<Shared>, log: Arc<Log>, opts: StoreOptions)
             Err(e) => {
                 warn!(error = %e, to, "compacting the log failed");
                 writer = None;
-            }
-        }
-    }
-}
-
-/// First pause between catch-up attempts; it doubles up to
-/// [`CATCH_UP_MAX_BACKOFF`].
-const CATCH_UP_BACKOFF: Duration = Duration::from_millis(100);
-const CATCH_UP_MAX_BACKOFF: Duration = Duration::from_secs(10);
-
-/// Fetches and installs a peer's state snapshot until one works; returns
-/// its position (>= the log's beginning - 1 when it was fetched).
-async fn catch_up(
-    shared: &Arc<Shared>,
-    log: &Arc<Log>,
-    source: &Arc<dyn SnapshotSource>,
-    behind: u64,
-) -> u64 {
-    let reader = log.reader();
-    let mut backoff = CATCH_UP_BACKOFF;
-    let mut attempt = 0u64;
-    loop {
-        let beginning = reader.beginning().value();
-        warn!(
-            applied = behind,
-            log_beginning = beginning,
-            attempt,
-            "the local state is behind the log's beginning: catching up from a peer's state snapshot"
-        );
-        let started = Instant::now();
-        let result = match source.fetch(attempt).await {
-            Ok((peer, pieces)) => install_snapshot(
-                shared,
-                log,
-                peer.clone(),
-                pieces,
-                beginning.saturating_sub(1),
-            )
-            .await
-            .map(|position| (peer, position)),
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok((peer, position)) => {
-                shared.catch_ups.fetch_add(1, Ordering::Relaxed);
-                info!(
-                    %peer,
-                    position,
-                    elapsed = ?started.elapsed(),
-                    "caught up by a streamed state snapshot"
-                );
-                return position;
-            }
-            Err(e) => {
-                warn!(error = %e, attempt, retry_in = ?backoff, "a state snapshot catch-up failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(CATCH_UP_MAX_BACKOFF);
-                attempt += 1;
-            }
-        }
-    }
-}
-
-/// Reads one snapshot stream and loads it whole into the state, or changes
-/// nothing. `needed`: the lowest position the snapshot may be of.
-async fn install_snapshot(
-    shared: &Arc<Shared>,
-    log: &Arc<Log>,
-    peer: String,
-    mut pieces: SnapshotPieces,
-    needed: u64,
-) -> Result<u64, String> {
-    let cluster = log.meta().cluster_id;
-    let shared = shared.clone();
-    tokio::task::spawn_blocking(move || {
-        let path = std::path::PathBuf::from(format!("<state snapshot of {peer}>"));
-        let piece_iter = std::iter::from_fn(|| pieces.blocking_recv());
-        let (r, header) = replog_snapshot::SnapshotReader::open(
-            replog_snapshot::PieceReader::new(piece_iter),
-            replog_snapshot::ReaderOptions::default(),
-        )
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-        crate::backup::check_state_header(&path, &header).map_err(|e| e.to_string())?;
-        replog_snapshot::check_cluster(&header, &cluster)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        if header.position < needed {
-            return Err(format!(
-                "{} is of position {}, but this replica's log begins at {}: the peer is behind too",
-                path.display(),
-                header.position,
-                needed + 1
-            ));
-        }
-        info!(
-            %peer,
-            position = header.position,
-            "installing a state snapshot from a peer"
-        );
-        crate::backup::load_stream(&shared.state, &path, r, header.position)
-            .map_err(|e| e.to_string())?;
-        Ok(header.position)
-    })
-    .await
-    .map_err(|e| format!("installing the snapshot panicked: {e}"))?
-}
-
-async fn apply_loop(
-    shared: Arc<Shared>,
-    log: Arc<Log>,
-    max_transaction_bytes: usize,
-    source: Option<Arc<dyn SnapshotSource>>,
-) {
-    let reader = log.reader();
-    // The state is durable up to here (what a restart found, or the last
-    // flush): see the durability invariant in the module docs.
-    let mut flushed = shared.state.applied();
-    let mut log_progress = log.watch_leadership();
-    let mut spool: Option<Spool> = None;
-    Spool::remove_stale(log.path());
-    let mut reassembler = Reassembler::new(max_transaction_bytes);
-    // Next position to read; the state applied everything before it.
-    let mut next = shared.state.applied() + 1;
-    let fail = |why: String| {
-        error!(reason = %why, "the state applier stopped");
-        shared.progress.send_modify(|p| p.failure = Some(why));
-    };
-    loop {
-        // A log as `initialize` made it begins after its founding snapshot
-        // (position 1), which holds no state: an empty state starts there.
-        let beginning = reader.beginning().value();
-        if next < beginning && beginning <= FOUNDING_POSITION + 1 {
-            next = beginning;
-        }
-        let ending = reader.ending().value();
-        if ending < next {
-            if log_progress.changed().await.is_err() {
-                return;
-            }
-            continue;
-        }
-        let to = ending.min(next + PAGE - 1);
-        let entries = match reader.read(Position::new(next), Position::new(to)) {
-            Ok(e) => e,
-            Err(LogError::Truncated { beginning, .. }) => {
-                let Some(source) = &source else {
-                    fail(format!(
-                        "the local state stops at position {} but the log now begins at {beginning}: \
-                         this replica needs a state snapshot from a peer",
-                        next - 1
-                    ));
-                    return;
-                };
-                let position = catch_up(&shared, &log, source, next - 1).await;
-                // Whatever was being reassembled is part of the snapshot now
-                // (a snapshot's position is never inside a framed write).
-                reassembler = Reassembler::new(max_transaction_bytes);
-                if let Some(s) = spool.take() {
-                    s.discard();
-                }
-                flushed = position; // replace_all syncs the WAL
-                shared.progress.send_modify(|p| p.applied = position);
-                next = position + 1;
-                continue;
-            }
-            Err(e) => {
-                fail(format!("reading the log at {next}..={to}: {e}"));
-                return;
-            }
-        };
-        let mut outcomes = Vec::new();
-        for entry in entries {
-            let position = entry.position.value();
-            shared
-                .applied_bytes
-                .fetch_add(entry.data.len() as u64, Ordering::Relaxed);
-            match decode_record(position, &entry.data) {
-                Ok(rec) => reassembler.push(position, rec, &mut outcomes),
-                Err(e @ RecordError::NewerSchema { .. }) => {
-                    // Applying it would drop what this build does not know
-                    // and diverge from the upgraded replicas: stop here.
-                    fail(e.to_string());
-                    return;
-                }
-                Err(e) => warn!(error = %e, "skipping a log entry that is not a store record"),
-            }
-            for o in outcomes.drain(..) {
-                match o {
-                    Assembled::Apply { position, txn } => {
-                        match shared.state.apply(position, &txn) {
-                            Ok(Applied::Done { .. }) => {}
-                            Ok(Applied::Rejected(e)) => {
-                                debug!(position, reason = %e, "transaction rejected by a state check");
-                                let mut r = shared.rejected.lock();
-                                r.insert(position, e.to_string());
-                                while r.len() > RESULT_SLOTS {
-                                    r.pop_first();
-                                }
-                            }
-                            Err(e) => {
-                                fail(format!("applying position {position}: {e}"));
-                                return;
-                            }
-                        }
-                    }
-                    Assembled::Aborted {
-                        id,
-                        begun_at,
-                        reason,
-                    } => {
-                        shared.aborted_writes.fetch_add(1, Ordering::Relaxed);
-                        warn!(id, begun_at, %reason, "skipping an aborted framed write");
-                        if let Some(s) = spool.take() {
-                            s.discard();
-                        }
-                    }
-                    Assembled::ReplaceBegin {
-                        id,
-                        begun_at,
-                        total_bytes,
-                    } => {
-                        info!(id, begun_at, total_bytes, "a state replacement begins");
-                        match Spool::create(log.path(), id) {
-                            Ok(s) => spool = Some(s),
-                            Err(e) => {
-                                fail(format!("cannot spool the state replacement: {e}"));
-                                return;
-                            }
-                        }
-                    }
-                    Assembled::ReplacePart { id, data } => {
-                        let Some(s) = spool.as_mut().filter(|s| s.id == id) else {
-                            fail(format!("a part of replacement {id} without its spool"));
-                            return;
-                        };
-                        if let Err(e) = s.write(&data) {
-                            fail(format!("cannot spool the state replacement: {e}"));
-                            return;
-                        }
-                    }
-                    Assembled::Replace { id, position } => {
-                        let Some(s) = spool.take().filter(|s| s.id == id) else {
-                            fail(format!("replacement {id} completed without its spool"));
-                            return;
-                        };
-                        let state = shared.clone();
-                        let result = tokio::task::spawn_blocking(move || {
-                            let path = s.finish()?;
-                            if let Some(staging) = &state.staging {
-                                // Before the load: from here on the log
-                                // holds what was staged.
-                                let header = crate::backup::header_of(&path)
-                                    .map_err(|e| e.to_string())?;
-                                if staging
-                                    .on_replacement(&header, position)
-                                    .map_err(|e| e.to_string())?
-                                {
-                                    info!(position, "the backup staged here was committed; the staging area is cleared");
-                                }
-                            }
-                            let r = crate::backup::load_into(&state.state, &path, position, None);
-                            let _ = std::fs::remove_file(&path);
-                            r.map_err(|e| e.to_string())
-                        })
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r);
-                        match result {
-                            Ok(header) => {
-                                warn!(
-                                    position,
-                                    backup_position = header.position,
-                                    cluster = %header.cluster_id,
-                                    "the whole state was replaced (a staged recovery was committed); everyone must reload"
-                                );
-                                shared.progress.send_modify(|p| {
-                                    p.applied = position;
-                                    p.replaced_at = Some(position);
-                                    p.replaced_in_term = log.progress().term;
-                                });
-                            }
-                            Err(e) => {
-                                fail(format!("replacing the state at position {position}: {e}"));
-                                return;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        // Everything up to `to` is applied, except a framed write still in
-        // progress: the applied position stays before its beginning so a
-        // restart reads it whole.
-        let durable_to = match reassembler.begun_at() {
-            Some(b) => b - 1,
-            None => to,
-        };
-        if durable_to > shared.state.applied() {
-            if let Err(e) = shared.state.skip_to(durable_to) {
-                fail(format!("recording applied position {durable_to}: {e}"));
-                return;
-            }
-        }
-        let applied = shared.state.applied();
-        // The log dropped positions past what the state last flushed:
-        // flush now (the shared WAL already orders the state's writes before
-        // the truncation; this keeps the invariant explicit and cheap).
-        if reader.beginning().value().saturating_sub(1) > flushed {
-            if let Err(e) = shared.state.flush() {
-                fail(format!("flushing the state at {applied}: {e}"));
-                return;
-            }
-            flushed = applied;
-        }
-        shared.progress.send_if_modified(|p| {
-            let changed = p.applied != applied;
-            p.applied = applied;
-            changed
-        });
-        next = to + 1;
-    }
-}
-
-/// A state replacement being received: its bytes go to a file in the
-/// replica's directory (never to memory), removed once applied or aborted.
-struct Spool {
-    id: u64,
-    path: std::path::PathBuf,
-    file: std::io::BufWriter<std::fs::File>,
-}
-
-const SPOOL_PREFIX: &str = "state-replacement-";
-
-impl Spool {
-    fn create(dir: &std::path::Path, id: u64) -> std::io::Result<Spool> {
-        let path = dir.join(format!("{SPOOL_PREFIX}{id}.spool"));
-        let file = std::fs::File::create(&path)?;
-        Ok(Spool {
-            id,
-            path,
-            file: std::io::BufWriter::with_capacity(1 << 20, file),
-        })
-    }
-
-    fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
-        use std::io::Write;
-        self.file.write_all(data)
-    }
-
-    fn finish(self) -> Result<std::path::PathBuf, String> {
-        self.file
-            .into_inner()
-            .map_err(|e| e.into_error().to_string())?;
-        Ok(self.path)
-    }
-
-    fn discard(self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-
-    /// Spools left by a replica that stopped while receiving one (the
-    /// replacement is read again from the log).
-    fn remove_stale(dir: &std::path::Path) {
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with(SPOOL_PREFIX) {
-                    let _ = std::fs::remove_file(e.path());
-                }
             }
         }
     }
