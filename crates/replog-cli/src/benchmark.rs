@@ -1,20 +1,252 @@
-//! The `replog benchmark` load generator (the mesos-log benchmark): appends
-//! the sizes of a trace file, sequentially or from many concurrent
-//! appenders, and measures throughput and latency; plus a raw fdatasync
-//! probe of the same disk to compare against.
+//! `replog benchmark` (the mesos-log benchmark) and its arguments: appends
+//! the sizes of a trace file to a fresh single-replica log, sequentially or
+//! from many concurrent appenders, and measures throughput and latency;
+//! plus a raw fdatasync probe of the same disk to compare against, the two
+//! taking turns slice by slice.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::io::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use replog_log::Writer;
+use clap::ArgAction;
+use replog_log::{Log, LogOptions, Writer};
+use replog_storage::identity;
 use serde::Serialize;
+
+use crate::support::{init_single_replica, progress_bar, runtime_with_workers};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchmarkArgs {
+    /// Directory for the benchmark's own log (empty or missing).
+    // The hidden defaults only stand in with --etcd, which does not use them;
+    // without --etcd both flags are required.
+    #[arg(
+        long,
+        required_unless_present_any = ["etcd", "endpoint"],
+        default_value = "unused-with-etcd",
+        hide_default_value = true
+    )]
+    pub path: PathBuf,
+    /// Trace file: one entry size per line, e.g. `256B`, `4KB`, `2MB`.
+    #[arg(
+        long,
+        required_unless_present_any = ["etcd", "endpoint"],
+        default_value = "unused-with-etcd",
+        hide_default_value = true
+    )]
+    pub input: PathBuf,
+    /// Benchmark an etcd cluster instead: its client URLs, comma separated
+    /// (e.g. from benches/etcd/start-cluster.sh). Values are put into the
+    /// leader through etcd's gRPC API (KV/Put) by --concurrency closed-loop clients.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["path", "input", "repeat", "sync", "probe_iterations", "endpoint"])]
+    pub etcd: Vec<String>,
+    /// Benchmark a running replog cluster instead: its replica servers,
+    /// comma separated. Entries are appended through the leader by
+    /// --concurrency closed-loop clients (the same generator as --etcd).
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["path", "input", "repeat", "sync", "probe_iterations"])]
+    pub endpoint: Vec<String>,
+    /// Operations in total (with --etcd).
+    #[arg(long, default_value_t = 10_000)]
+    pub count: u64,
+    /// Size of each value (with --etcd), e.g. `256B` or `4KB`.
+    #[arg(long, default_value = "256", value_parser = parse_size)]
+    pub value_size: usize,
+    /// Concurrent appenders (1 = sequential, as mesos-log's benchmark), or
+    /// closed-loop clients with --endpoint/--etcd. Several levels, comma
+    /// separated (e.g. `1,64`), are measured in one run, taking turns
+    /// slice by slice with each other and with the fdatasync probe (local
+    /// log only).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub concurrency: Vec<usize>,
+    /// Run the trace this many times: one value, or one per concurrency
+    /// level.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub repeat: Vec<usize>,
+    /// fsync each batch before acknowledging (turning it off risks data on OS crash).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub sync: bool,
+    /// Microseconds the log's driver polls for the next request before it
+    /// parks (see LogOptions::idle_spin; 0 parks at once).
+    #[arg(long, default_value_t = 100)]
+    pub idle_spin_us: u64,
+    /// Let an append that finds the replica idle do its write (and fsync)
+    /// on its own thread (see LogOptions::caller_drives).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub caller_drives: bool,
+    /// Iterations of the raw fdatasync probe (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    pub probe_iterations: usize,
+    /// The probe and the appends take turns in this many slices, so that
+    /// both meet the disk in the same state (a VM's disk speed drifts over
+    /// seconds).
+    #[arg(long, default_value_t = 10)]
+    pub slices: usize,
+    /// Print the reports as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Worker threads of the benchmark's runtime (beside the log's own threads).
+const WORKER_THREADS: usize = 2;
+
+/// `replog benchmark --path DIR --input TRACE`: the probe and the
+/// concurrency levels, slice by slice, on a fresh (or an earlier
+/// benchmark's) single-replica log in `DIR`; prints the reports.
+pub fn benchmark(a: BenchmarkArgs) -> Result<()> {
+    let trace = Arc::new(read_trace(&a.input)?);
+    let levels = benchmark_levels(&a.concurrency, &a.repeat, trace.len())?;
+    match identity::read(&a.path) {
+        Ok(Some(id)) if id.cluster_id == "benchmark" => {}
+        Ok(Some(id)) => bail!(
+            "{} holds replica {} of cluster '{}'; the benchmark only writes to an empty \
+             directory or an earlier benchmark's log",
+            a.path.display(),
+            id.replica_id,
+            id.cluster_id
+        ),
+        _ => init_single_replica(&a.path, "benchmark")?,
+    }
+    let rt = runtime_with_workers(WORKER_THREADS)?;
+    let grand_total: usize = levels.iter().map(|l| l.appends).sum();
+    let slices = a
+        .slices
+        .clamp(1, levels.iter().map(|l| l.appends).min().unwrap_or(1));
+    let probe_dir = a.path.join("probe");
+    let (probe, runs) = rt.block_on(async {
+        let opts = LogOptions {
+            sync: a.sync,
+            idle_spin: std::time::Duration::from_micros(a.idle_spin_us),
+            caller_drives: a.caller_drives,
+            ..Default::default()
+        };
+        let log = Log::open(&a.path, opts)?;
+        let mut w = log.writer();
+        w.start().await?;
+        let w = Arc::new(w);
+        let pb = progress_bar(grand_total as u64, "appending", !a.json);
+        let pb2 = pb.clone();
+        let progress: Arc<dyn Fn() + Send + Sync> = Arc::new(move || pb2.inc(1));
+        // The probe and each concurrency level take turns, slice by slice,
+        // so that all of them meet the disk in the same state (a VM's disk
+        // speed drifts over seconds).
+        let mut probe = Sample::default();
+        let mut runs: Vec<(Sample, u64)> = levels.iter().map(|_| Default::default()).collect();
+        let mut next_trace_index = 0;
+        for s in 0..slices {
+            let iterations =
+                a.probe_iterations * (s + 1) / slices - a.probe_iterations * s / slices;
+            if iterations > 0 {
+                probe.extend(fsync_probe_sample(&probe_dir, trace[0], iterations)?);
+            }
+            for (level, (sample, fsyncs)) in levels.iter().zip(runs.iter_mut()) {
+                let count = level.appends * (s + 1) / slices - level.appends * s / slices;
+                let syncs_before = log.sync_count();
+                let part = run_appends(
+                    w.clone(),
+                    trace.clone(),
+                    next_trace_index,
+                    count,
+                    level.concurrency,
+                    progress.clone(),
+                )
+                .await?;
+                next_trace_index += count;
+                *fsyncs += log.sync_count() - syncs_before;
+                sample.extend(part);
+            }
+        }
+        pb.finish_and_clear();
+        drop(w);
+        log.close();
+        let probe = (a.probe_iterations > 0).then(|| probe.report(&probe_label(trace[0])));
+        let runs: Vec<Report> = levels
+            .iter()
+            .zip(runs)
+            .map(|(level, (sample, fsyncs))| {
+                let mut r = sample.report(&format!("replog append c={}", level.concurrency));
+                r.fsyncs = Some(fsyncs);
+                r
+            })
+            .collect();
+        anyhow::Ok((probe, runs))
+    })?;
+    if a.json {
+        let reports: Vec<&Report> = probe.iter().chain(&runs).collect();
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+        return Ok(());
+    }
+    for r in probe.iter().chain(&runs) {
+        println!("{}", r.line());
+    }
+    for r in &runs {
+        if let Some(p) = &probe {
+            println!(
+                "{}: p50 {:.2}x the raw append+fdatasync p50 ({}us vs {}us)",
+                r.label,
+                r.p50_us as f64 / p.p50_us.max(1) as f64,
+                r.p50_us,
+                p.p50_us
+            );
+        }
+    }
+    if let [first, rest @ ..] = &runs[..] {
+        for r in rest {
+            println!(
+                "{}: {:.1}x the appends/s of {}",
+                r.label,
+                r.ops_per_sec / first.ops_per_sec.max(1e-9),
+                first.label
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One concurrency level of a benchmark run.
+#[derive(Debug, PartialEq, Eq)]
+struct BenchmarkLevel {
+    concurrency: usize,
+    appends: usize,
+}
+
+/// Pairs each `--concurrency` level with its `--repeat` (one value for all,
+/// or one per level) and counts its appends.
+fn benchmark_levels(
+    concurrency: &[usize],
+    repeat: &[usize],
+    trace_len: usize,
+) -> Result<Vec<BenchmarkLevel>> {
+    if concurrency.is_empty() || concurrency.contains(&0) {
+        bail!("--concurrency must be at least 1");
+    }
+    if repeat.len() != 1 && repeat.len() != concurrency.len() {
+        bail!(
+            "--repeat takes one value or one per --concurrency level ({} levels, {} values)",
+            concurrency.len(),
+            repeat.len()
+        );
+    }
+    concurrency
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let r = repeat[if repeat.len() == 1 { 0 } else { i }];
+            if r == 0 {
+                bail!("--repeat must be at least 1");
+            }
+            Ok(BenchmarkLevel {
+                concurrency: c,
+                appends: r * trace_len,
+            })
+        })
+        .collect()
+}
 
 /// Parses a size such as `100B`, `4KB`, `2MB` or `1GB` (units of 1024, as
 /// mesos-log's trace files use); a bare number is bytes.
@@ -267,5 +499,25 @@ mod tests {
         assert_eq!(r.p50_us, 50);
         assert_eq!(r.p99_us, 99);
         assert_eq!(r.max_us, 100);
+    }
+
+    #[test]
+    fn benchmark_levels_pair_concurrency_with_repeat() {
+        let l = |c, appends| BenchmarkLevel {
+            concurrency: c,
+            appends,
+        };
+        assert_eq!(
+            benchmark_levels(&[1, 64], &[5000, 100_000], 1).unwrap(),
+            [l(1, 5000), l(64, 100_000)]
+        );
+        assert_eq!(
+            benchmark_levels(&[1, 8], &[3], 2).unwrap(),
+            [l(1, 6), l(8, 6)],
+            "one --repeat applies to every level"
+        );
+        assert!(benchmark_levels(&[1, 64], &[1, 2, 3], 1).is_err());
+        assert!(benchmark_levels(&[0], &[1], 1).is_err());
+        assert!(benchmark_levels(&[1], &[0], 1).is_err());
     }
 }

@@ -6,13 +6,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::cli::runtime;
 use anyhow::{bail, Context, Result};
 use clap::{ArgAction, Subcommand};
 use replog_client::{Client, MembershipChange, MembershipOp, StatusResponse};
 use replog_server::{ReplicaServer, ServerConfig};
 use serde::Serialize;
 use tracing::{error, info, warn};
+
+use crate::support::{parse_replica_addresses, runtime, Address};
 
 /// What to do with the local state at start (Mesos' `--recover`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -159,25 +160,11 @@ pub enum MembersCommand {
     TransferLeader { to: u64 },
 }
 
-/// Parses `2=host:port` peers.
+/// Parses `2=host:port` peers (see [`parse_replica_addresses`]).
 pub fn parse_peers(items: &[String]) -> Result<BTreeMap<u64, String>> {
-    let mut peers = BTreeMap::new();
-    for s in items.iter().filter(|s| !s.trim().is_empty()) {
-        let (id, addr) = s
-            .split_once('=')
-            .with_context(|| format!("peer '{s}': expected ID=HOST:PORT"))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .with_context(|| format!("peer '{s}': the id must be a number"))?;
-        if id == 0 || addr.trim().is_empty() {
-            bail!("peer '{s}': expected a non-zero id and an address");
-        }
-        if peers.insert(id, addr.trim().to_string()).is_some() {
-            bail!("peer {id} is listed twice");
-        }
-    }
-    Ok(peers)
+    Ok(parse_replica_addresses(items, "peer", Address::Required)?
+        .into_iter()
+        .collect())
 }
 
 /// `--recover=cleanup`: removes a replica's files (only a directory that
@@ -577,12 +564,10 @@ pub fn members(a: MembersArgs) -> Result<()> {
 
 #[cfg(test)]
 mod backup_flag_tests {
-    use crate::cli::{Cli, Command};
-    use clap::Parser;
+    use crate::support::parse_args;
 
     fn replica_args(extra: &[&str]) -> Result<super::ReplicaArgs, clap::Error> {
         let base = [
-            "replog",
             "replica",
             "--path",
             "/nonexistent/replog-backup-flag-test",
@@ -593,11 +578,8 @@ mod backup_flag_tests {
             "--replica-id",
             "1",
         ];
-        let cli = Cli::try_parse_from(base.iter().chain(extra))?;
-        let Command::Replica(a) = cli.command else {
-            panic!("not replica")
-        };
-        Ok(a)
+        let argv: Vec<&str> = base.iter().chain(extra).copied().collect();
+        parse_args(&argv)
     }
 
     #[test]

@@ -13,11 +13,22 @@ use anyhow::{bail, Context, Result};
 use replog_client::{Client, ClientConfig, ClientError};
 use tokio::sync::Mutex;
 
-use crate::cli::progress_bar;
-use crate::cli::DemoArgs;
-use crate::demo::default_demo_path;
+use crate::support::{progress_bar, runtime};
 
 const CLUSTER: &str = "demo";
+
+/// What the cluster demo runs.
+#[derive(Debug, Clone)]
+pub struct ClusterDemo {
+    /// Directory of the replicas' data and logs.
+    pub dir: PathBuf,
+    /// Wipe `dir` first.
+    pub fresh: bool,
+    /// Entries appended in each of the three rounds.
+    pub entries: usize,
+    /// First of the three ports the replicas listen on.
+    pub base_port: u16,
+}
 
 /// The replica processes; killed when dropped.
 struct Replicas {
@@ -207,12 +218,8 @@ async fn append_batch(
     (ok, unknown)
 }
 
-pub fn cluster_demo(a: &DemoArgs) -> Result<()> {
-    let base = a
-        .path
-        .clone()
-        .unwrap_or_else(default_demo_path)
-        .join("cluster");
+pub fn cluster_demo(a: &ClusterDemo) -> Result<()> {
+    let base = a.dir.clone();
     if a.fresh && base.exists() {
         std::fs::remove_dir_all(&base)
             .with_context(|| format!("cannot wipe {}", base.display()))?;
@@ -265,9 +272,7 @@ pub fn cluster_demo(a: &DemoArgs) -> Result<()> {
             replicas.log_file(id).display()
         );
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     let endpoints = replicas.endpoints();
     let outcome = rt.block_on(async {
         let client = Client::with_config(

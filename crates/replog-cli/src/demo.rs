@@ -1,31 +1,42 @@
-//! `replog demo` and `replog benchmark`: both run an embedded replica.
+//! `replog demo`: the local cluster demo ([`crate::cluster_demo`]), or with
+//! `--embedded` a single embedded replica.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use replog_log::{Log, LogOptions};
-use replog_storage::{identity, InitOptions, RocksStorage};
+use replog_storage::identity;
 
-use crate::benchmark::{fsync_probe_sample, probe_label, read_trace, run_appends, Report, Sample};
-use crate::cli::{progress_bar, BenchmarkArgs, DemoArgs};
+use crate::cluster_demo::{cluster_demo, ClusterDemo};
+use crate::support::{init_single_replica, progress_bar, runtime_with_workers};
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Data directory of the demo replica
+    /// (default: $XDG_DATA_HOME/replog/demo or ~/.local/share/replog/demo).
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+    /// Entries to append.
+    #[arg(long, default_value_t = 2000)]
+    pub entries: usize,
+    /// Wipe the demo directory first.
+    #[arg(long)]
+    pub fresh: bool,
+    /// Run the single embedded replica demo (initialize, append, read,
+    /// truncate, restart, verify) instead of the cluster.
+    #[arg(long)]
+    pub embedded: bool,
+    /// First of the three ports the cluster demo's replicas listen on.
+    #[arg(long, default_value_t = 7101)]
+    pub base_port: u16,
 }
 
-fn init_single(path: &Path, cluster_id: &str) -> Result<()> {
-    RocksStorage::initialize(path, &InitOptions::single_replica(cluster_id))
-        .with_context(|| format!("cannot initialize {}", path.display()))?;
-    Ok(())
-}
+/// Worker threads of the embedded demo's runtime.
+const WORKER_THREADS: usize = 2;
 
-pub(crate) fn default_demo_path() -> PathBuf {
+fn default_demo_path() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
         return PathBuf::from(d).join("replog/demo");
     }
@@ -36,10 +47,15 @@ pub(crate) fn default_demo_path() -> PathBuf {
 }
 
 pub fn demo(a: DemoArgs) -> Result<()> {
-    if !a.embedded {
-        return crate::cluster_demo::cluster_demo(&a);
-    }
     let path = a.path.unwrap_or_else(default_demo_path);
+    if !a.embedded {
+        return cluster_demo(&ClusterDemo {
+            dir: path.join("cluster"),
+            fresh: a.fresh,
+            entries: a.entries,
+            base_port: a.base_port,
+        });
+    }
     if a.fresh && path.exists() {
         std::fs::remove_dir_all(&path)
             .with_context(|| format!("cannot wipe {}", path.display()))?;
@@ -54,11 +70,11 @@ pub fn demo(a: DemoArgs) -> Result<()> {
             id.replica_id, id.cluster_id
         ),
         _ => {
-            init_single(&path, "demo")?;
+            init_single_replica(&path, "demo")?;
             println!("-- initialized replica 1 of cluster 'demo' (EMPTY -> VOTING)");
         }
     }
-    let rt = runtime()?;
+    let rt = runtime_with_workers(WORKER_THREADS)?;
     rt.block_on(async {
         let log = Log::open(&path, LogOptions::default())?;
         let mut writer = log.writer();
@@ -147,179 +163,4 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         println!("== done. Inspect it with: replog status --path {}", path.display());
         anyhow::Ok(())
     })
-}
-
-pub fn benchmark(a: BenchmarkArgs) -> Result<()> {
-    let trace = Arc::new(read_trace(&a.input)?);
-    let levels = benchmark_levels(&a.concurrency, &a.repeat, trace.len())?;
-    match identity::read(&a.path) {
-        Ok(Some(id)) if id.cluster_id == "benchmark" => {}
-        Ok(Some(id)) => bail!(
-            "{} holds replica {} of cluster '{}'; the benchmark only writes to an empty \
-             directory or an earlier benchmark's log",
-            a.path.display(),
-            id.replica_id,
-            id.cluster_id
-        ),
-        _ => init_single(&a.path, "benchmark")?,
-    }
-    let rt = runtime()?;
-    let grand_total: usize = levels.iter().map(|l| l.appends).sum();
-    let slices = a
-        .slices
-        .clamp(1, levels.iter().map(|l| l.appends).min().unwrap_or(1));
-    let probe_dir = a.path.join("probe");
-    let (probe, runs) = rt.block_on(async {
-        let opts = LogOptions {
-            sync: a.sync,
-            idle_spin: std::time::Duration::from_micros(a.idle_spin_us),
-            caller_drives: a.caller_drives,
-            ..Default::default()
-        };
-        let log = Log::open(&a.path, opts)?;
-        let mut w = log.writer();
-        w.start().await?;
-        let w = Arc::new(w);
-        let pb = progress_bar(grand_total as u64, "appending", !a.json);
-        let pb2 = pb.clone();
-        let progress: Arc<dyn Fn() + Send + Sync> = Arc::new(move || pb2.inc(1));
-        // The probe and each concurrency level take turns, slice by slice,
-        // so that all of them meet the disk in the same state (a VM's disk
-        // speed drifts over seconds).
-        let mut probe = Sample::default();
-        let mut runs: Vec<(Sample, u64)> = levels.iter().map(|_| Default::default()).collect();
-        let mut next_trace_index = 0;
-        for s in 0..slices {
-            let iterations =
-                a.probe_iterations * (s + 1) / slices - a.probe_iterations * s / slices;
-            if iterations > 0 {
-                probe.extend(fsync_probe_sample(&probe_dir, trace[0], iterations)?);
-            }
-            for (level, (sample, fsyncs)) in levels.iter().zip(runs.iter_mut()) {
-                let count = level.appends * (s + 1) / slices - level.appends * s / slices;
-                let syncs_before = log.sync_count();
-                let part = run_appends(
-                    w.clone(),
-                    trace.clone(),
-                    next_trace_index,
-                    count,
-                    level.concurrency,
-                    progress.clone(),
-                )
-                .await?;
-                next_trace_index += count;
-                *fsyncs += log.sync_count() - syncs_before;
-                sample.extend(part);
-            }
-        }
-        pb.finish_and_clear();
-        drop(w);
-        log.close();
-        let probe = (a.probe_iterations > 0).then(|| probe.report(&probe_label(trace[0])));
-        let runs: Vec<Report> = levels
-            .iter()
-            .zip(runs)
-            .map(|(level, (sample, fsyncs))| {
-                let mut r = sample.report(&format!("replog append c={}", level.concurrency));
-                r.fsyncs = Some(fsyncs);
-                r
-            })
-            .collect();
-        anyhow::Ok((probe, runs))
-    })?;
-    if a.json {
-        let reports: Vec<&Report> = probe.iter().chain(&runs).collect();
-        println!("{}", serde_json::to_string_pretty(&reports)?);
-        return Ok(());
-    }
-    for r in probe.iter().chain(&runs) {
-        println!("{}", r.line());
-    }
-    for r in &runs {
-        if let Some(p) = &probe {
-            println!(
-                "{}: p50 {:.2}x the raw append+fdatasync p50 ({}us vs {}us)",
-                r.label,
-                r.p50_us as f64 / p.p50_us.max(1) as f64,
-                r.p50_us,
-                p.p50_us
-            );
-        }
-    }
-    if let [first, rest @ ..] = &runs[..] {
-        for r in rest {
-            println!(
-                "{}: {:.1}x the appends/s of {}",
-                r.label,
-                r.ops_per_sec / first.ops_per_sec.max(1e-9),
-                first.label
-            );
-        }
-    }
-    Ok(())
-}
-
-/// One concurrency level of a benchmark run.
-#[derive(Debug, PartialEq, Eq)]
-struct BenchmarkLevel {
-    concurrency: usize,
-    appends: usize,
-}
-
-/// Pairs each `--concurrency` level with its `--repeat` (one value for all,
-/// or one per level) and counts its appends.
-fn benchmark_levels(
-    concurrency: &[usize],
-    repeat: &[usize],
-    trace_len: usize,
-) -> Result<Vec<BenchmarkLevel>> {
-    if concurrency.is_empty() || concurrency.contains(&0) {
-        bail!("--concurrency must be at least 1");
-    }
-    if repeat.len() != 1 && repeat.len() != concurrency.len() {
-        bail!(
-            "--repeat takes one value or one per --concurrency level ({} levels, {} values)",
-            concurrency.len(),
-            repeat.len()
-        );
-    }
-    concurrency
-        .iter()
-        .enumerate()
-        .map(|(i, &c)| {
-            let r = repeat[if repeat.len() == 1 { 0 } else { i }];
-            if r == 0 {
-                bail!("--repeat must be at least 1");
-            }
-            Ok(BenchmarkLevel {
-                concurrency: c,
-                appends: r * trace_len,
-            })
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn benchmark_levels_pair_concurrency_with_repeat() {
-        let l = |c, appends| BenchmarkLevel {
-            concurrency: c,
-            appends,
-        };
-        assert_eq!(
-            benchmark_levels(&[1, 64], &[5000, 100_000], 1).unwrap(),
-            [l(1, 5000), l(64, 100_000)]
-        );
-        assert_eq!(
-            benchmark_levels(&[1, 8], &[3], 2).unwrap(),
-            [l(1, 6), l(8, 6)],
-            "one --repeat applies to every level"
-        );
-        assert!(benchmark_levels(&[1, 64], &[1, 2, 3], 1).is_err());
-        assert!(benchmark_levels(&[0], &[1], 1).is_err());
-        assert!(benchmark_levels(&[1], &[0], 1).is_err());
-    }
 }

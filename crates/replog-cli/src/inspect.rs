@@ -1,37 +1,104 @@
 //! `replog initialize`, `replog read` and `replog status`: operator commands
-//! on a replica's data directory.
+//! on a replica's data directory, and their arguments (`replog status
+//! --endpoint` is answered by [`crate::cluster::status_endpoints`]).
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use clap::ArgAction;
 use replog_log::application_entries;
 use replog_storage::{InitOptions, LogStorage, Member, OpenOptions, RecoveryReport, RocksStorage};
 use serde::Serialize;
 
-use crate::cli::{InitializeArgs, ReadArgs, ReadFormat, StatusArgs};
+use crate::support::{parse_replica_addresses, Address};
 
-/// Parses `1,2,3` or `1=host:port,...` member lists.
+#[derive(Debug, clap::Args)]
+pub struct InitializeArgs {
+    /// The replica's data directory (must be empty or missing).
+    #[arg(long)]
+    pub path: PathBuf,
+    /// Cluster id shared by all replicas of the log (letters, digits, . _ -).
+    #[arg(long)]
+    pub cluster_id: String,
+    /// This replica's id (non-zero, unique in the cluster).
+    #[arg(long)]
+    pub replica_id: u64,
+    /// Initial voting members: `1,2,3` or `1=host:port,2=host:port,...`.
+    /// Defaults to this replica alone.
+    #[arg(long, value_delimiter = ',')]
+    pub members: Vec<String>,
+    /// Disaster restore: found the log with the scheduler state of this
+    /// backup file (checked whole first; staged here and committed through
+    /// the log when this replica first leads with --state). Give the new
+    /// cluster a new --cluster-id, so replicas of the damaged cluster can
+    /// never rejoin; found it with this replica alone (--members of itself)
+    /// and add the others, started EMPTY, with `replog members add`.
+    #[arg(long)]
+    pub from_backup: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReadArgs {
+    /// The replica's data directory.
+    #[arg(long)]
+    pub path: PathBuf,
+    /// First position to print (default: the beginning of the log).
+    #[arg(long)]
+    pub from: Option<u64>,
+    /// Last position to print (default: the last committed position).
+    #[arg(long)]
+    pub to: Option<u64>,
+    /// Fail on any corruption (true), or print the intact prefix (false).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub strict: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: ReadFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ReadFormat {
+    /// position, size and a printable preview per line
+    Text,
+    /// one JSON object per line with the data in hex
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The replica's data directory (a stopped or running replica).
+    #[arg(
+        long,
+        required_unless_present = "endpoint",
+        conflicts_with = "endpoint"
+    )]
+    pub path: Option<PathBuf>,
+    /// Running replica servers (`host:port,...`): show each one's view.
+    #[arg(long, env = "REPLOG_ENDPOINTS", value_delimiter = ',')]
+    pub endpoint: Vec<String>,
+    /// Fail on any corruption (true), or report it (false).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub strict: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `1,2,3` or `1=host:port,...` member lists (see
+/// [`parse_replica_addresses`]); none means this replica alone.
 pub fn parse_members(items: &[String], replica_id: u64) -> Result<Vec<Member>> {
-    if items.is_empty() {
+    let members = parse_replica_addresses(items, "member", Address::Optional)?;
+    if members.is_empty() {
         return Ok(vec![Member {
             id: replica_id,
             address: String::new(),
         }]);
     }
-    items
-        .iter()
-        .map(|s| {
-            let (id, addr) = match s.split_once('=') {
-                Some((id, addr)) => (id, addr.to_string()),
-                None => (s.as_str(), String::new()),
-            };
-            let id: u64 = id
-                .trim()
-                .parse()
-                .with_context(|| format!("member '{s}': the id must be a number"))?;
-            Ok(Member { id, address: addr })
-        })
-        .collect()
+    Ok(members
+        .into_iter()
+        .map(|(id, address)| Member { id, address })
+        .collect())
 }
 
 pub fn initialize(a: InitializeArgs) -> Result<()> {

@@ -1,5 +1,8 @@
 //! The `replog` operator tool, as a library so that tests and benchmarks run
 //! exactly the code the binary runs.
+//!
+//! `cli` composes the command line from the subcommands' modules; shared
+//! helpers are in `support`. Modules depend on `support`, never on `cli`.
 
 pub mod benchmark;
 pub mod cli;
@@ -10,5 +13,6 @@ pub mod grpc_unary;
 mod inspect;
 pub mod loadgen;
 pub mod state_cmd;
+pub mod support;
 
 pub use cli::main_entry;

@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cli::progress_bar;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use indicatif::ProgressBar;
@@ -30,9 +29,9 @@ use tokio::time::Instant;
 use tonic::codegen::http::Uri;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::benchmark::Report;
-use crate::cli::BenchmarkArgs;
+use crate::benchmark::{BenchmarkArgs, Report};
 use crate::grpc_unary::UnaryConn;
+use crate::support::{progress_bar, runtime};
 
 /// How long a client may take to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -422,10 +421,7 @@ fn closed_loop_benchmark<T: Target>(
     if a.count == 0 {
         bail!("--count must be at least 1");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = runtime()?;
     let report = rt.block_on(async {
         let target = discover.await?;
         let spec = LoadSpec {
@@ -435,8 +431,7 @@ fn closed_loop_benchmark<T: Target>(
             value_size: a.value_size,
             op_timeout: Some(OP_TIMEOUT),
         };
-        let show = !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let pb = progress_bar(a.count, what, show);
+        let pb = progress_bar(a.count, what, !a.json);
         let r = run(Arc::new(target), &spec, &pb).await;
         pb.finish_and_clear();
         r
@@ -634,10 +629,11 @@ mod tests {
 
     #[test]
     fn benchmark_flags() {
-        use crate::cli::{Cli, Command};
-        use clap::Parser;
-        let parse = |args: &[&str]| Cli::try_parse_from(["replog", "benchmark"].iter().chain(args));
-        let Command::Benchmark(a) = parse(&[
+        let parse = |args: &[&str]| {
+            let argv: Vec<&str> = ["benchmark"].iter().chain(args).copied().collect();
+            crate::support::parse_args::<BenchmarkArgs>(&argv)
+        };
+        let a = parse(&[
             "--etcd",
             "http://a:1,http://b:2",
             "--concurrency",
@@ -647,18 +643,11 @@ mod tests {
             "--value-size",
             "1KB",
         ])
-        .unwrap()
-        .command
-        else {
-            panic!("not a benchmark")
-        };
+        .unwrap();
         assert_eq!(a.etcd, ["http://a:1", "http://b:2"]);
         assert_eq!(a.concurrency, [64]);
         assert_eq!((a.count, a.value_size), (5, 1024));
-        let Command::Benchmark(a) = parse(&["--path", "/p", "--input", "/t"]).unwrap().command
-        else {
-            panic!("not a benchmark")
-        };
+        let a = parse(&["--path", "/p", "--input", "/t"]).unwrap();
         assert!(a.etcd.is_empty());
         assert_eq!(a.value_size, 256);
         assert!(

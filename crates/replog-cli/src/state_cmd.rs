@@ -5,7 +5,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::cli::{progress_bar, runtime};
 use anyhow::{anyhow, bail, Context, Result};
 use replog_proto::state::{
     op, JobKey, Op, SaveTasks, ScheduleStatus, ScheduledTask, TaskConfig, Transaction,
@@ -19,6 +18,8 @@ use replog_store::backup::{inspect, BackupDir, Inspection};
 use serde_json::json;
 use tonic::transport::Channel;
 use tonic::Code;
+
+use crate::support::{progress_bar, runtime};
 
 /// Largest gRPC message the state client accepts (a snapshot frame).
 const MAX_MESSAGE_BYTES: usize = 80 * 1024 * 1024;
@@ -561,39 +562,26 @@ pub fn take_backup(endpoints: &[String], dir: &std::path::Path, max_saved: usize
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Command};
-    use clap::{CommandFactory, Parser};
-
-    #[test]
-    fn the_command_line_is_well_formed() {
-        Cli::command().debug_assert();
-    }
+    use crate::support::parse_args;
 
     #[test]
     fn backup_and_state_flags() {
-        let parse = |args: &[&str]| Cli::try_parse_from(["replog"].iter().chain(args));
-        let Command::Backup(b) = parse(&["backup", "--endpoint", "a:1,b:2", "--dir", "/d"])
-            .unwrap()
-            .command
-        else {
-            panic!("not a backup")
-        };
+        let b: BackupArgs =
+            parse_args(&["backup", "--endpoint", "a:1,b:2", "--dir", "/d"]).unwrap();
         assert_eq!(b.endpoint, ["a:1", "b:2"]);
         assert_eq!(b.max_saved, 48);
         assert!(b.command.is_none());
-        let Command::Backup(b) = parse(&["backup", "verify", "/f"]).unwrap().command else {
-            panic!("not a backup")
-        };
+        let b: BackupArgs = parse_args(&["backup", "verify", "/f"]).unwrap();
         assert!(matches!(b.command, Some(BackupCommand::Verify { .. })));
         assert!(
-            parse(&["backup", "--dir", "/d"]).is_err(),
+            parse_args::<BackupArgs>(&["backup", "--dir", "/d"]).is_err(),
             "needs --endpoint"
         );
         assert!(
-            parse(&["backup", "--endpoint", "a:1"]).is_err(),
+            parse_args::<BackupArgs>(&["backup", "--endpoint", "a:1"]).is_err(),
             "needs --dir"
         );
-        let Command::State(s) = parse(&[
+        let s: StateArgs = parse_args(&[
             "state",
             "--endpoint",
             "a:1",
@@ -603,11 +591,7 @@ mod tests {
             "--status",
             "running,PENDING",
         ])
-        .unwrap()
-        .command
-        else {
-            panic!("not state")
-        };
+        .unwrap();
         let StateCommand::Tasks { query } = s.command else {
             panic!("not tasks")
         };
