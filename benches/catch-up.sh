@@ -7,7 +7,7 @@
 # leader until the follower has caught up.
 #
 # The load runs in rounds of ROUND_COUNT appends of 256 B by LOAD_CLIENTS
-# closed-loop clients (`replog benchmark --endpoint`), one round after the
+# closed-loop clients (`replog-bench cluster --endpoint`), one round after the
 # other, until the follower has applied the log written before the wipe.
 # For each round it prints the generator's JSON report; at the end the
 # longest gap without a completed append (`longest_gap_us`, the maximum over
@@ -15,6 +15,7 @@
 #
 # Usage: benches/catch-up.sh [WORKDIR]
 #   REPLOG=path/to/replog (default: $CARGO_TARGET_DIR or target, debug/replog)
+#   REPLOG_BENCH=path/to/replog-bench, the load generator (default: next to REPLOG)
 #   LOG_MB=1024 (size of the log before the wipe), VALUE_SIZE=64KB (entry
 #   size while writing it), LOAD_CLIENTS=4, ROUND_COUNT=2000
 #   MAX_SECONDS=900 (give up waiting for the catch-up)
@@ -24,6 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-$(mktemp -d /tmp/replog-catch-up.XXXXXX)}
 REPLOG=${REPLOG:-${CARGO_TARGET_DIR:-target}/debug/replog}
+REPLOG_BENCH=${REPLOG_BENCH:-$(dirname "$REPLOG")/replog-bench}
 LOG_MB=${LOG_MB:-1024}
 VALUE_SIZE=${VALUE_SIZE:-64KB}
 LOAD_CLIENTS=${LOAD_CLIENTS:-4}
@@ -31,6 +33,7 @@ ROUND_COUNT=${ROUND_COUNT:-2000}
 MAX_SECONDS=${MAX_SECONDS:-900}
 PORTS=(7401 7402 7403)
 [ -x "$REPLOG" ] || { echo "no replog binary at $REPLOG (cargo build -p replog-cli)" >&2; exit 1; }
+[ -x "$REPLOG_BENCH" ] || { echo "no replog-bench binary at $REPLOG_BENCH (cargo build -p replog-bench)" >&2; exit 1; }
 mkdir -p "$WORK"
 declare -A pids=()
 cleanup() {
@@ -79,7 +82,7 @@ m=re.fullmatch(r"(\d+)\s*([KMG]?)I?B?", sys.argv[1].upper()); n=int(m.group(1))
 print(n*{"":1,"K":1024,"M":1024**2,"G":1024**3}[m.group(2)])' "$VALUE_SIZE")
 entries=$((LOG_MB * 1024 * 1024 / value_bytes))
 echo "writing $entries entries of $VALUE_SIZE ($LOG_MB MB) through leader $LEADER" >&2
-"$REPLOG" benchmark --endpoint "$ENDPOINTS" --concurrency 16 --count "$entries" \
+"$REPLOG_BENCH" cluster --endpoint "$ENDPOINTS" --concurrency 16 --count "$entries" \
   --value-size "$VALUE_SIZE" --json >"$WORK/write.json"
 cat "$WORK/write.json"
 
@@ -96,7 +99,7 @@ started=$(date +%s.%N)
 rounds=0
 caught_up=""
 while :; do
-  "$REPLOG" benchmark --endpoint "$ENDPOINTS" --concurrency "$LOAD_CLIENTS" --count "$ROUND_COUNT" \
+  "$REPLOG_BENCH" cluster --endpoint "$ENDPOINTS" --concurrency "$LOAD_CLIENTS" --count "$ROUND_COUNT" \
     --value-size 256 --json | tr -d '\n' >>"$WORK/load.jsonl"
   echo >>"$WORK/load.jsonl"
   tail -n 1 "$WORK/load.jsonl"

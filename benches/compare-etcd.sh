@@ -3,8 +3,10 @@
 # run on one machine: a 3-replica replog cluster and a 3-member etcd cluster
 # on 127.0.0.1, fsync on, 256 B values, 1, 64 and 1000 concurrent clients.
 #
-# Usage: benches/compare-etcd.sh [WORKDIR]
+# Usage: benches/compare-etcd.sh [WORKDIR]   (--help prints this)
 #   REPLOG=path/to/replog (default: target/debug/replog, built by tools/run-demo)
+#   REPLOG_BENCH=path/to/replog-bench, the load generator (default: next to
+#   REPLOG; cargo build -p replog-bench)
 #   COUNTS="2000 20000 50000" (operations per concurrency level 1, 64, 1000)
 #   ROUNDS=3 (each round runs every level against replog and etcd; which of
 #   the two goes first alternates between rounds)
@@ -12,12 +14,15 @@
 # Prints one JSON report per run and, at the end, a Markdown table of the
 # medians over the rounds (benches/report-row.py).
 set -euo pipefail
+case ${1:-} in -h | --help) sed -n '2,/^set -euo/{/^set -euo/d; s/^# \{0,1\}//; p}' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 WORK=${1:-$(mktemp -d /tmp/replog-vs-etcd.XXXXXX)}
 REPLOG=${REPLOG:-${CARGO_TARGET_DIR:-target}/debug/replog}
+REPLOG_BENCH=${REPLOG_BENCH:-$(dirname "$REPLOG")/replog-bench}
 read -r N1 N64 N1000 <<<"${COUNTS:-2000 20000 50000}"
 PORTS=(7301 7302 7303)
 [ -x "$REPLOG" ] || { echo "no replog binary at $REPLOG (run tools/run-demo or cargo build)" >&2; exit 1; }
+[ -x "$REPLOG_BENCH" ] || { echo "no replog-bench binary at $REPLOG_BENCH (cargo build -p replog-bench)" >&2; exit 1; }
 mkdir -p "$WORK"
 pids=()
 cleanup() {
@@ -47,9 +52,9 @@ RESULTS="$WORK/results.tsv"
 one() { # system clients count
   local r
   if [ "$1" = replog ]; then
-    r=$("$REPLOG" benchmark --endpoint "$ENDPOINTS" --concurrency "$2" --count "$3" --value-size 256 --json)
+    r=$("$REPLOG_BENCH" cluster --endpoint "$ENDPOINTS" --concurrency "$2" --count "$3" --value-size 256 --json)
   else
-    r=$("$REPLOG" benchmark --etcd "$ETCD" --concurrency "$2" --count "$3" --value-size 256 --json)
+    r=$("$REPLOG_BENCH" cluster --etcd "$ETCD" --concurrency "$2" --count "$3" --value-size 256 --json)
   fi
   echo "$r"
   printf '%s\t%s\t%s\n' "$1" "$2" "$(echo "$r" | tr -d '\n')" >>"$RESULTS"

@@ -10,7 +10,7 @@
 # on stdout as one comma-separated line (everything else goes to stderr):
 #
 #   URLS=$(benches/etcd/start-cluster.sh /tmp/etcd-bench)
-#   replog benchmark --etcd "$URLS" --concurrency 64 --count 20000
+#   replog-bench cluster --etcd "$URLS" --concurrency 64 --count 20000
 #   benches/etcd/stop-cluster.sh /tmp/etcd-bench
 #
 # If DIR already holds a running, healthy cluster it only prints its URLs.

@@ -15,8 +15,6 @@ const FILES: &[&str] = &[
     "replog/snapshot/v1/snapshot.proto",
     "replog/state/v1/state.proto",
     "replog/store/v1/store.proto",
-    // Not replog's: the subset of etcd's API the etcd benchmark target uses.
-    "etcd/etcdserverpb/rpc.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

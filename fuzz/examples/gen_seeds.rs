@@ -335,6 +335,6 @@ fn grpc_unframe() -> Vec<Vec<u8>> {
         AppendResponse::default(),
     ]
     .iter()
-    .map(|m| replog_cli::grpc_unary::frame(m).to_vec())
+    .map(|m| replog_bench::grpc_unary::frame(m).to_vec())
     .collect()
 }

@@ -1,5 +1,5 @@
 //! The gRPC length-prefixed message of a unary answer, as the load
-//! generator's caller parses it (`replog_cli::grpc_unary::unframe`).
+//! generator's caller parses it (`replog_bench::grpc_unary::unframe`).
 //!
 //! Input: the answer's body bytes. Holds: no panic; an accepted body is an
 //! uncompressed frame whose length is exactly what follows it; the message
@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use replog_cli::grpc_unary::{frame, unframe};
+use replog_bench::grpc_unary::{frame, unframe};
 use replog_proto::client::AppendResponse;
 
 fuzz_target!(|data: &[u8]| {

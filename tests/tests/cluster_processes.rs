@@ -4,7 +4,8 @@
 //!
 //! The `replog` binary must be built in the same target directory first
 //! (`cargo build -p replog-cli --bin replog`); `REPLOG_BIN` overrides where
-//! it is looked for.
+//! it is looked for. The load-generator test runs `replog-bench` likewise
+//! (`cargo build -p replog-bench --bin replog-bench`, `REPLOG_BENCH_BIN`).
 //!
 //! Every replica's stdout and stderr go to `rN.log` in the test's tempdir
 //! (`--log info`); when a test fails, the tails of those files are printed.
@@ -48,20 +49,31 @@ fn status_name(s: i32) -> &'static str {
 
 /// The `replog` binary of this target directory.
 fn replog_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("REPLOG_BIN") {
+    target_bin("replog", "replog-cli", "REPLOG_BIN")
+}
+
+/// The `replog-bench` binary (the load generator) of this target directory.
+fn replog_bench_bin() -> PathBuf {
+    target_bin("replog-bench", "replog-bench", "REPLOG_BENCH_BIN")
+}
+
+/// Binary `name` of `package`, built in this target directory; `env`
+/// overrides where it is looked for.
+fn target_bin(name: &str, package: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return p.into();
     }
-    // target/debug/deps/cluster_processes-HASH -> target/debug/replog
+    // target/debug/deps/cluster_processes-HASH -> target/debug/NAME
     let exe = std::env::current_exe().expect("the test's own path");
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("the test binary lives in <target>/<profile>/deps");
-    let bin = dir.join("replog");
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
-        "{} is missing: build it first with `cargo build -p replog-cli --bin replog` \
-         (same CARGO_TARGET_DIR), or point REPLOG_BIN at it",
+        "{} is missing: build it first with `cargo build -p {package} --bin {name}` \
+         (same CARGO_TARGET_DIR), or point {env} at it",
         bin.display()
     );
     bin
@@ -264,28 +276,26 @@ impl Cluster {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.bin);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("REPLOG_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("NO_COLOR", "1").stdin(Stdio::null());
-        cmd
+        tool_command(&self.bin)
     }
 
     /// Runs a short `replog` command to completion; its output goes to
     /// `cli.log` and is returned.
     fn cli(&self, args: &[String]) -> Output {
-        let out = self
-            .command()
+        self.run_tool(&self.bin, "replog", args)
+    }
+
+    /// Runs `bin` (called `name` in the log) with `args` to completion; its
+    /// output goes to `cli.log` and is returned.
+    fn run_tool(&self, bin: &Path, name: &str, args: &[String]) -> Output {
+        let out = tool_command(bin)
             .args(args)
             .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
         let log = self.root.path().join("cli.log");
         self.mark(
             &log,
-            &format!("replog {} -> {}", args.join(" "), out.status),
+            &format!("{name} {} -> {}", args.join(" "), out.status),
         );
         let mut f = OpenOptions::new().append(true).open(&log).unwrap();
         f.write_all(&out.stdout).unwrap();
@@ -561,6 +571,19 @@ impl Cluster {
         ));
         out
     }
+}
+
+/// A command of one of the workspace's binaries, without the caller's
+/// `REPLOG_*` variables.
+fn tool_command(bin: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("REPLOG_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("NO_COLOR", "1").stdin(Stdio::null());
+    cmd
 }
 
 fn output_text(out: &Output) -> String {
@@ -1126,7 +1149,7 @@ fn replica_of_another_cluster_is_refused() {
     });
 }
 
-/// `replog benchmark --endpoint` (the load generator of the etcd
+/// `replog-bench cluster --endpoint` (the load generator of the etcd
 /// comparison) appends exactly `--count` entries of `--value-size` bytes
 /// through the leader, over its own HTTP/2 unary caller.
 #[test]
@@ -1136,8 +1159,8 @@ fn benchmark_endpoint_appends_every_operation_through_the_leader() {
         let client = c.client();
         let before = client.append(&b"before"[..]).await.unwrap().position;
         let eps = c.endpoints().join(",");
-        let out = c.cli_ok(&[
-            "benchmark",
+        let out = c.bench_ok(&[
+            "cluster",
             "--endpoint",
             &eps,
             "--concurrency",
@@ -1181,6 +1204,20 @@ impl Cluster {
         assert!(
             out.status.success(),
             "replog {} failed: {}",
+            args.join(" "),
+            output_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `replog-bench ARGS` and returns its stdout; fails the test if it
+    /// fails.
+    fn bench_ok(&self, args: &[&str]) -> String {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let out = self.run_tool(&replog_bench_bin(), "replog-bench", &args);
+        assert!(
+            out.status.success(),
+            "replog-bench {} failed: {}",
             args.join(" "),
             output_text(&out)
         );

@@ -24,8 +24,9 @@ use crate::support::{init_single_replica, progress_bar, runtime_with_workers};
 #[derive(Debug, clap::Args)]
 pub struct BenchmarkArgs {
     /// Directory for the benchmark's own log (empty or missing).
-    // The hidden defaults only stand in with --etcd, which does not use them;
-    // without --etcd both flags are required.
+    // The hidden defaults only stand in with --endpoint/--etcd, which moved
+    // to replog-bench (given, they only name its command line); without
+    // them both flags are required.
     #[arg(
         long,
         required_unless_present_any = ["etcd", "endpoint"],
@@ -41,27 +42,23 @@ pub struct BenchmarkArgs {
         hide_default_value = true
     )]
     pub input: PathBuf,
-    /// Benchmark an etcd cluster instead: its client URLs, comma separated
-    /// (e.g. from benches/etcd/start-cluster.sh). Values are put into the
-    /// leader through etcd's gRPC API (KV/Put) by --concurrency closed-loop clients.
-    #[arg(long, value_delimiter = ',', conflicts_with_all = ["path", "input", "repeat", "sync", "probe_iterations", "endpoint"])]
+    /// Moved to `replog-bench cluster --etcd` (hidden: given, the command
+    /// fails naming the replog-bench command line that does what it did).
+    #[arg(long, hide = true, value_delimiter = ',', conflicts_with_all = ["path", "input", "repeat", "sync", "probe_iterations", "endpoint"])]
     pub etcd: Vec<String>,
-    /// Benchmark a running replog cluster instead: its replica servers,
-    /// comma separated. Entries are appended through the leader by
-    /// --concurrency closed-loop clients (the same generator as --etcd).
-    #[arg(long, value_delimiter = ',', conflicts_with_all = ["path", "input", "repeat", "sync", "probe_iterations"])]
+    /// Moved to `replog-bench cluster --endpoint` (hidden, as --etcd).
+    #[arg(long, hide = true, value_delimiter = ',', conflicts_with_all = ["path", "input", "repeat", "sync", "probe_iterations"])]
     pub endpoint: Vec<String>,
-    /// Operations in total (with --etcd).
-    #[arg(long, default_value_t = 10_000)]
+    /// Moved with --endpoint/--etcd (hidden).
+    #[arg(long, hide = true, default_value_t = 10_000)]
     pub count: u64,
-    /// Size of each value (with --etcd), e.g. `256B` or `4KB`.
-    #[arg(long, default_value = "256", value_parser = parse_size)]
+    /// Moved with --endpoint/--etcd (hidden).
+    #[arg(long, hide = true, default_value = "256", value_parser = parse_size)]
     pub value_size: usize,
-    /// Concurrent appenders (1 = sequential, as mesos-log's benchmark), or
-    /// closed-loop clients with --endpoint/--etcd. Several levels, comma
-    /// separated (e.g. `1,64`), are measured in one run, taking turns
-    /// slice by slice with each other and with the fdatasync probe (local
-    /// log only).
+    /// Concurrent appenders (1 = sequential, as mesos-log's benchmark).
+    /// Several levels, comma separated (e.g. `1,64`), are measured in one
+    /// run, taking turns slice by slice with each other and with the
+    /// fdatasync probe.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     pub concurrency: Vec<usize>,
     /// Run the trace this many times: one value, or one per concurrency
@@ -99,6 +96,9 @@ const WORKER_THREADS: usize = 2;
 /// concurrency levels, slice by slice, on a fresh (or an earlier
 /// benchmark's) single-replica log in `DIR`; prints the reports.
 pub fn benchmark(a: BenchmarkArgs) -> Result<()> {
+    if let Some(moved) = moved_to_replog_bench(&a) {
+        bail!(moved);
+    }
     let trace = Arc::new(read_trace(&a.input)?);
     let levels = benchmark_levels(&a.concurrency, &a.repeat, trace.len())?;
     match identity::read(&a.path) {
@@ -206,6 +206,28 @@ pub fn benchmark(a: BenchmarkArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What `replog benchmark --endpoint/--etcd` says since the load of a
+/// running cluster moved to replog-bench: the `replog-bench cluster` command
+/// line that does what it did. None without those flags.
+fn moved_to_replog_bench(a: &BenchmarkArgs) -> Option<String> {
+    let (flag, targets) = match (&a.etcd[..], &a.endpoint[..]) {
+        ([], []) => return None,
+        ([], endpoints) => ("--endpoint", endpoints),
+        (urls, _) => ("--etcd", urls),
+    };
+    let concurrency: Vec<String> = a.concurrency.iter().map(|c| c.to_string()).collect();
+    Some(format!(
+        "`replog benchmark {flag}` moved to the benchmark tool replog-bench \
+         (cargo build -p replog-bench); run: replog-bench cluster {flag} {} \
+         --concurrency {} --count {} --value-size {}{}",
+        targets.join(","),
+        concurrency.join(","),
+        a.count,
+        a.value_size,
+        if a.json { " --json" } else { "" }
+    ))
 }
 
 /// One concurrency level of a benchmark run.
@@ -499,6 +521,73 @@ mod tests {
         assert_eq!(r.p50_us, 50);
         assert_eq!(r.p99_us, 99);
         assert_eq!(r.max_us, 100);
+    }
+
+    fn parse(args: &[&str]) -> Result<BenchmarkArgs, clap::Error> {
+        let argv: Vec<&str> = ["benchmark"].iter().chain(args).copied().collect();
+        crate::support::parse_args(&argv)
+    }
+
+    #[test]
+    fn benchmark_flags() {
+        let a = parse(&[
+            "--etcd",
+            "http://a:1,http://b:2",
+            "--concurrency",
+            "64",
+            "--count",
+            "5",
+            "--value-size",
+            "1KB",
+        ])
+        .unwrap();
+        assert_eq!(a.etcd, ["http://a:1", "http://b:2"]);
+        assert_eq!(a.concurrency, [64]);
+        assert_eq!((a.count, a.value_size), (5, 1024));
+        let a = parse(&["--path", "/p", "--input", "/t"]).unwrap();
+        assert!(a.etcd.is_empty());
+        assert_eq!(a.value_size, 256);
+        assert!(
+            parse(&[]).is_err(),
+            "the replog benchmark still needs --path and --input"
+        );
+        assert!(parse(&["--path", "/p"]).is_err());
+        assert!(parse(&["--etcd", "http://a:1", "--path", "/p"]).is_err());
+    }
+
+    #[test]
+    fn cluster_flags_name_the_replog_bench_command_line() {
+        let a = parse(&[
+            "--endpoint",
+            "a:1,b:2",
+            "--concurrency",
+            "64",
+            "--count",
+            "5",
+            "--value-size",
+            "1KB",
+            "--json",
+        ])
+        .unwrap();
+        let e = benchmark(a).unwrap_err().to_string();
+        assert!(e.contains("`replog benchmark --endpoint` moved"), "{e}");
+        assert!(
+            e.contains(
+                "run: replog-bench cluster --endpoint a:1,b:2 --concurrency 64 --count 5 \
+                 --value-size 1024 --json"
+            ),
+            "{e}"
+        );
+        let e = benchmark(parse(&["--etcd", "http://a:1"]).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with(
+                "run: replog-bench cluster --etcd http://a:1 --concurrency 1 --count 10000 \
+                 --value-size 256"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

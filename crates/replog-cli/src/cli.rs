@@ -14,7 +14,6 @@ use crate::benchmark::{self, BenchmarkArgs};
 use crate::cluster::{self, MembersArgs, ReplicaArgs};
 use crate::demo::{self, DemoArgs};
 use crate::inspect::{self, InitializeArgs, ReadArgs, StatusArgs};
-use crate::loadgen;
 use crate::state_cmd::{self, BackupArgs, RecoveryArgs, StateArgs};
 use crate::support::init_tracing;
 
@@ -63,6 +62,9 @@ pub enum Command {
     /// fdatasync rate next to replog's figures.
     ///
     /// Example: replog benchmark --path /tmp/bench --input trace.txt --concurrency 64
+    ///
+    /// The load of a running replog or etcd cluster (formerly --endpoint
+    /// and --etcd) is the benchmark tool's: replog-bench cluster.
     Benchmark(BenchmarkArgs),
     /// Run a local demo: a cluster of 3 replica processes on 127.0.0.1
     /// (append, kill the leader, fail over, keep appending, bring it back,
@@ -124,8 +126,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Status(a) => inspect::status(a),
         Command::Replica(a) => cluster::replica(a),
         Command::Members(a) => cluster::members(a),
-        Command::Benchmark(a) if !a.etcd.is_empty() => loadgen::etcd_benchmark(a),
-        Command::Benchmark(a) if !a.endpoint.is_empty() => loadgen::replog_benchmark(a),
         Command::Benchmark(a) => benchmark::benchmark(a),
         Command::Demo(a) => demo::demo(a),
         Command::Backup(a) => state_cmd::backup(a),

@@ -9,9 +9,7 @@ pub mod cli;
 pub mod cluster;
 mod cluster_demo;
 mod demo;
-pub mod grpc_unary;
 mod inspect;
-pub mod loadgen;
 pub mod state_cmd;
 pub mod support;
 

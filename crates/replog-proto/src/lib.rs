@@ -37,9 +37,4 @@ pub use generated::replog::state::v1 as state;
 /// (`proto/replog/store/v1/store.proto`).
 pub use generated::replog::store::v1 as store;
 
-/// The subset of etcd's v3 gRPC API (`KV.Put`, `Maintenance.Status`) that
-/// `replog benchmark --etcd` drives (`proto/etcd/etcdserverpb/rpc.proto`).
-/// Not part of replog's own interfaces.
-pub use generated::etcdserverpb as etcd;
-
 pub use prost::Message;

@@ -1,4 +1,4 @@
-//! A closed-loop load generator and its targets.
+//! The closed-loop load generator.
 //!
 //! [`run`] starts N clients (tokio tasks); each one issues its next
 //! operation as soon as the previous one is acknowledged, until M operations
@@ -7,11 +7,12 @@
 //! first failed operation stops the run with an error that names it and
 //! tells how many operations had succeeded: nothing is retried.
 //!
-//! What is loaded is a [`Target`]: [`ReplogTarget`] appends to a replog
-//! cluster (`--endpoint`), [`EtcdTarget`] puts values into an etcd cluster
-//! (`--etcd`). Both speak gRPC over one HTTP/2 connection per client,
-//! through the same unary caller ([`crate::grpc_unary`]), so the two are
-//! measured through the same client stack.
+//! What is loaded is a [`Target`]: [`crate::replog_target::ReplogTarget`]
+//! appends to a replog cluster (`--endpoint`), [`crate::etcd::EtcdTarget`]
+//! puts values into an etcd cluster (`--etcd`). Both speak gRPC over one
+//! HTTP/2 connection per client, through the same unary caller
+//! ([`crate::grpc_unary`]), so the two are measured through the same client
+//! stack.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,20 +22,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use indicatif::ProgressBar;
-use replog_proto::client::{AppendRequest, AppendResponse};
-use replog_proto::etcd;
-use replog_proto::etcd::maintenance_client::MaintenanceClient;
+use replog_cli::benchmark::Report;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tonic::codegen::http::Uri;
-use tonic::transport::{Channel, Endpoint};
-
-use crate::benchmark::{BenchmarkArgs, Report};
-use crate::grpc_unary::UnaryConn;
-use crate::support::{progress_bar, runtime};
 
 /// How long a client may take to connect.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Something the generator puts values into.
 ///
@@ -196,254 +189,6 @@ fn longest_gap(mut completions: Vec<Duration>) -> Duration {
     longest
 }
 
-// ---------------------------------------------------------------------------
-// etcd
-
-/// A client URL such as `http://127.0.0.1:2379`, without a trailing `/`.
-fn parse_endpoint(s: &str) -> Result<String> {
-    let s = s.trim().trim_end_matches('/');
-    let uri: Uri = s.parse().with_context(|| format!("'{s}' is not a URL"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some(other) => bail!("'{s}': only http:// endpoints are supported, not {other}://"),
-        None => bail!("'{s}' has no scheme: write http://{s}"),
-    }
-    if uri.authority().is_none() || !matches!(uri.path(), "" | "/") {
-        bail!("'{s}' is not an endpoint such as http://127.0.0.1:2379");
-    }
-    Ok(s.to_string())
-}
-
-/// Opens one gRPC connection (HTTP/2) to an etcd member.
-async fn etcd_channel(endpoint: &str) -> Result<Channel> {
-    Endpoint::from_shared(endpoint.to_string())
-        .with_context(|| format!("'{endpoint}' is not a URL"))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {endpoint}"))
-}
-
-/// Puts values into an etcd cluster's leader through etcd's own gRPC API
-/// (`etcdserverpb.KV/Put`), the way etcd's Go client does. Each client
-/// keeps its own HTTP/2 connection to the leader, like the replog target.
-#[derive(Debug)]
-pub struct EtcdTarget {
-    /// The leader's client URL.
-    pub leader: String,
-    /// The leader's member id.
-    pub leader_id: u64,
-    /// The leader's etcd version.
-    pub version: String,
-    key_prefix: String,
-}
-
-impl EtcdTarget {
-    /// Asks every endpoint for its status (`Maintenance/Status`) and picks
-    /// the one that is the leader. Unreachable endpoints are only warned
-    /// about, as long as one that answers is the leader.
-    pub async fn discover(endpoints: &[String]) -> Result<Self> {
-        if endpoints.is_empty() {
-            bail!("no etcd endpoint given");
-        }
-        let mut answers = Vec::new();
-        let mut errors = Vec::new();
-        for ep in endpoints {
-            let ep = parse_endpoint(ep)?;
-            let status = tokio::time::timeout(Duration::from_secs(5), async {
-                let mut m = MaintenanceClient::new(etcd_channel(&ep).await?);
-                let r = m.status(etcd::StatusRequest {}).await?.into_inner();
-                anyhow::Ok(r)
-            })
-            .await
-            .unwrap_or_else(|_| Err(anyhow!("no answer within 5s")));
-            match status {
-                Ok(s) => answers.push((ep, s)),
-                Err(e) => errors.push(format!("{ep}: {e:#}")),
-            }
-        }
-        if answers.is_empty() {
-            bail!("no etcd endpoint answered: {}", errors.join("; "));
-        }
-        let member = |s: &etcd::StatusResponse| s.header.as_ref().map_or(0, |h| h.member_id);
-        let Some((leader, s)) = answers
-            .iter()
-            .find(|(_, s)| s.leader != 0 && member(s) == s.leader)
-        else {
-            let seen: Vec<String> = answers
-                .iter()
-                .map(|(ep, s)| {
-                    format!(
-                        "{ep} is member {:x} and names leader {:x}",
-                        member(s),
-                        s.leader
-                    )
-                })
-                .collect();
-            bail!(
-                "none of the endpoints that answered is the leader ({}); pass the leader's client URL too",
-                seen.join("; ")
-            );
-        };
-        for e in &errors {
-            tracing::warn!("etcd endpoint {e} (going on with the leader)");
-        }
-        let run = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        Ok(EtcdTarget {
-            leader: leader.clone(),
-            leader_id: s.leader,
-            version: s.version.clone(),
-            key_prefix: format!("replog-bench/{run}/"),
-        })
-    }
-}
-
-impl Target for EtcdTarget {
-    type Session = UnaryConn;
-
-    /// Opens the client's own connection to the leader.
-    async fn connect(&self, _client: usize) -> Result<UnaryConn> {
-        UnaryConn::connect(&self.leader, CONNECT_TIMEOUT).await
-    }
-
-    async fn put(&self, conn: &mut UnaryConn, seq: u64, payload: Bytes) -> Result<()> {
-        let req = etcd::PutRequest {
-            key: Bytes::from(format!("{}{seq:010}", self.key_prefix)),
-            value: payload,
-            ..Default::default()
-        };
-        let r: etcd::PutResponse = conn
-            .call("/etcdserverpb.KV/Put", &req)
-            .await
-            .with_context(|| format!("put to {}", self.leader))?;
-        if r.header.is_none() {
-            bail!("etcd answered a put without a response header");
-        }
-        Ok(())
-    }
-}
-
-// ---------------------------------------------------------------------------
-// the command line
-
-/// Appends to a replog cluster's leader (`replog.client.v1.ReplogClient/
-/// Append`), each client on its own HTTP/2 connection: the same client
-/// stack as [`EtcdTarget`]. The leader is found
-/// once, before the clock starts, with the `replog-client` crate; during the
-/// run nothing is retried or redirected (a leader change fails the run).
-pub struct ReplogTarget {
-    /// The leader found before the run (not timed).
-    pub leader: String,
-}
-
-impl ReplogTarget {
-    /// Finds the cluster's leader among `endpoints`.
-    pub async fn discover(endpoints: &[String]) -> Result<Self> {
-        let client = replog_client::Client::new(endpoints);
-        let leader = client
-            .leader()
-            .await
-            .context("cannot find the replog cluster's leader")?;
-        Ok(ReplogTarget { leader })
-    }
-}
-
-impl Target for ReplogTarget {
-    type Session = UnaryConn;
-
-    /// Opens the client's own connection to the leader.
-    async fn connect(&self, _client: usize) -> Result<UnaryConn> {
-        UnaryConn::connect(&self.leader, CONNECT_TIMEOUT).await
-    }
-
-    async fn put(&self, conn: &mut UnaryConn, _seq: u64, payload: Bytes) -> Result<()> {
-        let r: AppendResponse = conn
-            .call(
-                "/replog.client.v1.ReplogClient/Append",
-                &AppendRequest { data: payload },
-            )
-            .await
-            .with_context(|| format!("append to {}", self.leader))?;
-        if r.position == 0 {
-            bail!("{} acknowledged an append at position 0", self.leader);
-        }
-        Ok(())
-    }
-}
-
-/// `replog benchmark --endpoint E[,E...]`: appends `--count` entries of
-/// `--value-size` bytes to a running replog cluster from `--concurrency`
-/// closed-loop clients (the same generator as `--etcd`).
-pub fn replog_benchmark(a: BenchmarkArgs) -> Result<()> {
-    let endpoints = a.endpoint.clone();
-    closed_loop_benchmark(&a, "replog append", async move {
-        let target = ReplogTarget::discover(&endpoints).await?;
-        eprintln!("replog: leader at {}", target.leader);
-        Ok(target)
-    })
-}
-
-/// How long one operation may take before the run fails.
-const OP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// `replog benchmark --etcd URL[,URL...]`: puts `--count` values of
-/// `--value-size` bytes into the etcd cluster's leader from
-/// `--concurrency` closed-loop clients and prints the report like the
-/// replog benchmark does.
-pub fn etcd_benchmark(a: BenchmarkArgs) -> Result<()> {
-    let endpoints = a.etcd.clone();
-    closed_loop_benchmark(&a, "etcd put", async move {
-        let target = EtcdTarget::discover(&endpoints).await?;
-        eprintln!(
-            "etcd {}: leader {} (member {:x}), gRPC KV/Put",
-            target.version, target.leader, target.leader_id
-        );
-        Ok(target)
-    })
-}
-
-/// Runs the closed loop of `a` (`--concurrency`, `--count`, `--value-size`)
-/// against the target `discover` finds, and prints the report (`--json`).
-fn closed_loop_benchmark<T: Target>(
-    a: &BenchmarkArgs,
-    what: &str,
-    discover: impl Future<Output = Result<T>>,
-) -> Result<()> {
-    let concurrency = match a.concurrency[..] {
-        [c] if c > 0 => c,
-        [_] => bail!("--concurrency must be at least 1"),
-        _ => bail!("--endpoint and --etcd take one --concurrency level per run"),
-    };
-    if a.count == 0 {
-        bail!("--count must be at least 1");
-    }
-    let rt = runtime()?;
-    let report = rt.block_on(async {
-        let target = discover.await?;
-        let spec = LoadSpec {
-            label: format!("{what} c={concurrency}"),
-            clients: concurrency,
-            count: a.count,
-            value_size: a.value_size,
-            op_timeout: Some(OP_TIMEOUT),
-        };
-        let pb = progress_bar(a.count, what, !a.json);
-        let r = run(Arc::new(target), &spec, &pb).await;
-        pb.finish_and_clear();
-        r
-    })?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&[&report])?);
-    } else {
-        println!("{}", report.line());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -602,59 +347,5 @@ mod tests {
         assert!(run(fake, &spec(1, 0), &ProgressBar::hidden())
             .await
             .is_err());
-    }
-
-    #[test]
-    fn endpoints_parse() {
-        assert_eq!(
-            parse_endpoint(" http://127.0.0.1:2379/ ").unwrap(),
-            "http://127.0.0.1:2379"
-        );
-        assert!(parse_endpoint("https://127.0.0.1:2379").is_err());
-        assert!(parse_endpoint("127.0.0.1:2379").is_err());
-        assert!(parse_endpoint("http://127.0.0.1:2379/v3").is_err());
-    }
-
-    #[tokio::test]
-    async fn discover_fails_clearly_without_etcd() {
-        // Port 1 on loopback: nothing listens there.
-        let e = EtcdTarget::discover(&["http://127.0.0.1:1".to_string()])
-            .await
-            .unwrap_err();
-        assert!(
-            format!("{e:#}").contains("no etcd endpoint answered"),
-            "{e:#}"
-        );
-    }
-
-    #[test]
-    fn benchmark_flags() {
-        let parse = |args: &[&str]| {
-            let argv: Vec<&str> = ["benchmark"].iter().chain(args).copied().collect();
-            crate::support::parse_args::<BenchmarkArgs>(&argv)
-        };
-        let a = parse(&[
-            "--etcd",
-            "http://a:1,http://b:2",
-            "--concurrency",
-            "64",
-            "--count",
-            "5",
-            "--value-size",
-            "1KB",
-        ])
-        .unwrap();
-        assert_eq!(a.etcd, ["http://a:1", "http://b:2"]);
-        assert_eq!(a.concurrency, [64]);
-        assert_eq!((a.count, a.value_size), (5, 1024));
-        let a = parse(&["--path", "/p", "--input", "/t"]).unwrap();
-        assert!(a.etcd.is_empty());
-        assert_eq!(a.value_size, 256);
-        assert!(
-            parse(&[]).is_err(),
-            "the replog benchmark still needs --path and --input"
-        );
-        assert!(parse(&["--path", "/p"]).is_err());
-        assert!(parse(&["--etcd", "http://a:1", "--path", "/p"]).is_err());
     }
 }

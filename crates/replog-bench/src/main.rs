@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    replog_bench::main_entry()
+}
