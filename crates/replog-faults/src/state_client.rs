@@ -7,10 +7,13 @@
 //! of the current epoch, and a new epoch starts every [`OPS_PER_EPOCH`]
 //! operations, so that no key gets more operations than the search takes.
 //!
-//! Outcomes of a put: acknowledged (ok); refused before it ran (NOT_LEADER
-//! followed to the leader for a few attempts, INVALID, REJECTED, BUSY, or
-//! a connection that could not be made: failed); anything else,
-//! LEADERSHIP_LOST, TIMEOUT or a broken connection: unknown.
+//! Outcomes of a put, by [`wire::retry_rule`] for a state write:
+//! acknowledged (ok); refused before it ran or without effect (a final
+//! code: INVALID, REJECTED, ...; or what was not executed — NOT_LEADER,
+//! BUSY, NOT_VOTING, a connection that could not be made — for every one
+//! of a few attempts: failed); whatever may have been applied
+//! (LEADERSHIP_LOST, CLOSED, TIMEOUT, STORAGE, a code this build does not
+//! know, a broken connection): unknown.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -20,8 +23,8 @@ use replog_proto::state::{
 };
 use replog_proto::store::scheduler_state_client::SchedulerStateClient;
 use replog_proto::store::{ReadMode, SubmitRequest, TaskQueryRequest};
+use replog_proto::wire::{self, CallKind, Retry};
 use tonic::transport::{Channel, Endpoint};
-use tonic::Code;
 
 use crate::cluster::Cluster;
 use crate::history::{Call, Outcome, Ret};
@@ -30,7 +33,7 @@ use crate::history::{Call, Outcome, Ret};
 pub const KEYS_AT_ONCE: u64 = 4;
 /// Operations before the keys change.
 pub const OPS_PER_EPOCH: u64 = 120;
-/// Attempts of one put while replicas answer NOT_LEADER.
+/// Attempts of one put while replicas answer that it was not executed.
 const ATTEMPTS: u32 = 5;
 
 /// Shared counters of the state clients.
@@ -101,18 +104,11 @@ fn task(key: &str, value: u64) -> ScheduledTask {
     }
 }
 
+/// The status's replog code, or "" without one.
 fn code(s: &tonic::Status) -> String {
-    s.metadata()
-        .get("replog-error")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string()
-}
-
-fn hint(s: &tonic::Status) -> Option<String> {
-    let h = s.metadata().get("replog-leader")?.to_str().ok()?;
-    let (_, addr) = h.split_once('=')?;
-    (!addr.is_empty()).then(|| addr.to_string())
+    wire::error_code(s)
+        .map(|c| c.to_string())
+        .unwrap_or_default()
 }
 
 /// Puts `value` under `key`, starting at replica index `start`.
@@ -144,21 +140,16 @@ pub async fn put(sc: &StateClients, start: usize, key: &str, value: u64) -> (Cal
             }
             Err(s) => s,
         };
-        let code = code(&s);
-        last = format!("{}: {code} {}", sc.endpoints[target], s.message());
-        match code.as_str() {
-            "NOT_LEADER" | "BUSY" => {
-                target = hint(&s)
-                    .and_then(|h| sc.index_of(&h))
+        last = format!("{}: {} {}", sc.endpoints[target], code(&s), s.message());
+        match wire::retry_rule(&s, CallKind::StateWrite) {
+            Retry::OnLeader | Retry::Anywhere => {
+                target = wire::leader_hint(&s)
+                    .and_then(|h| sc.index_of(&h.address))
                     .unwrap_or((target + 1) % sc.clients.len());
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            "INVALID" | "REJECTED" => return (call, Outcome::Failed(last)),
-            "" if s.code() == Code::Unavailable && s.message().contains("connect") => {
-                target = (target + 1) % sc.clients.len();
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            _ => return (call, Outcome::Unknown(last)),
+            Retry::Final => return (call, Outcome::Failed(last)),
+            Retry::OutcomeUnknown => return (call, Outcome::Unknown(last)),
         }
     }
     (call, Outcome::Failed(format!("no leader took it: {last}")))

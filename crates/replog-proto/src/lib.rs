@@ -2,7 +2,9 @@
 //! from `proto/` at build time (protox: no system `protoc` needed).
 //!
 //! Each package is re-exported under a short name: `storage` for
-//! `replog.storage.v1`, `replica` for `replog.replica.v1`.
+//! `replog.storage.v1`, `replica` for `replog.replica.v1`. [`wire`] holds
+//! the conventions of the gRPC answers (error codes, leader hints, what a
+//! client may retry).
 
 #[allow(clippy::all, missing_docs, rustdoc::all)]
 mod generated {
@@ -38,3 +40,5 @@ pub use generated::replog::state::v1 as state;
 pub use generated::replog::store::v1 as store;
 
 pub use prost::Message;
+
+pub mod wire;

@@ -6,7 +6,8 @@
 //! FAILED_PRECONDITION and the trailer `replog-leader: <id>=<address>`.
 //! Every error carries a stable code in the `replog-error` metadata; a
 //! linearizable read that was not confirmed in time is READ_NOT_CONFIRMED
-//! (UNAVAILABLE): nothing was executed, and clients retry it.
+//! (UNAVAILABLE): nothing was executed, and clients retry it. The codes,
+//! the hint and what clients may retry are `replog_proto::wire`'s.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,10 +21,10 @@ use replog_proto::client::{
     StatusResponse, TransferLeaderRequest, TransferLeaderResponse, TruncateRequest,
     TruncateResponse, WatchLeadershipRequest,
 };
+use replog_proto::wire::{self, ErrorCode, LeaderHint};
 use replog_storage::Member;
 use tokio::sync::Mutex;
 use tokio_stream::Stream;
-use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
 
 use crate::MAX_CLIENT_MESSAGE_BYTES;
@@ -43,24 +44,24 @@ pub struct ClientService {
 }
 
 /// The stable error code of a log error (`replog-error` metadata).
-pub fn error_code(e: &LogError) -> &'static str {
+pub fn error_code(e: &LogError) -> ErrorCode {
     match e {
-        LogError::NotLeader { .. } => "NOT_LEADER",
-        LogError::LeadershipLost { .. } => "LEADERSHIP_LOST",
-        LogError::Truncated { .. } => "TRUNCATED",
-        LogError::Pending { .. } => "PENDING",
-        LogError::PastEnd { .. } => "PAST_END",
-        LogError::EntryTooLarge { .. } => "ENTRY_TOO_LARGE",
-        LogError::NotVoting(_) => "NOT_VOTING",
+        LogError::NotLeader { .. } => ErrorCode::NotLeader,
+        LogError::LeadershipLost { .. } => ErrorCode::LeadershipLost,
+        LogError::Truncated { .. } => ErrorCode::Truncated,
+        LogError::Pending { .. } => ErrorCode::Pending,
+        LogError::PastEnd { .. } => ErrorCode::PastEnd,
+        LogError::EntryTooLarge { .. } => ErrorCode::EntryTooLarge,
+        LogError::NotVoting(_) => ErrorCode::NotVoting,
         // Not executed, may succeed later: clients retry it.
-        LogError::Busy | LogError::MembershipInProgress(_) => "BUSY",
-        LogError::Membership(_) => "MEMBERSHIP",
-        LogError::Invalid(_) | LogError::WriterNotStarted => "INVALID",
-        LogError::Closed(_) => "CLOSED",
-        LogError::Timeout(_) => "TIMEOUT",
+        LogError::Busy | LogError::MembershipInProgress(_) => ErrorCode::Busy,
+        LogError::Membership(_) => ErrorCode::Membership,
+        LogError::Invalid(_) | LogError::WriterNotStarted => ErrorCode::Invalid,
+        LogError::Closed(_) => ErrorCode::Closed,
+        LogError::Timeout(_) => ErrorCode::Timeout,
         // Nothing was executed: clients retry it, on any replica.
-        LogError::ReadNotConfirmed { .. } => "READ_NOT_CONFIRMED",
-        LogError::Storage(_) | LogError::Core(_) => "STORAGE",
+        LogError::ReadNotConfirmed { .. } => ErrorCode::ReadNotConfirmed,
+        LogError::Storage(_) | LogError::Core(_) => ErrorCode::Storage,
     }
 }
 
@@ -85,13 +86,14 @@ impl ClientService {
         if !self.state_log {
             return Ok(());
         }
-        let mut s = Status::failed_precondition(format!(
-            "this log holds the scheduler state (--state): {what} through replog.store.v1.SchedulerState, \
-             not the raw log API (the store compacts the log itself)"
-        ));
-        s.metadata_mut()
-            .insert("replog-error", MetadataValue::from_static("STATE_LOG"));
-        Err(s)
+        Err(wire::coded_status(
+            Code::FailedPrecondition,
+            ErrorCode::StateLog,
+            format!(
+                "this log holds the scheduler state (--state): {what} through replog.store.v1.SchedulerState, \
+                 not the raw log API (the store compacts the log itself)"
+            ),
+        ))
     }
 
     /// The tonic server for this service, with its size limits.
@@ -125,7 +127,9 @@ impl ClientService {
     }
 }
 
-fn leader_hint(log: &Log) -> Option<String> {
+/// The leader this replica knows, with its address if the membership
+/// names it.
+fn leader_hint(log: &Log) -> Option<LeaderHint> {
     let leader = log.progress().leader?;
     let address = log
         .meta()
@@ -134,7 +138,10 @@ fn leader_hint(log: &Log) -> Option<String> {
         .find(|m| m.id == leader)
         .map(|m| m.address)
         .unwrap_or_default();
-    Some(format!("{leader}={address}"))
+    Some(LeaderHint {
+        id: leader,
+        address,
+    })
 }
 
 /// A log error as a gRPC status: a stable `replog-error` code, and the
@@ -157,17 +164,13 @@ pub fn log_status(log: &Log, e: LogError) -> Status {
         LogError::Closed(_) => Code::Unavailable,
         LogError::Storage(_) | LogError::Core(_) => Code::Internal,
     };
-    let mut status = Status::new(code, e.to_string());
-    let md = status.metadata_mut();
-    md.insert("replog-error", MetadataValue::from_static(error_code(&e)));
+    let mut status = wire::coded_status(code, error_code(&e), e.to_string());
     if matches!(
         e,
         LogError::NotLeader { .. } | LogError::LeadershipLost { .. }
     ) {
         if let Some(hint) = leader_hint(log) {
-            if let Ok(v) = hint.parse() {
-                md.insert("replog-leader", v);
-            }
+            wire::set_leader_hint(&mut status, &hint);
         }
     }
     status
@@ -301,11 +304,8 @@ impl ReplogClient for ClientService {
                 let now = (p.term, p.leader, p.leader_ready, p.status);
                 if last != Some(now) {
                     last = Some(now);
-                    let hint = leader_hint(&svc.log).unwrap_or_default();
-                    let leader_address = hint
-                        .split_once('=')
-                        .map(|(_, a)| a.to_string())
-                        .unwrap_or_default();
+                    let leader_address =
+                        leader_hint(&svc.log).map(|h| h.address).unwrap_or_default();
                     let msg = Leadership {
                         term: p.term,
                         leader: p.leader.unwrap_or(0),

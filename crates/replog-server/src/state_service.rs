@@ -21,6 +21,7 @@ use replog_proto::store::{
     SummaryRequest, SummaryResponse, TaskQueryRequest, UnloadRecoveryRequest,
     UnloadRecoveryResponse, WatchRequest,
 };
+use replog_proto::wire::{coded_status, ErrorCode};
 use replog_snapshot::{FrameSplitter, PieceReader};
 use replog_state::{
     kind_name, TaskQuery, KIND_AGENT, KIND_CRON_JOB, KIND_HOST_ATTRIBUTES, KIND_JOB_UPDATE,
@@ -29,7 +30,6 @@ use replog_state::{
 use replog_store::backup::{write_state, SnapshotIdentity};
 use replog_store::{SchedulerStore, Staging, StagingError, StoreError};
 use tokio_stream::Stream;
-use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
@@ -53,13 +53,6 @@ pub struct StateService {
     snapshot_slots: Arc<tokio::sync::Semaphore>,
 }
 
-fn coded(code: Code, tag: &'static str, msg: String) -> Status {
-    let mut s = Status::new(code, msg);
-    s.metadata_mut()
-        .insert("replog-error", MetadataValue::from_static(tag));
-    s
-}
-
 impl StateService {
     pub fn new(store: Arc<SchedulerStore>, staging: Arc<Staging>) -> Self {
         StateService {
@@ -71,17 +64,21 @@ impl StateService {
 
     fn staging_status(&self, e: StagingError) -> Status {
         match e {
-            e @ StagingError::AlreadyStaged { .. } => {
-                coded(Code::FailedPrecondition, "ALREADY_STAGED", e.to_string())
-            }
-            e @ StagingError::NothingStaged => {
-                coded(Code::FailedPrecondition, "NOTHING_STAGED", e.to_string())
-            }
+            e @ StagingError::AlreadyStaged { .. } => coded_status(
+                Code::FailedPrecondition,
+                ErrorCode::AlreadyStaged,
+                e.to_string(),
+            ),
+            e @ StagingError::NothingStaged => coded_status(
+                Code::FailedPrecondition,
+                ErrorCode::NothingStaged,
+                e.to_string(),
+            ),
             e @ (StagingError::WrongContent(_) | StagingError::Backup(_)) => {
-                coded(Code::InvalidArgument, "BAD_BACKUP", e.to_string())
+                coded_status(Code::InvalidArgument, ErrorCode::BadBackup, e.to_string())
             }
             e @ (StagingError::State(_) | StagingError::Marker { .. }) => {
-                coded(Code::Internal, "STORAGE", e.to_string())
+                coded_status(Code::Internal, ErrorCode::Storage, e.to_string())
             }
         }
     }
@@ -118,17 +115,23 @@ impl StateService {
     fn status(&self, e: StoreError) -> Status {
         match e {
             StoreError::Log(e) => log_status(self.store.log(), e),
-            StoreError::Invalid(e) => coded(Code::InvalidArgument, "INVALID", e.to_string()),
-            e @ StoreError::Record(_) => coded(Code::InvalidArgument, "INVALID", e.to_string()),
-            e @ StoreError::Rejected { .. } => {
-                coded(Code::FailedPrecondition, "REJECTED", e.to_string())
+            StoreError::Invalid(e) => {
+                coded_status(Code::InvalidArgument, ErrorCode::Invalid, e.to_string())
             }
-            e @ StoreError::Timeout(_) => coded(Code::DeadlineExceeded, "TIMEOUT", e.to_string()),
+            e @ StoreError::Record(_) => {
+                coded_status(Code::InvalidArgument, ErrorCode::Invalid, e.to_string())
+            }
+            e @ StoreError::Rejected { .. } => {
+                coded_status(Code::FailedPrecondition, ErrorCode::Rejected, e.to_string())
+            }
+            e @ StoreError::Timeout(_) => {
+                coded_status(Code::DeadlineExceeded, ErrorCode::Timeout, e.to_string())
+            }
             e @ (StoreError::State(_) | StoreError::Stopped(_) | StoreError::Io(_)) => {
-                coded(Code::Internal, "STORAGE", e.to_string())
+                coded_status(Code::Internal, ErrorCode::Storage, e.to_string())
             }
             e @ StoreError::StateReplaced { .. } => {
-                coded(Code::Aborted, "STATE_REPLACED", e.to_string())
+                coded_status(Code::Aborted, ErrorCode::StateReplaced, e.to_string())
             }
             StoreError::Staging(e) => self.staging_status(e),
         }
@@ -143,9 +146,9 @@ impl StateService {
                 .await
                 .map(|_| ())
                 .map_err(|e| self.status(e)),
-            Err(_) => Err(coded(
+            Err(_) => Err(coded_status(
                 Code::InvalidArgument,
-                "INVALID",
+                ErrorCode::Invalid,
                 format!("unknown read mode {mode}"),
             )),
         }
@@ -306,9 +309,9 @@ fn query_of(r: &TaskQueryRequest) -> Result<TaskQuery, Status> {
     let mut statuses = Vec::new();
     for s in &r.statuses {
         statuses.push(ScheduleStatus::try_from(*s).map_err(|_| {
-            coded(
+            coded_status(
                 Code::InvalidArgument,
-                "INVALID",
+                ErrorCode::Invalid,
                 format!("unknown task status {s}"),
             )
         })?);
@@ -337,10 +340,10 @@ impl SchedulerState for StateService {
         req: Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
         let Some(txn) = req.into_inner().transaction else {
-            return Err(coded(
+            return Err(coded_status(
                 Code::InvalidArgument,
-                "INVALID",
-                "the request holds no transaction".into(),
+                ErrorCode::Invalid,
+                "the request holds no transaction",
             ));
         };
         let position = self.store.submit(&txn).await.map_err(|e| self.status(e))?;
@@ -359,7 +362,7 @@ impl SchedulerState for StateService {
         let store = self.store.clone();
         let tasks = tokio::task::spawn_blocking(move || store.state().tasks(&q))
             .await
-            .map_err(|e| coded(Code::Internal, "STORAGE", e.to_string()))?
+            .map_err(|e| coded_status(Code::Internal, ErrorCode::Storage, e.to_string()))?
             .map_err(|e| self.status(StoreError::State(e)))?;
         Ok(Response::new(Box::pin(tokio_stream::iter(
             tasks.into_iter().map(Ok),
@@ -378,9 +381,11 @@ impl SchedulerState for StateService {
         let found =
             tokio::task::spawn_blocking(move || entities_of(store.state(), &r.kind, &r.key))
                 .await
-                .map_err(|e| coded(Code::Internal, "STORAGE", e.to_string()))?
+                .map_err(|e| coded_status(Code::Internal, ErrorCode::Storage, e.to_string()))?
                 .map_err(|e| match e {
-                    EntitiesError::Invalid(m) => coded(Code::InvalidArgument, "INVALID", m),
+                    EntitiesError::Invalid(m) => {
+                        coded_status(Code::InvalidArgument, ErrorCode::Invalid, m)
+                    }
                     EntitiesError::State(e) => self.status(StoreError::State(e)),
                 })?;
         Ok(Response::new(Box::pin(tokio_stream::iter(
@@ -404,7 +409,7 @@ impl SchedulerState for StateService {
             Ok::<_, replog_state::StateError>((st.applied(), counts, hash))
         })
         .await
-        .map_err(|e| coded(Code::Internal, "STORAGE", e.to_string()))?
+        .map_err(|e| coded_status(Code::Internal, ErrorCode::Storage, e.to_string()))?
         .map_err(|e| self.status(StoreError::State(e)))?;
         Ok(Response::new(SummaryResponse {
             applied,
@@ -432,9 +437,9 @@ impl SchedulerState for StateService {
             labels: [("replica".to_string(), meta.replica_id.to_string())].into(),
         };
         let permit = self.snapshot_slots.clone().try_acquire_owned().map_err(|_| {
-            coded(
+            coded_status(
                 Code::ResourceExhausted,
-                "BUSY",
+                ErrorCode::Busy,
                 format!("{MAX_CONCURRENT_SNAPSHOTS} state snapshots are being streamed already; try again"),
             )
         })?;
@@ -466,7 +471,11 @@ impl SchedulerState for StateService {
                 ),
                 Err(e) => {
                     warn!(error = %e, "a state snapshot failed");
-                    let _ = tx.blocking_send(Err(coded(Code::Internal, "STORAGE", e.to_string())));
+                    let _ = tx.blocking_send(Err(coded_status(
+                        Code::Internal,
+                        ErrorCode::Storage,
+                        e.to_string(),
+                    )));
                 }
             }
         });
@@ -483,9 +492,11 @@ impl SchedulerState for StateService {
         // Subscribe first, then read the backlog: nothing falls between.
         let mut sub = state.state().subscribe();
         let backlog = state.state().changes_since(from).map_err(|e| match e {
-            e @ replog_state::StateError::MustReload { .. } => {
-                coded(Code::FailedPrecondition, "MUST_RELOAD", e.to_string())
-            }
+            e @ replog_state::StateError::MustReload { .. } => coded_status(
+                Code::FailedPrecondition,
+                ErrorCode::MustReload,
+                e.to_string(),
+            ),
             e => self.status(StoreError::State(e)),
         })?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<ChangeEvent, Status>>(SNAPSHOT_QUEUE);
@@ -510,9 +521,9 @@ impl SchedulerState for StateService {
                     Ok(None) => return,
                     Err(e) => {
                         let _ = tx
-                            .send(Err(coded(
+                            .send(Err(coded_status(
                                 Code::FailedPrecondition,
-                                "MUST_RELOAD",
+                                ErrorCode::MustReload,
                                 e.to_string(),
                             )))
                             .await;
@@ -583,7 +594,7 @@ impl SchedulerState for StateService {
             )
         })
         .await
-        .map_err(|e| coded(Code::Internal, "STORAGE", e.to_string()))?
+        .map_err(|e| coded_status(Code::Internal, ErrorCode::Storage, e.to_string()))?
         .map_err(|e| self.staging_status(e))?;
         info!("a backup was staged for recovery");
         Ok(Response::new(self.recovery_status()?))
@@ -599,7 +610,7 @@ impl SchedulerState for StateService {
         let staging = self.staging.clone();
         let tasks = tokio::task::spawn_blocking(move || staging.tasks(&q))
             .await
-            .map_err(|e| coded(Code::Internal, "STORAGE", e.to_string()))?
+            .map_err(|e| coded_status(Code::Internal, ErrorCode::Storage, e.to_string()))?
             .map_err(|e| self.staging_status(e))?;
         Ok(Response::new(Box::pin(tokio_stream::iter(
             tasks.into_iter().map(Ok),
@@ -613,17 +624,17 @@ impl SchedulerState for StateService {
         let r = req.into_inner();
         let q = r.query.as_ref().map(query_of).transpose()?;
         if r.task_ids.is_empty() && q.is_none() {
-            return Err(coded(
+            return Err(coded_status(
                 Code::InvalidArgument,
-                "INVALID",
-                "name task ids or a query of the tasks to delete".into(),
+                ErrorCode::Invalid,
+                "name task ids or a query of the tasks to delete",
             ));
         }
         let staging = self.staging.clone();
         let deleted =
             tokio::task::spawn_blocking(move || staging.delete_tasks(&r.task_ids, q.as_ref()))
                 .await
-                .map_err(|e| coded(Code::Internal, "STORAGE", e.to_string()))?
+                .map_err(|e| coded_status(Code::Internal, ErrorCode::Storage, e.to_string()))?
                 .map_err(|e| self.staging_status(e))?;
         info!(deleted, "deleted tasks from the staged backup");
         Ok(Response::new(DeleteRecoveryTasksResponse { deleted }))
@@ -636,7 +647,7 @@ impl SchedulerState for StateService {
         let staging = self.staging.clone();
         tokio::task::spawn_blocking(move || staging.unload())
             .await
-            .map_err(|e| coded(Code::Internal, "STORAGE", e.to_string()))?
+            .map_err(|e| coded_status(Code::Internal, ErrorCode::Storage, e.to_string()))?
             .map_err(|e| self.staging_status(e))?;
         info!("the staged backup was unloaded");
         Ok(Response::new(UnloadRecoveryResponse {}))
