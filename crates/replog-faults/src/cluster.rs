@@ -548,6 +548,7 @@ impl Cluster {
                 max_attempts: 6,
                 backoff_min: Duration::from_millis(20),
                 backoff_max: Duration::from_millis(200),
+                retry_deadline: None,
             },
         )
     }
