@@ -201,7 +201,7 @@ fn peer_envelope() -> Vec<Vec<u8>> {
             status: ReplicaStatus::Voting,
             term: 3,
             leader: 2,
-            commit: 9,
+            applied: 9,
         },
     ] {
         seeds.push(replog_log::peers::peer_envelope("c", 2, 1, &msg).encode_to_vec());
