@@ -113,3 +113,35 @@ pub(crate) fn check_conf_changes(u: &LogUpdate, snapshot_index: u64) -> Result<(
     }
     Ok(())
 }
+
+/// What every write keeps once its update passed the checks above: the log
+/// still ends at or after the compaction point (`last_index` is the last
+/// position after the write), the compaction point never moves back, and
+/// an installed snapshot counts as applied (raft-rs refuses to restart a
+/// replica whose applied position is behind its snapshot). A failure is a
+/// bug in the storage's checks or in its caller.
+pub(crate) fn assert_write_keeps_invariants(
+    before: &ReplicaMeta,
+    after: &ReplicaMeta,
+    last_index: u64,
+    installed: Option<u64>,
+) {
+    assert!(
+        after.snapshot_index <= last_index,
+        "a write leaves the compaction point {} past the last position {last_index}",
+        after.snapshot_index
+    );
+    assert!(
+        after.snapshot_index >= before.snapshot_index,
+        "a write moves the compaction point back from {} to {}",
+        before.snapshot_index,
+        after.snapshot_index
+    );
+    if let Some(index) = installed {
+        assert!(
+            after.applied_index >= index,
+            "a snapshot at {index} is written with the applied position {}, behind it",
+            after.applied_index
+        );
+    }
+}

@@ -73,7 +73,7 @@ pub struct FetchStats {
 #[derive(Default)]
 struct Turn {
     /// Bytes served to reads that could wait in this turn.
-    spent: u64,
+    spent_bytes: u64,
     /// Refused contexts, oldest first, with their keys (see `key`).
     deferred: VecDeque<(String, GetEntriesContext)>,
     stats: FetchStats,
@@ -118,7 +118,7 @@ impl FetchBudget {
     /// remembered until [`Self::next_deferred`] hands them out.
     pub fn begin_turn(&self) {
         let mut t = self.turn.lock();
-        t.spent = 0;
+        t.spent_bytes = 0;
         t.stats.turns += 1;
     }
 
@@ -127,14 +127,14 @@ impl FetchBudget {
     /// `None`: the read must answer `LogTemporarilyUnavailable`; its
     /// context is remembered for a retry when it can be.
     pub fn admit(&self, context: GetEntriesContext) -> Option<u64> {
-        let limit = self.limit_bytes();
-        if limit == 0 || !context.can_async() {
+        let limit_bytes = self.limit_bytes();
+        if limit_bytes == 0 || !context.can_async() {
             return Some(u64::MAX);
         }
         let mut t = self.turn.lock();
-        if t.spent < limit {
+        if t.spent_bytes < limit_bytes {
             t.stats.served += 1;
-            return Some(limit - t.spent);
+            return Some(limit_bytes - t.spent_bytes);
         }
         t.stats.deferred += 1;
         let k = key(&context);
@@ -153,17 +153,17 @@ impl FetchBudget {
             return;
         }
         let mut t = self.turn.lock();
-        t.spent = t.spent.saturating_add(bytes);
+        t.spent_bytes = t.spent_bytes.saturating_add(bytes);
         t.stats.bytes = t.stats.bytes.saturating_add(bytes);
-        t.stats.max_turn_bytes = t.stats.max_turn_bytes.max(t.spent);
+        t.stats.max_turn_bytes = t.stats.max_turn_bytes.max(t.spent_bytes);
     }
 
     /// The oldest remembered context, while this turn's budget lasts (a
     /// retry would only be refused again otherwise).
     pub fn next_deferred(&self) -> Option<GetEntriesContext> {
         let mut t = self.turn.lock();
-        let limit = self.limit_bytes();
-        if limit != 0 && t.spent >= limit {
+        let limit_bytes = self.limit_bytes();
+        if limit_bytes != 0 && t.spent_bytes >= limit_bytes {
             return None;
         }
         let (_, context) = t.deferred.pop_front()?;

@@ -43,7 +43,7 @@ pub fn encode(key: &[u8], payload: &[u8]) -> Vec<u8> {
 pub fn decode<'a>(
     key: &[u8],
     value: &'a [u8],
-    limit: usize,
+    max_payload_bytes: usize,
     location: impl FnOnce() -> String,
 ) -> Result<&'a [u8]> {
     if value.len() < FRAME_OVERHEAD {
@@ -52,11 +52,11 @@ pub fn decode<'a>(
             format!("record of {} bytes is shorter than its frame", value.len()),
         ));
     }
-    if value.len() - FRAME_OVERHEAD > limit {
+    if value.len() - FRAME_OVERHEAD > max_payload_bytes {
         return Err(StorageError::corrupt(
             location(),
             format!(
-                "record of {} bytes exceeds the limit of {limit} bytes",
+                "record of {} bytes exceeds the limit of {max_payload_bytes} bytes",
                 value.len() - FRAME_OVERHEAD
             ),
         ));

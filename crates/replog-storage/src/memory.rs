@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use raft::eraftpb::{Entry, Snapshot};
 use raft::{GetEntriesContext, RaftState};
 
-use crate::api::{check_conf_changes, LogStorage, LogUpdate};
+use crate::api::{assert_write_keeps_invariants, check_conf_changes, LogStorage, LogUpdate};
 use crate::error::{Result, StorageError};
 use crate::model::{now_unix_ms, ReplicaMeta};
 
@@ -241,6 +241,8 @@ impl LogStorage for MemoryStorage {
         if let Some(s) = u.status {
             st.meta.status = s;
         }
+        let installed = u.snapshot.map(|(index, _)| index);
+        assert_write_keeps_invariants(&sh.current.meta, &st.meta, st.last_index(), installed);
         sh.current = st;
         if u.sync {
             sh.durable = sh.current.clone();

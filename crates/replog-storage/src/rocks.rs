@@ -11,7 +11,11 @@
 //! - Each [`LogUpdate`] is one RocksDB write batch: the metadata (hard state,
 //!   applied position, snapshot mark) always matches the log it describes.
 //! - The log holds exactly the positions `snapshot_index + 1 ..= last_index`,
-//!   without gaps; open verifies this.
+//!   without gaps; open verifies this, and a write refuses entries that are
+//!   not contiguous, not after the compaction point, or leave a gap.
+//! - The compaction point only moves forward, and a write that installs a
+//!   snapshot leaves the applied position at or past it (both asserted on
+//!   every write).
 //! - `hard_state.commit <= last_index` after open; a commit beyond the intact
 //!   log means acknowledged data is missing, which strict open refuses.
 //! - A non-strict open that found damage persists status RECOVERING before it
@@ -35,7 +39,7 @@ use rocksdb::{
 };
 use tracing::{info, warn};
 
-use crate::api::{check_conf_changes, LogStorage, LogUpdate};
+use crate::api::{assert_write_keeps_invariants, check_conf_changes, LogStorage, LogUpdate};
 use crate::error::{Result, StorageError};
 use crate::fetch_budget::{FetchBudget, FetchStats, DEFAULT_FETCH_BUDGET_BYTES};
 use crate::identity;
@@ -138,12 +142,14 @@ struct State {
 struct Inner {
     db: Arc<DB>,
     dir: PathBuf,
-    sync: bool,
+    /// [`OpenOptions::sync`]: false when durability was turned off.
+    fsync_enabled: bool,
     read_only: bool,
     max_record_bytes: usize,
     state: RwLock<State>,
-    /// fsyncs done by [`LogStorage::sync`] since open.
-    syncs: AtomicU64,
+    /// fsyncs done since open ([`LogStorage::sync`], and writes with
+    /// [`LogUpdate::sync`]).
+    fsync_count: AtomicU64,
     /// Budget of the reads for sends to followers, per core turn.
     fetch_budget: FetchBudget,
 }
@@ -345,183 +351,68 @@ impl RocksStorage {
     /// Opens an initialized replica, verifying every record (see
     /// [`OpenOptions::strict`] for what happens on damage).
     pub fn open(dir: &Path, opts: &OpenOptions) -> Result<(Self, RecoveryReport)> {
-        let mut damage: Vec<String> = Vec::new();
-        let strict = opts.strict;
-        let dir_exists = dir.is_dir();
-        if !dir_exists {
+        if !dir.is_dir() {
             return Err(StorageError::NotInitialized {
                 path: dir.to_path_buf(),
                 reason: "the directory does not exist".into(),
             });
         }
-
+        let mut damage: Vec<String> = Vec::new();
         // 1. Identity, before RocksDB touches anything.
-        let ident = match identity::read(dir) {
-            Ok(Some(i)) => Some(i),
-            Ok(None) => {
-                if !dir.join("CURRENT").exists() {
-                    return Err(StorageError::NotInitialized {
-                        path: dir.to_path_buf(),
-                        reason: "no REPLICA-IDENTITY file".into(),
-                    });
-                }
-                let msg = format!(
-                    "{} is missing (initialization incomplete or file lost)",
-                    identity::path(dir).display()
-                );
-                if strict {
-                    return Err(StorageError::corrupt(
-                        identity::path(dir).display().to_string(),
-                        "file is missing",
-                    ));
-                }
-                damage.push(msg);
-                None
-            }
-            Err(e) if !strict && e.is_corruption() => {
-                damage.push(e.to_string());
-                None
-            }
-            Err(e) => return Err(e),
-        };
+        let ident = read_identity(dir, opts.strict, &mut damage)?;
         if let Some(i) = &ident {
             check_identity(dir, i.format_version, &i.cluster_id, opts)?;
         }
+        // 2. RocksDB; 3. and 4. the metadata record and every log record.
+        let db = open_db(dir, opts, &mut damage)?;
+        let (db, verified) = verify_repairing(db, dir, ident.as_ref(), opts, &mut damage)?;
+        let (meta, last_index) = keep_intact_prefix(verified, dir, opts.strict, &mut damage)?;
+        let storage = Self::from_open_db(db, dir, opts, meta, last_index);
+        if !damage.is_empty() && !opts.read_only {
+            storage.persist_recovery(last_index, ident.is_none())?;
+        }
+        Ok((storage, RecoveryReport { damage, last_index }))
+    }
 
-        // 2. RocksDB (its own WAL, MANIFEST and block checksums). Always
-        // tried strictly first: a lenient WAL mode on its own would cut the
-        // log at a damaged record without telling anyone, and a replica that
-        // silently forgot acknowledged entries must never stay VOTING.
-        // A replica made before the state families existed opens with
-        // them created (read-write) or without them (read-only).
-        let names: Vec<String> = match DB::list_cf(&Options::default(), dir) {
-            Ok(found) => [CF_META, CF_LOG, CF_STATE, CF_STAGING]
-                .into_iter()
-                .filter(|n| found.iter().any(|f| f == n))
-                .map(str::to_string)
-                .collect(),
-            Err(_) => vec![CF_META.to_string(), CF_LOG.to_string()],
-        };
-        let open_with = |o: &Options| {
-            if opts.read_only {
-                DB::open_cf_for_read_only(o, dir, &names, false)
-            } else {
-                let mut o = o.clone();
-                o.create_missing_column_families(true);
-                DB::open_cf_descriptors(&o, dir, cf_descriptors())
-            }
-        };
-        let db = match open_with(&db_options(true)) {
-            Ok(db) => db,
-            Err(e) if strict => return Err(rocks_err(dir)(e)),
-            Err(e) => {
-                damage.push(format!("RocksDB refused the data as it is: {e}"));
-                warn!(dir = %dir.display(), error = %e, "strict RocksDB recovery failed; recovering leniently (non-strict)");
-                match open_with(&db_options(false)) {
-                    Ok(db) => db,
-                    Err(e) if opts.read_only => return Err(rocks_err(dir)(e)),
-                    Err(e) => {
-                        damage.push(format!(
-                            "point-in-time recovery failed too ({e}); repaired the database"
-                        ));
-                        let o = db_options(false);
-                        DB::repair(&o, dir).map_err(rocks_err(dir))?;
-                        let mut o = db_options(false);
-                        o.create_missing_column_families(true);
-                        DB::open_cf_descriptors(&o, dir, cf_descriptors())
-                            .map_err(rocks_err(dir))?
-                    }
-                }
-            }
-        };
-
-        let mut v = verify(&db, dir, ident.as_ref(), opts)?;
-        let mut db = db;
-        if v.rocks_corruption && !strict && !opts.read_only {
-            // RepairDB sets aside table files
-            // that fail their checksums; the log is then cut at the gap.
-            if let Some(d) = v.meta_damage.take() {
-                damage.push(d);
-            }
-            if let Some((_, why)) = &v.bad {
-                damage.push(why.clone());
-            }
-            damage.push("RocksDB reported corrupt blocks; repaired the database".into());
-            warn!(dir = %dir.display(), "corrupt RocksDB blocks; running repair (non-strict)");
-            drop(db);
-            DB::repair(&db_options(false), dir).map_err(rocks_err(dir))?;
-            let mut o = db_options(false);
-            o.create_missing_column_families(true);
-            db = DB::open_cf_descriptors(&o, dir, cf_descriptors()).map_err(rocks_err(dir))?;
-            v = verify(&db, dir, ident.as_ref(), opts)?;
-        }
-        if let Some(d) = v.meta_damage.take() {
-            damage.push(d);
-        }
-        let Verified {
-            mut meta,
-            last_index,
-            bad,
-            ..
-        } = v;
-        if let Some((from, why)) = bad {
-            if strict {
-                return Err(StorageError::corrupt(log_location(dir, from), why));
-            }
-            damage.push(format!("{why}; dropped the log from position {from} on"));
-        }
-        if meta.hard_state.commit > last_index {
-            let why = format!(
-                "commit position {} is beyond the last intact position {last_index}: committed entries are missing",
-                meta.hard_state.commit
-            );
-            if strict {
-                return Err(StorageError::corrupt(
-                    log_location(dir, last_index + 1),
-                    why,
-                ));
-            }
-            damage.push(why);
-            meta.hard_state.commit = last_index;
-        }
-        meta.applied_index = meta.applied_index.min(meta.hard_state.commit);
-
-        if !damage.is_empty() {
-            warn!(dir = %dir.display(), ?damage, "non-strict recovery kept the intact prefix up to position {last_index}; replica is RECOVERING");
-            meta.status = ReplicaStatus::Recovering;
-        }
-        let storage = RocksStorage {
+    fn from_open_db(
+        db: DB,
+        dir: &Path,
+        opts: &OpenOptions,
+        meta: ReplicaMeta,
+        last_index: u64,
+    ) -> Self {
+        RocksStorage {
             inner: Arc::new(Inner {
                 db: Arc::new(db),
                 dir: dir.to_path_buf(),
-                sync: opts.sync,
+                fsync_enabled: opts.sync,
                 read_only: opts.read_only,
                 max_record_bytes: opts.max_record_bytes,
-                state: RwLock::new(State {
-                    meta: meta.clone(),
-                    last_index,
-                }),
-                syncs: AtomicU64::new(0),
+                state: RwLock::new(State { meta, last_index }),
+                fsync_count: AtomicU64::new(0),
                 fetch_budget: FetchBudget::new(DEFAULT_FETCH_BUDGET_BYTES),
             }),
-        };
-        if !damage.is_empty() && !opts.read_only {
-            // Persist the repaired view: drop the damaged tail, store the
-            // clamped metadata and RECOVERING, durably, before anyone reads.
-            storage.rewrite_after_recovery(last_index)?;
-            if ident.is_none() {
-                identity::write(
-                    dir,
-                    &ReplicaIdentity {
-                        format_version: meta.format_version,
-                        cluster_id: meta.cluster_id.clone(),
-                        replica_id: meta.replica_id,
-                        created_at_unix_ms: meta.created_at_unix_ms,
-                    },
-                )?;
-            }
         }
-        Ok((storage, RecoveryReport { damage, last_index }))
+    }
+
+    /// Persists the repaired view of a non-strict open: drops the damaged
+    /// tail, stores the clamped metadata and RECOVERING, durably, before
+    /// anyone reads; writes the identity file again if it was lost.
+    fn persist_recovery(&self, last_index: u64, identity_lost: bool) -> Result<()> {
+        self.rewrite_after_recovery(last_index)?;
+        if !identity_lost {
+            return Ok(());
+        }
+        let meta = self.meta();
+        identity::write(
+            &self.inner.dir,
+            &ReplicaIdentity {
+                format_version: meta.format_version,
+                cluster_id: meta.cluster_id.clone(),
+                replica_id: meta.replica_id,
+                created_at_unix_ms: meta.created_at_unix_ms,
+            },
+        )
     }
 
     fn rewrite_after_recovery(&self, last_index: u64) -> Result<()> {
@@ -550,7 +441,6 @@ impl RocksStorage {
         self.inner.db.cf_handle(CF_META).expect("checked at open")
     }
 
-    /// The replica's data directory.
     /// The replica's RocksDB, shared with the state machine on the log
     /// (`replog-state` writes [`CF_STATE`] and [`CF_STAGING`]; nothing else
     /// may write the log's own families).
@@ -558,6 +448,7 @@ impl RocksStorage {
         self.inner.db.clone()
     }
 
+    /// The replica's data directory.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
     }
@@ -570,7 +461,7 @@ impl RocksStorage {
     /// Number of fsyncs since open ([`LogStorage::sync`], and writes with
     /// [`LogUpdate::sync`]).
     pub fn sync_count(&self) -> u64 {
-        self.inner.syncs.load(Ordering::Relaxed)
+        self.inner.fsync_count.load(Ordering::Relaxed)
     }
 
     /// Sets the budget, in bytes per core turn, of the reads for sends to
@@ -661,7 +552,7 @@ impl RocksStorage {
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(position_key(high).to_vec());
         let mut out = Vec::with_capacity(((high - low) as usize).min(1024));
-        let mut approx: u64 = 0;
+        let mut approx_bytes: u64 = 0;
         let iter = self.inner.db.iterator_cf_opt(
             self.log_cf(),
             ro,
@@ -678,7 +569,7 @@ impl RocksStorage {
             }
             let loc = || log_location(&self.inner.dir, idx);
             let e = records::decode_log_entry(idx, &v, self.inner.max_record_bytes, loc)?;
-            approx += (e.data.len() + e.context.len()) as u64;
+            approx_bytes += (e.data.len() + e.context.len()) as u64;
             out.push(e);
             expected += 1;
             if expected >= high {
@@ -687,12 +578,12 @@ impl RocksStorage {
                 break;
             }
             if let Some(max) = max_size {
-                if approx > max {
+                if approx_bytes > max {
                     break;
                 }
             }
         }
-        let stopped_by_size = max_size.is_some_and(|m| approx > m);
+        let stopped_by_size = max_size.is_some_and(|m| approx_bytes > m);
         if !stopped_by_size && expected < high {
             return Err(self.missing(expected));
         }
@@ -727,6 +618,186 @@ impl RocksStorage {
             None => Err(self.missing(index)),
         }
     }
+}
+
+/// Reads the REPLICA-IDENTITY file. Non-strict, a missing or damaged file
+/// is damage: the identity then comes from the metadata record.
+fn read_identity(
+    dir: &Path,
+    strict: bool,
+    damage: &mut Vec<String>,
+) -> Result<Option<ReplicaIdentity>> {
+    match identity::read(dir) {
+        Ok(Some(i)) => Ok(Some(i)),
+        Ok(None) => {
+            if !dir.join("CURRENT").exists() {
+                return Err(StorageError::NotInitialized {
+                    path: dir.to_path_buf(),
+                    reason: "no REPLICA-IDENTITY file".into(),
+                });
+            }
+            if strict {
+                return Err(StorageError::corrupt(
+                    identity::path(dir).display().to_string(),
+                    "file is missing",
+                ));
+            }
+            damage.push(format!(
+                "{} is missing (initialization incomplete or file lost)",
+                identity::path(dir).display()
+            ));
+            Ok(None)
+        }
+        Err(e) if !strict && e.is_corruption() => {
+            damage.push(e.to_string());
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens RocksDB (its own WAL, MANIFEST and block checksums). Always tried
+/// strictly first: a lenient WAL mode on its own would cut the log at a
+/// damaged record without telling anyone, and a replica that silently
+/// forgot acknowledged entries must never stay VOTING. Non-strict, what
+/// RocksDB refuses is damage; it is then opened point-in-time, and
+/// repaired if that fails too.
+fn open_db(dir: &Path, opts: &OpenOptions, damage: &mut Vec<String>) -> Result<DB> {
+    let names = column_families_on_disk(dir);
+    let open_with = |o: &Options| open_db_with(dir, opts.read_only, &names, o);
+    match open_with(&db_options(true)) {
+        Ok(db) => return Ok(db),
+        Err(e) if opts.strict => return Err(rocks_err(dir)(e)),
+        Err(e) => {
+            damage.push(format!("RocksDB refused the data as it is: {e}"));
+            warn!(dir = %dir.display(), error = %e, "strict RocksDB recovery failed; recovering leniently (non-strict)");
+        }
+    }
+    match open_with(&db_options(false)) {
+        Ok(db) => Ok(db),
+        Err(e) if opts.read_only => Err(rocks_err(dir)(e)),
+        Err(e) => {
+            damage.push(format!(
+                "point-in-time recovery failed too ({e}); repaired the database"
+            ));
+            repair_and_open(dir)
+        }
+    }
+}
+
+/// The families a read-only open names: a replica made before the state
+/// families existed opens with them created (read-write) or without them
+/// (read-only).
+fn column_families_on_disk(dir: &Path) -> Vec<String> {
+    match DB::list_cf(&Options::default(), dir) {
+        Ok(found) => [CF_META, CF_LOG, CF_STATE, CF_STAGING]
+            .into_iter()
+            .filter(|n| found.iter().any(|f| f == n))
+            .map(str::to_string)
+            .collect(),
+        Err(_) => vec![CF_META.to_string(), CF_LOG.to_string()],
+    }
+}
+
+fn open_db_with(
+    dir: &Path,
+    read_only: bool,
+    names: &[String],
+    o: &Options,
+) -> std::result::Result<DB, rocksdb::Error> {
+    if read_only {
+        DB::open_cf_for_read_only(o, dir, names, false)
+    } else {
+        let mut o = o.clone();
+        o.create_missing_column_families(true);
+        DB::open_cf_descriptors(&o, dir, cf_descriptors())
+    }
+}
+
+/// Runs RocksDB's repair (it sets aside table files that fail their
+/// checksums) and opens the result point-in-time.
+fn repair_and_open(dir: &Path) -> Result<DB> {
+    DB::repair(&db_options(false), dir).map_err(rocks_err(dir))?;
+    let mut o = db_options(false);
+    o.create_missing_column_families(true);
+    DB::open_cf_descriptors(&o, dir, cf_descriptors()).map_err(rocks_err(dir))
+}
+
+/// Verifies `db`; when RocksDB reported corrupt blocks and the open is
+/// non-strict and writable, repairs the database (the log is then cut at
+/// the gap) and verifies it again.
+fn verify_repairing(
+    db: DB,
+    dir: &Path,
+    ident: Option<&ReplicaIdentity>,
+    opts: &OpenOptions,
+    damage: &mut Vec<String>,
+) -> Result<(DB, Verified)> {
+    let verified = verify(&db, dir, ident, opts)?;
+    if !verified.rocks_corruption || opts.strict || opts.read_only {
+        return Ok((db, verified));
+    }
+    damage.extend(verified.meta_damage);
+    damage.extend(verified.bad.map(|(_, why)| why));
+    damage.push("RocksDB reported corrupt blocks; repaired the database".into());
+    warn!(dir = %dir.display(), "corrupt RocksDB blocks; running repair (non-strict)");
+    drop(db);
+    let db = repair_and_open(dir)?;
+    let verified = verify(&db, dir, ident, opts)?;
+    Ok((db, verified))
+}
+
+/// What open keeps of verified data. Strict, any damage is an error.
+/// Non-strict, the log is cut before its first bad position, the commit
+/// position is clamped to what is left, and a replica with damage of any
+/// kind is RECOVERING. Returns the metadata and the last intact position.
+fn keep_intact_prefix(
+    verified: Verified,
+    dir: &Path,
+    strict: bool,
+    damage: &mut Vec<String>,
+) -> Result<(ReplicaMeta, u64)> {
+    let Verified {
+        mut meta,
+        last_index,
+        bad,
+        meta_damage,
+        ..
+    } = verified;
+    damage.extend(meta_damage);
+    if let Some((from, why)) = bad {
+        if strict {
+            return Err(StorageError::corrupt(log_location(dir, from), why));
+        }
+        damage.push(format!("{why}; dropped the log from position {from} on"));
+    }
+    if meta.hard_state.commit > last_index {
+        let why = format!(
+            "commit position {} is beyond the last intact position {last_index}: committed entries are missing",
+            meta.hard_state.commit
+        );
+        if strict {
+            return Err(StorageError::corrupt(
+                log_location(dir, last_index + 1),
+                why,
+            ));
+        }
+        damage.push(why);
+        meta.hard_state.commit = last_index;
+    }
+    meta.applied_index = meta.applied_index.min(meta.hard_state.commit);
+    if !damage.is_empty() {
+        warn!(dir = %dir.display(), ?damage, "non-strict recovery kept the intact prefix up to position {last_index}; replica is RECOVERING");
+        meta.status = ReplicaStatus::Recovering;
+    }
+    assert!(
+        meta.snapshot_index <= last_index && meta.hard_state.commit <= last_index,
+        "open keeps a log from the compaction point {} to the commit position {} or past it, \
+         not to {last_index}",
+        meta.snapshot_index,
+        meta.hard_state.commit
+    );
+    Ok((meta, last_index))
 }
 
 fn check_identity(
@@ -774,27 +845,56 @@ fn verify(
     ident: Option<&ReplicaIdentity>,
     opts: &OpenOptions,
 ) -> Result<Verified> {
-    let mut meta_damage = None;
-    let mut rocks_corruption = false;
     // 3. The metadata record.
+    let read = read_meta(db, dir, ident, opts)?;
+    // 4. Every log record: checksum, decoding, contiguity, terms.
+    let scan = scan_log(db, dir, &read.meta, opts.max_record_bytes)?;
+    Ok(Verified {
+        meta: read.meta,
+        last_index: scan.last_index,
+        bad: scan.bad,
+        meta_damage: read.damage,
+        rocks_corruption: read.rocks_corruption || scan.rocks_corruption,
+    })
+}
+
+/// What reading the metadata record found.
+struct MetaRead {
+    meta: ReplicaMeta,
+    /// The record was unreadable (non-strict: rebuilt from the identity).
+    damage: Option<String>,
+    /// RocksDB itself failed to read it.
+    rocks_corruption: bool,
+}
+
+/// Reads the metadata record and checks it against the identity file and
+/// `opts`. Non-strict, an unreadable record is rebuilt from the identity
+/// file (RECOVERING, no log); with neither, the replica is lost.
+fn read_meta(
+    db: &DB,
+    dir: &Path,
+    ident: Option<&ReplicaIdentity>,
+    opts: &OpenOptions,
+) -> Result<MetaRead> {
     let meta_loc = meta_location(dir);
-    let meta_read = {
-        let cf = db.cf_handle(CF_META).ok_or_else(|| {
-            StorageError::corrupt(dir.display().to_string(), "column family 'meta' is missing")
-        })?;
-        match db.get_pinned_cf(cf, META_KEY) {
-            Ok(Some(v)) => records::decode_meta(&v, || meta_loc.clone()),
-            Ok(None) => Err(StorageError::corrupt(
-                meta_loc.clone(),
-                "metadata record is missing",
-            )),
-            Err(e) => Err(rocks_err(dir)(e)),
-        }
+    let cf = db.cf_handle(CF_META).ok_or_else(|| {
+        StorageError::corrupt(dir.display().to_string(), "column family 'meta' is missing")
+    })?;
+    let read = match db.get_pinned_cf(cf, META_KEY) {
+        Ok(Some(v)) => records::decode_meta(&v, || meta_loc.clone()),
+        Ok(None) => Err(StorageError::corrupt(
+            meta_loc.clone(),
+            "metadata record is missing",
+        )),
+        Err(e) => Err(rocks_err(dir)(e)),
     };
-    let meta = match meta_read {
-        Ok(m) => m,
+    let read = match read {
+        Ok(meta) => MetaRead {
+            meta,
+            damage: None,
+            rocks_corruption: false,
+        },
         Err(e) if !opts.strict => {
-            rocks_corruption |= matches!(e, StorageError::Rocks { .. });
             let Some(i) = ident else {
                 return Err(StorageError::corrupt(
                     dir.display().to_string(),
@@ -805,25 +905,15 @@ fn verify(
                     ),
                 ));
             };
-            meta_damage = Some(e.to_string());
-            ReplicaMeta {
-                format_version: i.format_version,
-                cluster_id: i.cluster_id.clone(),
-                replica_id: i.replica_id,
-                status: ReplicaStatus::Recovering,
-                hard_state: HardState::default(),
-                conf_state: ConfState::default(),
-                snapshot_index: 0,
-                snapshot_term: 0,
-                applied_index: 0,
-                members: Vec::new(),
-                created_at_unix_ms: i.created_at_unix_ms,
-                snapshot_conf_state: ConfState::default(),
-                conf_history: Vec::new(),
+            MetaRead {
+                meta: meta_from_identity(i),
+                damage: Some(e.to_string()),
+                rocks_corruption: matches!(e, StorageError::Rocks { .. }),
             }
         }
         Err(e) => return Err(e),
     };
+    let meta = &read.meta;
     check_identity(dir, meta.format_version, &meta.cluster_id, opts)?;
     if let Some(i) = ident {
         if i.cluster_id != meta.cluster_id || i.replica_id != meta.replica_id {
@@ -836,77 +926,122 @@ fn verify(
             ));
         }
     }
+    Ok(read)
+}
 
-    // 4. Every log record: checksum, decoding, contiguity, terms.
-    let mut last_index = meta.snapshot_index;
-    let mut bad: Option<(u64, String)> = None;
-    {
-        let cf = db.cf_handle(CF_LOG).ok_or_else(|| {
-            StorageError::corrupt(dir.display().to_string(), "column family 'log' is missing")
-        })?;
-        let mut prev_term = meta.snapshot_term;
-        let mut expected = meta.snapshot_index + 1;
-        for item in db.iterator_cf(cf, IteratorMode::Start) {
-            let (k, v) = match item {
-                Ok(kv) => kv,
-                Err(e) => {
-                    rocks_corruption = true;
-                    bad = Some((expected, format!("{}: {e}", log_location(dir, expected))));
-                    break;
-                }
-            };
-            let Some(idx) = key_position(&k) else {
-                bad = Some((
-                    expected,
-                    format!("{}: malformed key {:?}", log_location(dir, expected), k),
-                ));
-                break;
-            };
-            if idx != expected {
-                let why = if idx < expected {
-                    format!(
-                        "entry {idx} is at or before the compaction point {}",
-                        meta.snapshot_index
-                    )
-                } else {
-                    format!("gap: position {expected} is missing, next present is {idx}")
-                };
-                bad = Some((expected, format!("{}: {why}", log_location(dir, expected))));
-                break;
+/// The metadata of a replica whose record was lost: who it is, RECOVERING,
+/// no log and no membership.
+fn meta_from_identity(i: &ReplicaIdentity) -> ReplicaMeta {
+    ReplicaMeta {
+        format_version: i.format_version,
+        cluster_id: i.cluster_id.clone(),
+        replica_id: i.replica_id,
+        status: ReplicaStatus::Recovering,
+        hard_state: HardState::default(),
+        conf_state: ConfState::default(),
+        snapshot_index: 0,
+        snapshot_term: 0,
+        applied_index: 0,
+        members: Vec::new(),
+        created_at_unix_ms: i.created_at_unix_ms,
+        snapshot_conf_state: ConfState::default(),
+        conf_history: Vec::new(),
+    }
+}
+
+/// What scanning the log found.
+struct LogScan {
+    /// Last position of the intact prefix.
+    last_index: u64,
+    /// First bad position and why.
+    bad: Option<(u64, String)>,
+    /// RocksDB itself failed to read a record.
+    rocks_corruption: bool,
+}
+
+/// Checks every log record after the compaction point in position order,
+/// up to the first bad one.
+fn scan_log(db: &DB, dir: &Path, meta: &ReplicaMeta, max_record_bytes: usize) -> Result<LogScan> {
+    let cf = db.cf_handle(CF_LOG).ok_or_else(|| {
+        StorageError::corrupt(dir.display().to_string(), "column family 'log' is missing")
+    })?;
+    let mut scan = LogScan {
+        last_index: meta.snapshot_index,
+        bad: None,
+        rocks_corruption: false,
+    };
+    let mut prev_term = meta.snapshot_term;
+    for item in db.iterator_cf(cf, IteratorMode::Start) {
+        let expected = scan.last_index + 1;
+        let checked = match item {
+            Ok((key, value)) => check_log_record(
+                dir,
+                &key,
+                &value,
+                expected,
+                meta.snapshot_index,
+                prev_term,
+                max_record_bytes,
+            ),
+            Err(e) => {
+                scan.rocks_corruption = true;
+                Err((expected, format!("{}: {e}", log_location(dir, expected))))
             }
-            let loc = || log_location(dir, idx);
-            let checked = records::decode_log_entry(idx, &v, opts.max_record_bytes, loc);
-            match checked {
-                Ok(e) if e.term < prev_term => {
-                    bad = Some((
-                        idx,
-                        format!(
-                            "{}: term {} is below the previous term {prev_term}",
-                            loc(),
-                            e.term
-                        ),
-                    ));
-                    break;
-                }
-                Ok(e) => {
-                    prev_term = e.term;
-                    last_index = idx;
-                    expected += 1;
-                }
-                Err(e) => {
-                    bad = Some((idx, e.to_string()));
-                    break;
-                }
+        };
+        match checked {
+            Ok(term) => {
+                prev_term = term;
+                scan.last_index = expected;
+            }
+            Err(bad) => {
+                scan.bad = Some(bad);
+                break;
             }
         }
     }
-    Ok(Verified {
-        meta,
-        last_index,
-        bad,
-        meta_damage,
-        rocks_corruption,
-    })
+    Ok(scan)
+}
+
+/// Checks the log record that should be at position `expected`: its key,
+/// frame, decoding and term (never below `prev_term`). Returns its term,
+/// or the bad position and why.
+fn check_log_record(
+    dir: &Path,
+    key: &[u8],
+    value: &[u8],
+    expected: u64,
+    snapshot_index: u64,
+    prev_term: u64,
+    max_record_bytes: usize,
+) -> std::result::Result<u64, (u64, String)> {
+    let Some(idx) = key_position(key) else {
+        return Err((
+            expected,
+            format!("{}: malformed key {:?}", log_location(dir, expected), key),
+        ));
+    };
+    if idx != expected {
+        let why = if idx < expected {
+            format!("entry {idx} is at or before the compaction point {snapshot_index}")
+        } else {
+            format!("gap: position {expected} is missing, next present is {idx}")
+        };
+        return Err((expected, format!("{}: {why}", log_location(dir, expected))));
+    }
+    let loc = || log_location(dir, idx);
+    let entry = records::decode_log_entry(idx, value, max_record_bytes, loc)
+        .map_err(|e| (idx, e.to_string()))?;
+    if entry.term < prev_term {
+        return Err((
+            idx,
+            format!(
+                "{}: term {} is below the previous term {prev_term}",
+                loc(),
+                entry.term
+            ),
+        ));
+    }
+    Ok(entry.term)
 }
 
 impl raft::Storage for RocksStorage {
@@ -975,6 +1110,177 @@ impl raft::Storage for RocksStorage {
     }
 }
 
+/// The steps of [`LogStorage::write`], each on the metadata and last
+/// position the batch will leave (`next`), so that a refused update
+/// changes nothing.
+impl RocksStorage {
+    /// Installs the update's snapshot mark, if any: every entry is removed
+    /// and the log continues after the mark.
+    fn stage_snapshot(
+        &self,
+        u: &LogUpdate,
+        next: &mut State,
+        batch: &mut WriteBatch,
+    ) -> Result<()> {
+        let Some((index, term)) = u.snapshot else {
+            return Ok(());
+        };
+        let meta = &mut next.meta;
+        if index < meta.snapshot_index {
+            return Err(StorageError::Invalid(format!(
+                "snapshot at {index} is older than the current one at {}",
+                meta.snapshot_index
+            )));
+        }
+        batch.delete_range_cf(self.log_cf(), position_key(0), position_key(u64::MAX));
+        meta.snapshot_index = index;
+        meta.snapshot_term = term;
+        meta.hard_state.commit = meta.hard_state.commit.max(index);
+        meta.hard_state.term = meta.hard_state.term.max(term);
+        meta.applied_index = meta.applied_index.max(index);
+        let cs = u
+            .conf_state
+            .clone()
+            .unwrap_or_else(|| meta.conf_state.clone());
+        meta.install_snapshot_conf(cs);
+        next.last_index = index;
+        Ok(())
+    }
+
+    /// Appends `entries`, removing the tail they overwrite. They must be
+    /// contiguous, after the compaction point, and leave no gap.
+    fn stage_entries(
+        &self,
+        entries: &[Entry],
+        next: &mut State,
+        batch: &mut WriteBatch,
+    ) -> Result<()> {
+        let (Some(first), Some(end)) = (entries.first(), entries.last()) else {
+            return Ok(());
+        };
+        let (first, end) = (first.index, end.index);
+        let (snapshot_index, last) = (next.meta.snapshot_index, next.last_index);
+        if first <= snapshot_index {
+            return Err(StorageError::Invalid(format!(
+                "append at {first} is at or before the compaction point {snapshot_index}"
+            )));
+        }
+        if first > last + 1 {
+            return Err(StorageError::Invalid(format!(
+                "append at {first} leaves a gap after the last position {last}"
+            )));
+        }
+        if entries
+            .iter()
+            .zip(first..)
+            .any(|(e, index)| e.index != index)
+        {
+            return Err(StorageError::Invalid(
+                "appended entries are not contiguous".into(),
+            ));
+        }
+        let log = self.log_cf();
+        if first <= last {
+            batch.delete_range_cf(log, position_key(first), position_key(last + 1));
+        }
+        for e in entries {
+            let framed = records::encode_log_entry(e);
+            if framed.len() > self.inner.max_record_bytes {
+                return Err(StorageError::TooLarge {
+                    what: "log entry",
+                    size: framed.len() as u64,
+                    limit: self.inner.max_record_bytes as u64,
+                });
+            }
+            batch.put_cf(log, position_key(e.index), framed);
+        }
+        next.last_index = end;
+        Ok(())
+    }
+
+    /// Removes every entry before `to` and moves the compaction point to
+    /// `to - 1`; a no-op when `to` is at or before the first position.
+    /// `appended` are the entries of the same update (not in RocksDB yet).
+    fn stage_compaction(
+        &self,
+        to: u64,
+        appended: &[Entry],
+        next: &mut State,
+        batch: &mut WriteBatch,
+    ) -> Result<()> {
+        let (meta, last) = (&mut next.meta, next.last_index);
+        if to <= meta.snapshot_index + 1 {
+            return Ok(());
+        }
+        if to > last + 1 {
+            return Err(StorageError::Invalid(format!(
+                "cannot compact to {to}: the last position is {last}"
+            )));
+        }
+        let mark = to - 1;
+        // Not entry_term(): it takes the state lock we hold.
+        let term = match appended.iter().find(|e| e.index == mark) {
+            Some(e) => e.term,
+            None => {
+                self.read_entry(mark)?
+                    .ok_or_else(|| {
+                        StorageError::corrupt(
+                            log_location(&self.inner.dir, mark),
+                            "entry is missing",
+                        )
+                    })?
+                    .term
+            }
+        };
+        batch.delete_range_cf(
+            self.log_cf(),
+            position_key(meta.snapshot_index + 1),
+            position_key(to),
+        );
+        meta.snapshot_index = mark;
+        meta.snapshot_term = term;
+        meta.compact_conf_to(mark);
+        Ok(())
+    }
+
+    /// Writes `batch`, with an fsync of the WAL when `sync` is asked for
+    /// and durability is on (RocksDB's WAL is one file written in order:
+    /// the fsync covers every write before this one too).
+    fn write_batch(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        let inner = &self.inner;
+        let synced = sync && inner.fsync_enabled && !inner.read_only;
+        let mut wo = WriteOptions::default();
+        wo.set_sync(synced);
+        inner
+            .db
+            .write_opt(batch, &wo)
+            .map_err(rocks_err(&inner.dir))?;
+        if synced {
+            inner.fsync_count.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// The fields of an update that need no check: the hard state, a
+/// membership without a snapshot, addresses, the applied position, the
+/// status.
+fn record_unchecked_fields(meta: &mut ReplicaMeta, u: LogUpdate) {
+    if let Some(hs) = u.hard_state {
+        meta.hard_state = hs;
+    }
+    if let (Some(cs), None) = (u.conf_state, u.snapshot) {
+        meta.conf_state = cs;
+    }
+    meta.record_addresses(&u.member_addresses);
+    if let Some(a) = u.applied {
+        meta.applied_index = a;
+    }
+    if let Some(s) = u.status {
+        meta.status = s;
+    }
+}
+
 impl LogStorage for RocksStorage {
     fn write(&self, u: LogUpdate) -> Result<()> {
         let inner = &self.inner;
@@ -984,139 +1290,37 @@ impl LogStorage for RocksStorage {
         if u.is_empty() {
             return if u.sync { self.sync() } else { Ok(()) };
         }
-        let u_sync = u.sync;
         // Holding the write lock keeps readers' view (first/last index)
         // in step with what the batch makes visible.
         let mut st = inner.state.write();
-        let mut meta = st.meta.clone();
-        let mut last = st.last_index;
+        let mut next = State {
+            meta: st.meta.clone(),
+            last_index: st.last_index,
+        };
         let mut batch = WriteBatch::default();
-        let log = self.log_cf();
-
-        if let Some((index, term)) = u.snapshot {
-            if index < meta.snapshot_index {
-                return Err(StorageError::Invalid(format!(
-                    "snapshot at {index} is older than the current one at {}",
-                    meta.snapshot_index
-                )));
-            }
-            batch.delete_range_cf(log, position_key(0), position_key(u64::MAX));
-            meta.snapshot_index = index;
-            meta.snapshot_term = term;
-            meta.hard_state.commit = meta.hard_state.commit.max(index);
-            meta.hard_state.term = meta.hard_state.term.max(term);
-            meta.applied_index = meta.applied_index.max(index);
-            let cs = u
-                .conf_state
-                .clone()
-                .unwrap_or_else(|| meta.conf_state.clone());
-            meta.install_snapshot_conf(cs);
-            last = index;
-        }
-
-        if let (Some(first), Some(end)) = (u.entries.first(), u.entries.last()) {
-            let (first, end) = (first.index, end.index);
-            if first <= meta.snapshot_index {
-                return Err(StorageError::Invalid(format!(
-                    "append at {first} is at or before the compaction point {}",
-                    meta.snapshot_index
-                )));
-            }
-            if first > last + 1 {
-                return Err(StorageError::Invalid(format!(
-                    "append at {first} leaves a gap after the last position {last}"
-                )));
-            }
-            if end + 1 - first != u.entries.len() as u64 {
-                return Err(StorageError::Invalid(
-                    "appended entries are not contiguous".into(),
-                ));
-            }
-            if first <= last {
-                batch.delete_range_cf(log, position_key(first), position_key(last + 1));
-            }
-            for e in &u.entries {
-                let key = position_key(e.index);
-                let framed = records::encode_log_entry(e);
-                if framed.len() > inner.max_record_bytes {
-                    return Err(StorageError::TooLarge {
-                        what: "log entry",
-                        size: framed.len() as u64,
-                        limit: inner.max_record_bytes as u64,
-                    });
-                }
-                batch.put_cf(log, key, framed);
-            }
-            last = end;
-        }
-
-        check_conf_changes(&u, meta.snapshot_index)?;
-        meta.record_conf_changes(&u.conf_changes);
+        self.stage_snapshot(&u, &mut next, &mut batch)?;
+        self.stage_entries(&u.entries, &mut next, &mut batch)?;
+        check_conf_changes(&u, next.meta.snapshot_index)?;
+        next.meta.record_conf_changes(&u.conf_changes);
         if let Some(to) = u.compact_to {
-            if to > meta.snapshot_index + 1 {
-                if to > last + 1 {
-                    return Err(StorageError::Invalid(format!(
-                        "cannot compact to {to}: the last position is {last}"
-                    )));
-                }
-                let mark = to - 1;
-                // Not entry_term(): it takes the state lock we hold.
-                let term = match u.entries.iter().find(|e| e.index == mark) {
-                    Some(e) => e.term,
-                    None => {
-                        self.read_entry(mark)?
-                            .ok_or_else(|| {
-                                StorageError::corrupt(
-                                    log_location(&inner.dir, mark),
-                                    "entry is missing",
-                                )
-                            })?
-                            .term
-                    }
-                };
-                batch.delete_range_cf(log, position_key(meta.snapshot_index + 1), position_key(to));
-                meta.snapshot_index = mark;
-                meta.snapshot_term = term;
-                meta.compact_conf_to(mark);
-            }
+            self.stage_compaction(to, &u.entries, &mut next, &mut batch)?;
         }
-        if let Some(hs) = u.hard_state {
-            meta.hard_state = hs;
-        }
-        if let (Some(cs), None) = (u.conf_state, u.snapshot) {
-            meta.conf_state = cs;
-        }
-        meta.record_addresses(&u.member_addresses);
-        if let Some(a) = u.applied {
-            meta.applied_index = a;
-        }
-        if let Some(s) = u.status {
-            meta.status = s;
-        }
-        debug_assert!(meta.snapshot_index <= last);
-        batch.put_cf(self.meta_cf(), META_KEY, records::encode_meta(&meta));
-        let mut wo = WriteOptions::default();
-        let synced = u_sync && inner.sync && !inner.read_only;
-        wo.set_sync(synced);
-        inner
-            .db
-            .write_opt(batch, &wo)
-            .map_err(rocks_err(&inner.dir))?;
-        if synced {
-            inner.syncs.fetch_add(1, Ordering::Relaxed);
-        }
-        st.meta = meta;
-        st.last_index = last;
+        let (installed, sync) = (u.snapshot.map(|(index, _)| index), u.sync);
+        record_unchecked_fields(&mut next.meta, u);
+        assert_write_keeps_invariants(&st.meta, &next.meta, next.last_index, installed);
+        batch.put_cf(self.meta_cf(), META_KEY, records::encode_meta(&next.meta));
+        self.write_batch(batch, sync)?;
+        *st = next;
         Ok(())
     }
 
     fn sync(&self) -> Result<()> {
-        if self.inner.sync && !self.inner.read_only {
+        if self.inner.fsync_enabled && !self.inner.read_only {
             self.inner
                 .db
                 .flush_wal(true)
                 .map_err(rocks_err(&self.inner.dir))?;
-            self.inner.syncs.fetch_add(1, Ordering::Relaxed);
+            self.inner.fsync_count.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
