@@ -1,16 +1,17 @@
 //! The send side: one task per peer that owns the peer's queue, connects,
 //! streams the queue into a `ReplicaTransport/Stream` call and reconnects
 //! with exponential backoff.
+use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use replog_proto::replica::replica_transport_client::ReplicaTransportClient;
-use replog_proto::replica::Envelope;
+use replog_proto::replica::{Envelope, StreamSummary};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 use tracing::{debug, error, info, warn};
 
@@ -136,35 +137,9 @@ impl PeerTask {
         pending: &mut Option<Envelope>,
         logged: &mut Option<String>,
     ) -> Attempt {
-        let failed = |error: String| Attempt::Failed {
-            error,
-            refused: false,
-            established: false,
-        };
-        let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
-            Ok(e) => e,
-            Err(e) => return failed(format!("invalid address '{addr}': {}", chain(&e))),
-        };
-        let endpoint = endpoint
-            .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
-        let connect = tokio::time::timeout(self.connect_timeout, endpoint.connect());
-        let channel = tokio::select! {
-            biased;
-            _ = wait_closed(&mut self.closed) => return Attempt::Stop,
-            changed = self.addr.changed() => {
-                return if changed.is_err() { Attempt::Stop } else { Attempt::AddrChanged };
-            }
-            r = connect => match r {
-                Ok(Ok(channel)) => channel,
-                Ok(Err(e)) => return failed(format!("cannot connect: {}", chain(&e))),
-                Err(_) => {
-                    return failed(format!("cannot connect: timed out after {:?}", self.connect_timeout))
-                }
-            },
+        let channel = match self.connect(addr).await {
+            Ok(channel) => channel,
+            Err(ended) => return ended,
         };
         let mut client = ReplicaTransportClient::new(channel)
             .max_encoding_message_size(self.max_message_bytes)
@@ -174,18 +149,65 @@ impl PeerTask {
         // tonic encodes it into one DATA frame (h2 receivers limit how many
         // small frames they buffer: see `server_builder`).
         let (tx, rx) = mpsc::channel::<Envelope>(STREAM_BUFFER);
+        let call = client.stream(self.stream_request(rx));
+        self.stream_until_ended(call, &tx, addr, pending, logged)
+            .await
+    }
+
+    /// Opens a channel to `addr` within the connect timeout; `Err` is how
+    /// the attempt ended instead (failed, stopped, or the address changed).
+    async fn connect(&mut self, addr: &str) -> Result<Channel, Attempt> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| failed(format!("invalid address '{addr}': {}", chain(&e))))?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        let connect = tokio::time::timeout(self.connect_timeout, endpoint.connect());
+        tokio::select! {
+            biased;
+            _ = wait_closed(&mut self.closed) => Err(Attempt::Stop),
+            changed = self.addr.changed() => {
+                Err(if changed.is_err() { Attempt::Stop } else { Attempt::AddrChanged })
+            }
+            r = connect => match r {
+                Ok(Ok(channel)) => Ok(channel),
+                Ok(Err(e)) => Err(failed(format!("cannot connect: {}", chain(&e)))),
+                Err(_) => Err(failed(format!(
+                    "cannot connect: timed out after {:?}",
+                    self.connect_timeout
+                ))),
+            },
+        }
+    }
+
+    /// The `Stream` call's request: the envelopes of `rx`, with the
+    /// identity headers.
+    fn stream_request(
+        &self,
+        rx: mpsc::Receiver<Envelope>,
+    ) -> tonic::Request<ReceiverStream<Envelope>> {
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         let md = request.metadata_mut();
-        match MetadataValue::try_from(self.cluster_id.as_str()) {
-            Ok(v) => {
-                md.insert(HEADER_CLUSTER_ID, v);
-            }
-            // Checked by Transport::new; kept as an error, not a panic.
-            Err(_) => return failed("cluster id is not a valid header value".into()),
-        }
+        let cluster_id = MetadataValue::try_from(self.cluster_id.as_str())
+            .expect("Transport::with_runtime refuses a cluster id that is no header value");
+        md.insert(HEADER_CLUSTER_ID, cluster_id);
         md.insert(HEADER_FROM, MetadataValue::from(self.replica_id));
         md.insert(HEADER_TO, MetadataValue::from(self.id));
-        let call = client.stream(request);
+        request
+    }
+
+    /// Feeds the queue into the open `call` (through `tx`) until it ends,
+    /// the peer is removed, its address changes or the transport closes.
+    async fn stream_until_ended(
+        &mut self,
+        call: impl Future<Output = Result<tonic::Response<StreamSummary>, tonic::Status>>,
+        tx: &mpsc::Sender<Envelope>,
+        addr: &str,
+        pending: &mut Option<Envelope>,
+        logged: &mut Option<String>,
+    ) -> Attempt {
         tokio::pin!(call);
         let settle = tokio::time::sleep(SETTLE);
         tokio::pin!(settle);
@@ -202,52 +224,14 @@ impl PeerTask {
                 }
                 result = &mut call => {
                     self.state.set_connected(false);
-                    return match result {
-                        Ok(summary) => {
-                            debug!(peer = self.id, accepted = summary.get_ref().accepted, "stream to peer {} ended after {:?}", self.id, opened.elapsed());
-                            Attempt::Failed { error: "the peer ended the stream".into(), refused: false, established }
-                        }
-                        Err(status) => {
-                            let refused = matches!(status.code(), Code::PermissionDenied | Code::InvalidArgument);
-                            if refused {
-                                self.state.on_refused();
-                            }
-                            let error = if refused {
-                                format!("refused ({:?}): {}", status.code(), status.message())
-                            } else {
-                                format!("stream failed ({:?}): {}", status.code(), status.message())
-                            };
-                            Attempt::Failed { error, refused, established }
-                        }
-                    };
+                    return self.call_ended(result, established, opened);
                 }
                 _ = &mut settle, if !established => {
                     established = true;
-                    self.state.set_connected(true);
-                    self.state.set_error(None);
-                    if let Some(previous) = logged.take() {
-                        info!(peer = self.id, %addr, "connected to peer {} at {addr} (previous error: {previous})", self.id);
-                    } else {
-                        info!(peer = self.id, %addr, "connected to peer {} at {addr}", self.id);
-                    }
+                    self.on_established(addr, logged);
                 }
                 permit = tx.reserve(), if pending.is_some() && !request_closed => match permit {
-                    Ok(permit) => {
-                        if let Some(env) = pending.take() {
-                            permit.send(env);
-                            self.state.on_sent();
-                        }
-                        // Move the rest of a burst without waiting.
-                        while let Ok(permit) = tx.try_reserve() {
-                            match self.queue.try_recv() {
-                                Ok(env) => {
-                                    permit.send(env);
-                                    self.state.on_sent();
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                    }
+                    Ok(permit) => self.send_burst(permit, tx, pending),
                     // The call dropped its request stream: it is ending;
                     // its result comes next.
                     Err(_) => request_closed = true,
@@ -258,6 +242,92 @@ impl PeerTask {
                 },
             }
         }
+    }
+
+    /// How the attempt ended when its call returned `result`.
+    fn call_ended(
+        &self,
+        result: Result<tonic::Response<StreamSummary>, tonic::Status>,
+        established: bool,
+        opened: Instant,
+    ) -> Attempt {
+        let status = match result {
+            Ok(summary) => {
+                debug!(
+                    peer = self.id,
+                    accepted = summary.get_ref().accepted,
+                    "stream to peer {} ended after {:?}",
+                    self.id,
+                    opened.elapsed()
+                );
+                return Attempt::Failed {
+                    error: "the peer ended the stream".into(),
+                    refused: false,
+                    established,
+                };
+            }
+            Err(status) => status,
+        };
+        let refused = matches!(
+            status.code(),
+            Code::PermissionDenied | Code::InvalidArgument
+        );
+        if refused {
+            self.state.on_refused();
+        }
+        let error = if refused {
+            format!("refused ({:?}): {}", status.code(), status.message())
+        } else {
+            format!("stream failed ({:?}): {}", status.code(), status.message())
+        };
+        Attempt::Failed {
+            error,
+            refused,
+            established,
+        }
+    }
+
+    /// The stream stayed open for [`SETTLE`]: the peer is connected.
+    fn on_established(&self, addr: &str, logged: &mut Option<String>) {
+        self.state.set_connected(true);
+        self.state.set_error(None);
+        if let Some(previous) = logged.take() {
+            info!(peer = self.id, %addr, "connected to peer {} at {addr} (previous error: {previous})", self.id);
+        } else {
+            info!(peer = self.id, %addr, "connected to peer {} at {addr}", self.id);
+        }
+    }
+
+    /// Sends the envelope in hand with `permit`, then moves the rest of a
+    /// burst from the queue into the stream without waiting.
+    fn send_burst(
+        &mut self,
+        permit: mpsc::Permit<'_, Envelope>,
+        tx: &mpsc::Sender<Envelope>,
+        pending: &mut Option<Envelope>,
+    ) {
+        if let Some(env) = pending.take() {
+            permit.send(env);
+            self.state.on_sent();
+        }
+        while let Ok(permit) = tx.try_reserve() {
+            match self.queue.try_recv() {
+                Ok(env) => {
+                    permit.send(env);
+                    self.state.on_sent();
+                }
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// An attempt that failed before any stream was established.
+fn failed(error: String) -> Attempt {
+    Attempt::Failed {
+        error,
+        refused: false,
+        established: false,
     }
 }
 

@@ -137,7 +137,7 @@ pub(crate) struct Shared {
     peers: Mutex<HashMap<u64, Peer>>,
     /// Counters by replica id, for both directions (inbound streams may come
     /// from replicas that are not, or not yet, configured peers).
-    states: Mutex<HashMap<u64, Arc<PeerState>>>,
+    peer_states: Mutex<HashMap<u64, Arc<PeerState>>>,
     /// True once the transport is closed.
     pub(crate) closed: watch::Sender<bool>,
 }
@@ -153,7 +153,7 @@ struct Peer {
 
 impl Shared {
     pub(crate) fn peer_state(&self, id: u64) -> Arc<PeerState> {
-        self.states
+        self.peer_states
             .lock()
             .entry(id)
             .or_insert_with(|| PeerState::new(id, &self.metrics))
@@ -252,7 +252,7 @@ impl Transport {
             inbound,
             metrics,
             peers: Mutex::new(HashMap::new()),
-            states: Mutex::new(HashMap::new()),
+            peer_states: Mutex::new(HashMap::new()),
             closed: watch::Sender::new(false),
         });
         {
@@ -367,14 +367,14 @@ impl Transport {
             });
         }
         let to = env.to;
-        let size = env.encoded_len();
+        let encoded_bytes = env.encoded_len();
         let mut peers = s.peers.lock();
         let peer = peers.get_mut(&to).ok_or(TransportError::UnknownPeer(to))?;
-        if size > s.max_message_bytes {
+        if encoded_bytes > s.max_message_bytes {
             peer.state.on_dropped(DropReason::TooLarge);
             return Err(TransportError::MessageTooLarge {
                 to,
-                size,
+                size: encoded_bytes,
                 limit: s.max_message_bytes,
             });
         }
