@@ -55,9 +55,11 @@ impl StateEvent {
 }
 
 struct Ring {
+    /// The changes of each position that had any, in position order.
     batches: VecDeque<(u64, Arc<[Change]>)>,
-    changes: usize,
-    capacity: usize,
+    /// Changes in `batches`: at most `max_changes`, the oldest go first.
+    change_count: usize,
+    max_changes: usize,
     /// The ring holds every change of the positions in `(floor, latest]`.
     floor: u64,
     latest: u64,
@@ -71,13 +73,13 @@ pub(crate) struct Feed {
 }
 
 impl Feed {
-    pub(crate) fn new(applied: u64, capacity: usize, broadcast_capacity: usize) -> Self {
+    pub(crate) fn new(applied: u64, max_changes: usize, broadcast_capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(broadcast_capacity.max(1));
         Feed {
             ring: Mutex::new(Ring {
                 batches: VecDeque::new(),
-                changes: 0,
-                capacity,
+                change_count: 0,
+                max_changes,
                 floor: applied,
                 latest: applied,
                 epoch: 0,
@@ -90,18 +92,23 @@ impl Feed {
     /// subscribers.
     pub(crate) fn publish(&self, position: u64, changes: Vec<Change>) {
         let mut ring = self.ring.lock();
+        assert!(
+            position > ring.latest,
+            "changes of position {position} published after those of {}",
+            ring.latest
+        );
         ring.latest = position;
         if changes.is_empty() {
             return;
         }
         let changes: Arc<[Change]> = changes.into();
-        ring.changes += changes.len();
+        ring.change_count += changes.len();
         ring.batches.push_back((position, changes.clone()));
-        while ring.changes > ring.capacity {
+        while ring.change_count > ring.max_changes {
             let Some((p, c)) = ring.batches.pop_front() else {
                 break;
             };
-            ring.changes -= c.len();
+            ring.change_count -= c.len();
             ring.floor = p;
         }
         // No subscriber is not an error.
@@ -112,7 +119,7 @@ impl Feed {
     pub(crate) fn reset(&self, position: u64) {
         let mut ring = self.ring.lock();
         ring.batches.clear();
-        ring.changes = 0;
+        ring.change_count = 0;
         ring.floor = position;
         ring.latest = position;
         ring.epoch += 1;

@@ -54,7 +54,10 @@
 //!   generation whole.
 //! - One [`StateStore::apply`] is one write batch: entities, index entries
 //!   and the applied position, so a position is applied exactly once and
-//!   indexes never disagree with entities.
+//!   indexes never disagree with entities. [`StateStore::apply`] and
+//!   [`StateStore::skip_to`] move the applied position forward only
+//!   (asserted), one batch at a time; only [`StateStore::replace_all`]
+//!   sets it to the position it is given.
 //! - Index entries are exactly those the current tasks call for (old
 //!   entries of a changed or removed task are deleted in the same batch);
 //!   [`StateStore::verify`] checks this both ways.

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use prost::Message;
 use replog_proto::state::{
-    entity, op, Agent, AgentState, CronJob, Entity, HostAttributes, HostMaintenanceRequest, JobKey,
-    JobUpdateDetails, JobUpdateKey, Quota, ScheduleStatus, ScheduledTask, SchedulerMetadata,
-    Transaction,
+    entity, op, AdmitAgent, Agent, AgentState, CronJob, Entity, HostAttributes,
+    HostMaintenanceRequest, JobKey, JobUpdate, JobUpdateDetails, JobUpdateKey, Quota, RemoveAgent,
+    SaveJobInstanceUpdateEvent, SaveJobUpdateEvent, ScheduleStatus, ScheduledTask,
+    SchedulerMetadata, Transaction,
 };
 use replog_storage::{frame, StorageError, CF_STATE};
 use rocksdb::{
@@ -366,6 +367,7 @@ impl<'a> Stage<'a> {
         Ok(())
     }
 
+    /// Stages op `index` of the transaction.
     fn run(&mut self, index: usize, o: &op::Op) -> Result<()> {
         use entity::Entity as E;
         use op::Op;
@@ -374,131 +376,153 @@ impl<'a> Stage<'a> {
                 for t in &s.tasks {
                     self.set(EntityKey::Task(t.task_id.clone()), Some(E::Task(t.clone())))?;
                 }
+                Ok(())
             }
             Op::RemoveTasks(r) => {
                 for id in &r.task_ids {
                     self.set(EntityKey::Task(id.clone()), None)?;
                 }
+                Ok(())
             }
             Op::SaveCronJob(s) => {
                 let job = s.job.clone().unwrap_or_default();
                 let key = EntityKey::cron_job(&job.key.clone().unwrap_or_default());
-                self.set(key, Some(E::CronJob(job)))?;
+                self.set(key, Some(E::CronJob(job)))
             }
-            Op::RemoveCronJob(r) => {
-                self.set(
-                    EntityKey::cron_job(&r.key.clone().unwrap_or_default()),
-                    None,
-                )?;
-            }
+            Op::RemoveCronJob(r) => self.set(
+                EntityKey::cron_job(&r.key.clone().unwrap_or_default()),
+                None,
+            ),
             Op::SaveQuota(s) => {
                 let q = s.quota.clone().unwrap_or_default();
-                self.set(EntityKey::Quota(q.role.clone()), Some(E::Quota(q)))?;
+                self.set(EntityKey::Quota(q.role.clone()), Some(E::Quota(q)))
             }
-            Op::RemoveQuota(r) => self.set(EntityKey::Quota(r.role.clone()), None)?,
+            Op::RemoveQuota(r) => self.set(EntityKey::Quota(r.role.clone()), None),
             Op::SaveHostAttributes(s) => {
                 let a = s.attributes.clone().unwrap_or_default();
                 self.set(
                     EntityKey::HostAttributes(a.host.clone()),
                     Some(E::HostAttributes(a)),
-                )?;
+                )
             }
-            Op::SaveJobUpdate(s) => {
-                let u = s.update.clone().unwrap_or_default();
-                let key = EntityKey::job_update(&u.key.clone().unwrap_or_default());
-                let slot = self.slot(key)?;
-                slot.current = Some(E::JobUpdate(match slot.current.take() {
-                    Some(E::JobUpdate(mut d)) => {
-                        d.update = Some(u);
-                        d
-                    }
-                    _ => JobUpdateDetails {
-                        update: Some(u),
-                        ..Default::default()
-                    },
-                }));
-            }
-            Op::SaveJobUpdateEvent(s) => {
-                let key = EntityKey::job_update(&s.key.clone().unwrap_or_default());
-                let slot = self.slot(key)?;
-                match &mut slot.current {
-                    Some(E::JobUpdate(d)) => {
-                        d.update_events.push(s.event.clone().unwrap_or_default())
-                    }
-                    _ => return Err(unknown(index, &slot.key)),
-                }
-            }
-            Op::SaveJobInstanceUpdateEvent(s) => {
-                let key = EntityKey::job_update(&s.key.clone().unwrap_or_default());
-                let slot = self.slot(key)?;
-                match &mut slot.current {
-                    Some(E::JobUpdate(d)) => d.instance_events.push(s.event.unwrap_or_default()),
-                    _ => return Err(unknown(index, &slot.key)),
-                }
-            }
+            Op::SaveJobUpdate(s) => self.save_job_update(s.update.clone().unwrap_or_default()),
+            Op::SaveJobUpdateEvent(s) => self.add_update_event(index, s),
+            Op::SaveJobInstanceUpdateEvent(s) => self.add_instance_event(index, s),
             Op::RemoveJobUpdates(r) => {
                 for k in &r.keys {
                     self.set(EntityKey::job_update(k), None)?;
                 }
+                Ok(())
             }
             Op::SaveHostMaintenanceRequest(s) => {
                 let r = s.request.clone().unwrap_or_default();
                 self.set(
                     EntityKey::MaintenanceRequest(r.host.clone()),
                     Some(E::MaintenanceRequest(r)),
-                )?;
+                )
             }
             Op::RemoveHostMaintenanceRequest(r) => {
-                self.set(EntityKey::MaintenanceRequest(r.host.clone()), None)?
+                self.set(EntityKey::MaintenanceRequest(r.host.clone()), None)
             }
             Op::SaveSchedulerMetadata(s) => self.set(
                 EntityKey::SchedulerMetadata,
                 Some(E::SchedulerMetadata(s.metadata.clone().unwrap_or_default())),
-            )?,
-            Op::AdmitAgent(a) => {
-                let slot = self.slot(EntityKey::Agent(a.agent_id.clone()))?;
-                // New, or readmitted from any state: ADMITTED as of `at_ms`.
-                slot.current = Some(E::Agent(Agent {
-                    agent_id: a.agent_id.clone(),
-                    hostname: a.hostname.clone(),
-                    state: AgentState::Admitted as i32,
-                    admitted_at_ms: a.at_ms,
-                    unreachable_at_ms: 0,
-                    removed_at_ms: 0,
-                    info: a.info.clone(),
-                }));
-            }
+            ),
+            Op::AdmitAgent(a) => self.admit_agent(a),
             Op::MarkAgentUnreachable(a) => {
                 let agent = self.agent(index, &a.agent_id, AgentState::Admitted, "ADMITTED")?;
                 agent.state = AgentState::Unreachable as i32;
                 agent.unreachable_at_ms = a.at_ms;
+                Ok(())
             }
             Op::MarkAgentReachable(a) => {
                 let agent =
                     self.agent(index, &a.agent_id, AgentState::Unreachable, "UNREACHABLE")?;
                 agent.state = AgentState::Admitted as i32;
                 agent.unreachable_at_ms = 0;
+                Ok(())
             }
-            Op::RemoveAgent(a) => {
-                let slot = self.slot(EntityKey::Agent(a.agent_id.clone()))?;
-                match &mut slot.current {
-                    Some(E::Agent(agent)) if agent.state() != AgentState::Removed => {
-                        agent.state = AgentState::Removed as i32;
-                        agent.removed_at_ms = a.at_ms;
-                    }
-                    Some(E::Agent(agent)) => {
-                        return Err(StateError::WrongState {
-                            op: index,
-                            key: slot.key.to_string(),
-                            state: agent.state().as_str_name().to_string(),
-                            expected: "ADMITTED or UNREACHABLE",
-                        })
-                    }
-                    _ => return Err(unknown(index, &slot.key)),
-                }
-            }
+            Op::RemoveAgent(a) => self.remove_agent(index, a),
         }
+    }
+
+    /// Saves the update itself of a job update, keeping its events.
+    fn save_job_update(&mut self, update: JobUpdate) -> Result<()> {
+        let key = EntityKey::job_update(&update.key.clone().unwrap_or_default());
+        let slot = self.slot(key)?;
+        slot.current = Some(entity::Entity::JobUpdate(match slot.current.take() {
+            Some(entity::Entity::JobUpdate(mut d)) => {
+                d.update = Some(update);
+                d
+            }
+            _ => JobUpdateDetails {
+                update: Some(update),
+                ..Default::default()
+            },
+        }));
         Ok(())
+    }
+
+    /// Adds an event to a job update that exists.
+    fn add_update_event(&mut self, index: usize, s: &SaveJobUpdateEvent) -> Result<()> {
+        let key = EntityKey::job_update(&s.key.clone().unwrap_or_default());
+        let slot = self.slot(key)?;
+        match &mut slot.current {
+            Some(entity::Entity::JobUpdate(d)) => {
+                d.update_events.push(s.event.clone().unwrap_or_default());
+                Ok(())
+            }
+            _ => Err(unknown(index, &slot.key)),
+        }
+    }
+
+    /// Adds an instance event to a job update that exists.
+    fn add_instance_event(&mut self, index: usize, s: &SaveJobInstanceUpdateEvent) -> Result<()> {
+        let key = EntityKey::job_update(&s.key.clone().unwrap_or_default());
+        let slot = self.slot(key)?;
+        match &mut slot.current {
+            Some(entity::Entity::JobUpdate(d)) => {
+                d.instance_events.push(s.event.unwrap_or_default());
+                Ok(())
+            }
+            _ => Err(unknown(index, &slot.key)),
+        }
+    }
+
+    /// Admits an agent: new, or readmitted from any state, ADMITTED as of
+    /// `at_ms`.
+    fn admit_agent(&mut self, a: &AdmitAgent) -> Result<()> {
+        let slot = self.slot(EntityKey::Agent(a.agent_id.clone()))?;
+        slot.current = Some(entity::Entity::Agent(Agent {
+            agent_id: a.agent_id.clone(),
+            hostname: a.hostname.clone(),
+            state: AgentState::Admitted as i32,
+            admitted_at_ms: a.at_ms,
+            unreachable_at_ms: 0,
+            removed_at_ms: 0,
+            info: a.info.clone(),
+        }));
+        Ok(())
+    }
+
+    /// Removes an agent that is ADMITTED or UNREACHABLE (it is kept,
+    /// REMOVED as of `at_ms`).
+    fn remove_agent(&mut self, index: usize, a: &RemoveAgent) -> Result<()> {
+        let slot = self.slot(EntityKey::Agent(a.agent_id.clone()))?;
+        match &mut slot.current {
+            Some(entity::Entity::Agent(agent)) if agent.state() != AgentState::Removed => {
+                agent.state = AgentState::Removed as i32;
+                agent.removed_at_ms = a.at_ms;
+                Ok(())
+            }
+            Some(entity::Entity::Agent(agent)) => Err(StateError::WrongState {
+                op: index,
+                key: slot.key.to_string(),
+                state: agent.state().as_str_name().to_string(),
+                expected: "ADMITTED or UNREACHABLE",
+            }),
+            _ => Err(unknown(index, &slot.key)),
+        }
     }
 
     /// The agent `id`, which must be in state `want`.
@@ -788,10 +812,12 @@ impl StateStore {
         &self.limits
     }
 
-    fn cf(&self) -> Result<&ColumnFamily> {
+    /// The store's column family: [`Self::open`] found it, and nothing
+    /// drops a column family of an open database.
+    fn cf(&self) -> &ColumnFamily {
         self.db
             .cf_handle(&self.cf)
-            .ok_or_else(|| StateError::MissingColumnFamily(self.cf.clone()))
+            .expect("the column family was there at open and is never dropped")
     }
 
     fn unframe<'v>(&self, key: &[u8], value: &'v [u8]) -> Result<&'v [u8]> {
@@ -841,7 +867,7 @@ impl StateStore {
                 applied: w.applied,
             });
         }
-        let cf = self.cf()?;
+        let cf = self.cf();
         let staged = validate::transaction(txn, &self.limits).and_then(|()| {
             let mut stage = Stage {
                 store: self,
@@ -875,8 +901,7 @@ impl StateStore {
         self.db
             .write(batch)
             .map_err(StateError::rocks(format!("apply position {position}")))?;
-        w.applied = position;
-        self.applied.store(position, Ordering::Release);
+        self.advance_applied(&mut w, position);
         self.feed.publish(position, changes);
         Ok(outcome)
     }
@@ -891,14 +916,31 @@ impl StateStore {
                 applied: w.applied,
             });
         }
-        let cf = self.cf()?;
+        let cf = self.cf();
         self.db
             .put_cf(cf, META_KEY, encode_meta(w.generation, position))
             .map_err(StateError::rocks(format!("skip to position {position}")))?;
-        w.applied = position;
-        self.applied.store(position, Ordering::Release);
+        self.advance_applied(&mut w, position);
         self.feed.publish(position, Vec::new());
         Ok(())
+    }
+
+    /// Publishes `position` as applied once the write batch that holds it
+    /// (with what it produced) is written: the applied position moves
+    /// forward, one batch at a time, and readers see the writer's.
+    fn advance_applied(&self, w: &mut Writer, position: u64) {
+        assert!(
+            position > w.applied,
+            "the applied position moves forward only: {} to {position}",
+            w.applied
+        );
+        assert_eq!(
+            self.applied.load(Ordering::Acquire),
+            w.applied,
+            "the published applied position is the writer's"
+        );
+        w.applied = position;
+        self.applied.store(position, Ordering::Release);
     }
 
     /// Makes every write so far durable (fsync of the WAL). A replica's log
@@ -910,7 +952,7 @@ impl StateStore {
     }
 
     fn view(&self) -> Result<View<'_>> {
-        let cf = self.cf()?;
+        let cf = self.cf();
         let snapshot = self.db.snapshot();
         let meta = snapshot
             .get_cf(cf, META_KEY)
@@ -1299,7 +1341,7 @@ impl StateStore {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let mut w = self.writer.lock();
-        let cf = self.cf()?;
+        let cf = self.cf();
         let old = w.generation;
         let new = if old == u32::MAX {
             FIRST_GENERATION
