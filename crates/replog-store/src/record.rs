@@ -83,7 +83,11 @@ pub fn encode_transaction(
     ));
     for (index, data) in parts.into_iter().enumerate() {
         let rec = framed_part(id, index as u32, Bytes::copy_from_slice(data));
-        debug_assert!(rec.len() <= max_entry_bytes);
+        assert!(
+            rec.len() <= max_entry_bytes,
+            "a part of {} bytes does not fit in an entry of {max_entry_bytes}: PART_OVERHEAD is too small",
+            rec.len()
+        );
         out.push(rec);
     }
     Ok(out)
@@ -176,26 +180,137 @@ pub enum Assembled {
     },
 }
 
+/// A framed write in progress: its begin was seen, not all its parts.
 struct Partial {
     id: u64,
     kind: FramedKind,
     begun_at: u64,
-    total: u64,
-    crc: u32,
-    parts: u32,
-    next: u32,
-    /// Bytes received and their running crc32c.
-    received: u64,
-    running_crc: u32,
+    /// What the begin announced.
+    total_bytes: u64,
+    crc32c: u32,
+    part_count: u32,
+    /// The index of the part due next.
+    next_part: u32,
+    /// Bytes of the parts received and their running crc32c.
+    received_bytes: u64,
+    running_crc32c: u32,
     /// A transaction's bytes (a replacement's go to the caller instead).
-    buf: Vec<u8>,
+    transaction_bytes: Vec<u8>,
+}
+
+impl Partial {
+    /// The framed write that `begin`, at `position`, announces.
+    fn new(position: u64, begin: &FramedBegin, kind: FramedKind) -> Self {
+        Partial {
+            id: begin.id,
+            kind,
+            begun_at: position,
+            total_bytes: begin.total_bytes,
+            crc32c: begin.crc32c,
+            part_count: begin.part_count,
+            next_part: 0,
+            received_bytes: 0,
+            running_crc32c: 0,
+            transaction_bytes: match kind {
+                FramedKind::Transaction => {
+                    Vec::with_capacity((begin.total_bytes as usize).min(16 << 20))
+                }
+                FramedKind::StateReplacement => Vec::new(),
+            },
+        }
+    }
+
+    /// Whether `part`, at `position`, is the one due: of this write, next
+    /// in order, within the announced size. `Err`: why not.
+    fn check_due(&self, position: u64, part: &FramedPart) -> Result<(), String> {
+        if part.id != self.id || part.index != self.next_part {
+            return Err(format!(
+                "position {position} holds part {} of write {} where part {} of write {} was due",
+                part.index, part.id, self.next_part, self.id
+            ));
+        }
+        if self.received_bytes + part.data.len() as u64 > self.total_bytes {
+            return Err(format!(
+                "its parts exceed the announced {} bytes at position {position}",
+                self.total_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes in the part that was due (see [`Self::check_due`]).
+    fn accept(&mut self, part: FramedPart, out: &mut Vec<Assembled>) {
+        assert!(
+            part.id == self.id && part.index == self.next_part,
+            "part {} of write {} accepted where part {} of write {} was due",
+            part.index,
+            part.id,
+            self.next_part,
+            self.id
+        );
+        self.received_bytes += part.data.len() as u64;
+        assert!(
+            self.received_bytes <= self.total_bytes,
+            "write {} received {} bytes, over the announced {}",
+            self.id,
+            self.received_bytes,
+            self.total_bytes
+        );
+        self.running_crc32c = crc32c::crc32c_append(self.running_crc32c, &part.data);
+        match self.kind {
+            FramedKind::Transaction => self.transaction_bytes.extend_from_slice(&part.data),
+            FramedKind::StateReplacement => out.push(Assembled::ReplacePart {
+                id: self.id,
+                data: part.data,
+            }),
+        }
+        self.next_part += 1;
+    }
+
+    /// True once every announced part arrived.
+    fn has_all_parts(&self) -> bool {
+        self.next_part >= self.part_count
+    }
+
+    /// What the whole write, complete at `position`, makes of the state.
+    fn finish(self, position: u64) -> Assembled {
+        assert_eq!(
+            self.next_part, self.part_count,
+            "a framed write finishes with its last part"
+        );
+        if self.received_bytes != self.total_bytes || self.running_crc32c != self.crc32c {
+            return Assembled::Aborted {
+                id: self.id,
+                begun_at: self.begun_at,
+                reason: format!(
+                    "its {} bytes do not match the announced size {} and crc32c {:#010x}",
+                    self.received_bytes, self.total_bytes, self.crc32c
+                ),
+            };
+        }
+        match self.kind {
+            FramedKind::StateReplacement => Assembled::Replace {
+                id: self.id,
+                position,
+            },
+            FramedKind::Transaction => match Transaction::decode(self.transaction_bytes.as_slice())
+            {
+                Ok(txn) => Assembled::Apply { position, txn },
+                Err(e) => Assembled::Aborted {
+                    id: self.id,
+                    begun_at: self.begun_at,
+                    reason: format!("its bytes are not a transaction: {e}"),
+                },
+            },
+        }
+    }
 }
 
 /// Puts framed transactions back together (see the module docs).
 pub struct Reassembler {
     max_transaction_bytes: usize,
     max_replacement_bytes: u64,
-    open: Option<Partial>,
+    partial: Option<Partial>,
 }
 
 /// Largest state replacement a reader accepts by default (1 TiB: it is
@@ -207,23 +322,23 @@ impl Reassembler {
         Reassembler {
             max_transaction_bytes,
             max_replacement_bytes: DEFAULT_MAX_REPLACEMENT_BYTES,
-            open: None,
+            partial: None,
         }
     }
 
     /// Whether a framed write is in progress (its begin was seen, not all
     /// its parts).
     pub fn in_progress(&self) -> Option<u64> {
-        self.open.as_ref().map(|p| p.id)
+        self.partial.as_ref().map(|p| p.id)
     }
 
     /// Where the framed write in progress began.
     pub fn begun_at(&self) -> Option<u64> {
-        self.open.as_ref().map(|p| p.begun_at)
+        self.partial.as_ref().map(|p| p.begun_at)
     }
 
     fn abort(&mut self, reason: impl Into<String>, out: &mut Vec<Assembled>) {
-        if let Some(p) = self.open.take() {
+        if let Some(p) = self.partial.take() {
             out.push(Assembled::Aborted {
                 id: p.id,
                 begun_at: p.begun_at,
@@ -243,115 +358,67 @@ impl Reassembler {
                 );
                 out.push(Assembled::Apply { position, txn });
             }
-            Some(log_record::Record::FramedBegin(b)) => {
-                self.abort(
-                    format!("another framed write began at position {position}"),
-                    out,
-                );
-                let kind = FramedKind::try_from(b.kind).ok();
-                let limit = match kind {
-                    Some(FramedKind::Transaction) => self.max_transaction_bytes as u64,
-                    Some(FramedKind::StateReplacement) => self.max_replacement_bytes,
-                    None => 0,
-                };
-                let (Some(kind), true) = (kind, b.total_bytes <= limit && b.part_count > 0) else {
-                    out.push(Assembled::Aborted {
-                        id: b.id,
-                        begun_at: position,
-                        reason: format!(
-                            "it announces {} bytes of kind {} in {} parts (limit {limit} bytes)",
-                            b.total_bytes, b.kind, b.part_count
-                        ),
-                    });
-                    return;
-                };
-                if kind == FramedKind::StateReplacement {
-                    out.push(Assembled::ReplaceBegin {
-                        id: b.id,
-                        begun_at: position,
-                        total_bytes: b.total_bytes,
-                    });
-                }
-                self.open = Some(Partial {
-                    id: b.id,
-                    kind,
-                    begun_at: position,
-                    total: b.total_bytes,
-                    crc: b.crc32c,
-                    parts: b.part_count,
-                    next: 0,
-                    received: 0,
-                    running_crc: 0,
-                    buf: match kind {
-                        FramedKind::Transaction => {
-                            Vec::with_capacity((b.total_bytes as usize).min(16 << 20))
-                        }
-                        FramedKind::StateReplacement => Vec::new(),
-                    },
-                });
-            }
-            Some(log_record::Record::FramedPart(part)) => {
-                let Some(p) = self.open.as_mut() else {
-                    // A part whose begin was aborted already, or lies before
-                    // the start of what this reader saw: nothing to do.
-                    return;
-                };
-                if part.id != p.id || part.index != p.next {
-                    let why = format!(
-                        "position {position} holds part {} of write {} where part {} of write {} was due",
-                        part.index, part.id, p.next, p.id
-                    );
-                    self.abort(why, out);
-                    return;
-                }
-                if p.received + part.data.len() as u64 > p.total {
-                    let why = format!(
-                        "its parts exceed the announced {} bytes at position {position}",
-                        p.total
-                    );
-                    self.abort(why, out);
-                    return;
-                }
-                p.received += part.data.len() as u64;
-                p.running_crc = crc32c::crc32c_append(p.running_crc, &part.data);
-                match p.kind {
-                    FramedKind::Transaction => p.buf.extend_from_slice(&part.data),
-                    FramedKind::StateReplacement => out.push(Assembled::ReplacePart {
-                        id: p.id,
-                        data: part.data,
-                    }),
-                }
-                p.next += 1;
-                if p.next < p.parts {
-                    return;
-                }
-                let p = self.open.take().expect("open above");
-                if p.received != p.total || p.running_crc != p.crc {
-                    out.push(Assembled::Aborted {
-                        id: p.id,
-                        begun_at: p.begun_at,
-                        reason: format!(
-                            "its {} bytes do not match the announced size {} and crc32c {:#010x}",
-                            p.received, p.total, p.crc
-                        ),
-                    });
-                    return;
-                }
-                match p.kind {
-                    FramedKind::StateReplacement => {
-                        out.push(Assembled::Replace { id: p.id, position })
-                    }
-                    FramedKind::Transaction => match Transaction::decode(p.buf.as_slice()) {
-                        Ok(txn) => out.push(Assembled::Apply { position, txn }),
-                        Err(e) => out.push(Assembled::Aborted {
-                            id: p.id,
-                            begun_at: p.begun_at,
-                            reason: format!("its bytes are not a transaction: {e}"),
-                        }),
-                    },
-                }
-            }
+            Some(log_record::Record::FramedBegin(begin)) => self.begin(position, begin, out),
+            Some(log_record::Record::FramedPart(part)) => self.push_part(position, part, out),
         }
+    }
+
+    /// The framed write announced at `position` begins (and one in
+    /// progress is aborted); one over its kind's limit, of no known kind
+    /// or without parts is aborted at once.
+    fn begin(&mut self, position: u64, begin: FramedBegin, out: &mut Vec<Assembled>) {
+        self.abort(
+            format!("another framed write began at position {position}"),
+            out,
+        );
+        let kind = FramedKind::try_from(begin.kind).ok();
+        let limit_bytes = match kind {
+            Some(FramedKind::Transaction) => self.max_transaction_bytes as u64,
+            Some(FramedKind::StateReplacement) => self.max_replacement_bytes,
+            None => 0,
+        };
+        let (Some(kind), true) = (
+            kind,
+            begin.total_bytes <= limit_bytes && begin.part_count > 0,
+        ) else {
+            out.push(Assembled::Aborted {
+                id: begin.id,
+                begun_at: position,
+                reason: format!(
+                    "it announces {} bytes of kind {} in {} parts (limit {limit_bytes} bytes)",
+                    begin.total_bytes, begin.kind, begin.part_count
+                ),
+            });
+            return;
+        };
+        if kind == FramedKind::StateReplacement {
+            out.push(Assembled::ReplaceBegin {
+                id: begin.id,
+                begun_at: position,
+                total_bytes: begin.total_bytes,
+            });
+        }
+        self.partial = Some(Partial::new(position, &begin, kind));
+    }
+
+    /// A part at `position`: taken in if it is the one due, else the write
+    /// in progress is aborted; the write is finished with its last part.
+    fn push_part(&mut self, position: u64, part: FramedPart, out: &mut Vec<Assembled>) {
+        let Some(p) = self.partial.as_mut() else {
+            // A part whose begin was aborted already, or lies before
+            // the start of what this reader saw: nothing to do.
+            return;
+        };
+        if let Err(why) = p.check_due(position, &part) {
+            self.abort(why, out);
+            return;
+        }
+        p.accept(part, out);
+        if !p.has_all_parts() {
+            return;
+        }
+        let p = self.partial.take().expect("in progress above");
+        out.push(p.finish(position));
     }
 }
 

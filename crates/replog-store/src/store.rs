@@ -73,7 +73,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use parking_lot::Mutex;
-use replog_log::{Log, LogError, Position, Writer};
+use replog_log::{Log, LogError, Position, Reader, Writer};
 use replog_proto::state::Transaction;
 use replog_state::{StateError, StateStore};
 use tokio::sync::{mpsc, watch, RwLock};
@@ -651,94 +651,179 @@ const COMPACTION_CHECK: Duration = Duration::from_secs(1);
 /// this replica is the leader, flushes the state and truncates the log.
 async fn compaction_loop(shared: Arc<Shared>, log: Arc<Log>, opts: StoreOptions) {
     let mut applied_rx = shared.progress.subscribe();
-    let reader = log.reader();
-    let mut base_applied = shared.state.applied();
-    let mut base_bytes = shared.applied_bytes.load(Ordering::Relaxed);
-    let mut since = Instant::now();
-    let mut writer: Option<Writer> = None;
     let check = opts
         .snapshot_interval
         .clamp(Duration::from_millis(10), COMPACTION_CHECK);
+    let mut compactor = Compactor::new(shared, log, opts);
     loop {
         // Woken by the applier's progress, or by the clock (time interval).
         if let Ok(Err(_)) = tokio::time::timeout(check, applied_rx.changed()).await {
             return; // the store is gone
         }
-        let p = log.progress();
+        compactor.compact_if_due().await;
+    }
+}
+
+/// Which interval made a compaction due.
+#[derive(Debug, Clone, Copy)]
+enum CompactionReason {
+    Entries,
+    Bytes,
+    Time,
+}
+
+impl CompactionReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            CompactionReason::Entries => "entries",
+            CompactionReason::Bytes => "bytes",
+            CompactionReason::Time => "time",
+        }
+    }
+}
+
+/// The compaction task's state.
+struct Compactor {
+    shared: Arc<Shared>,
+    log: Arc<Log>,
+    reader: Reader,
+    opts: StoreOptions,
+    /// The applied position, bytes of applied entries and time when the
+    /// intervals were last reached (or the task started).
+    base_applied: u64,
+    base_applied_bytes: u64,
+    base_time: Instant,
+    /// The writer of the last compaction, kept while its term lasts.
+    writer: Option<Writer>,
+}
+
+impl Compactor {
+    fn new(shared: Arc<Shared>, log: Arc<Log>, opts: StoreOptions) -> Self {
+        Compactor {
+            base_applied: shared.state.applied(),
+            base_applied_bytes: shared.applied_bytes.load(Ordering::Relaxed),
+            base_time: Instant::now(),
+            reader: log.reader(),
+            shared,
+            log,
+            opts,
+            writer: None,
+        }
+    }
+
+    /// Compacts the log if this replica leads and an interval is reached:
+    /// flushes the state, then truncates the log to `applied -
+    /// snapshot_keep_entries`.
+    async fn compact_if_due(&mut self) {
+        let p = self.log.progress();
         if !p.leader_ready {
-            continue;
+            return;
         }
-        let applied = shared.state.applied();
-        let bytes = shared.applied_bytes.load(Ordering::Relaxed);
-        let by_entries = applied.saturating_sub(base_applied) >= opts.snapshot_interval_entries;
-        let by_bytes = bytes.saturating_sub(base_bytes) >= opts.snapshot_interval_bytes;
-        let by_time = since.elapsed() >= opts.snapshot_interval && applied > base_applied;
-        if !(by_entries || by_bytes || by_time) {
-            continue;
-        }
-        base_applied = applied;
-        base_bytes = bytes;
-        since = Instant::now();
-        let to = applied.saturating_sub(opts.snapshot_keep_entries);
-        let beginning = reader.beginning().value();
+        let applied = self.shared.state.applied();
+        let Some(reason) = self.interval_reached(applied) else {
+            return;
+        };
+        let to = applied.saturating_sub(self.opts.snapshot_keep_entries);
+        let beginning = self.reader.beginning().value();
         if to <= beginning {
             debug!(
                 applied,
                 beginning, "nothing to compact yet: the log holds only the kept tail"
             );
-            continue;
+            return;
         }
         // The state must be durable past the truncation point: the log will
         // no longer hold those entries.
-        let state = shared.clone();
-        let flushed = tokio::task::spawn_blocking(move || {
-            let at = state.state.applied();
-            state.state.flush().map(|_| at)
-        })
-        .await;
-        let flushed = match flushed {
-            Ok(Ok(at)) => at,
-            Ok(Err(e)) => {
-                warn!(error = %e, "cannot flush the state; the log is not compacted");
-                continue;
-            }
-            Err(e) => {
-                warn!(error = %e, "the state flush panicked; the log is not compacted");
-                continue;
-            }
+        let Some(flushed) = self.flush_state().await else {
+            return;
         };
         assert!(
             to - 1 <= flushed,
             "compaction to {to} past the durable state ({flushed})"
         );
-        if writer.as_ref().and_then(Writer::term) != Some(p.term) {
-            let mut w = log.writer();
-            if let Err(e) = w.start().await {
-                warn!(error = %e, "cannot start a writer to compact the log");
-                writer = None;
-                continue;
-            }
-            writer = Some(w);
-        }
-        let w = writer.as_ref().expect("started above");
+        let Some(w) = self.writer_of_term(p.term).await else {
+            return;
+        };
         match w.truncate(Position::new(to)).await {
             Ok(at) => {
-                shared.compactions.fetch_add(1, Ordering::Relaxed);
+                self.shared.compactions.fetch_add(1, Ordering::Relaxed);
                 info!(
                     truncated_to = to,
                     applied,
                     flushed,
-                    kept = opts.snapshot_keep_entries,
+                    kept = self.opts.snapshot_keep_entries,
                     entry = at.value(),
-                    reason = if by_entries { "entries" } else if by_bytes { "bytes" } else { "time" },
+                    reason = reason.as_str(),
                     "compacted the state log: the state is durable, positions before truncated_to are dropped"
                 );
             }
             Err(e) => {
                 warn!(error = %e, to, "compacting the log failed");
-                writer = None;
+                self.writer = None;
             }
         }
+    }
+
+    /// The interval reached since the last one, if any (entries first, then
+    /// bytes, then time); counting then starts again from `applied`.
+    fn interval_reached(&mut self, applied: u64) -> Option<CompactionReason> {
+        let applied_bytes = self.shared.applied_bytes.load(Ordering::Relaxed);
+        let opts = &self.opts;
+        let reason = if applied.saturating_sub(self.base_applied) >= opts.snapshot_interval_entries
+        {
+            CompactionReason::Entries
+        } else if applied_bytes.saturating_sub(self.base_applied_bytes)
+            >= opts.snapshot_interval_bytes
+        {
+            CompactionReason::Bytes
+        } else if self.base_time.elapsed() >= opts.snapshot_interval && applied > self.base_applied
+        {
+            CompactionReason::Time
+        } else {
+            return None;
+        };
+        self.base_applied = applied;
+        self.base_applied_bytes = applied_bytes;
+        self.base_time = Instant::now();
+        Some(reason)
+    }
+
+    /// Makes the state durable (an fsync of the WAL, off the runtime's
+    /// threads); returns the applied position the flush covered, or `None`
+    /// (logged) when it failed.
+    async fn flush_state(&self) -> Option<u64> {
+        let shared = self.shared.clone();
+        let flushed = tokio::task::spawn_blocking(move || {
+            let at = shared.state.applied();
+            shared.state.flush().map(|_| at)
+        })
+        .await;
+        match flushed {
+            Ok(Ok(at)) => Some(at),
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot flush the state; the log is not compacted");
+                None
+            }
+            Err(e) => {
+                warn!(error = %e, "the state flush panicked; the log is not compacted");
+                None
+            }
+        }
+    }
+
+    /// A writer of `term`: the one kept, or a new one; `None` (logged) when
+    /// none could be started.
+    async fn writer_of_term(&mut self, term: u64) -> Option<&Writer> {
+        if self.writer.as_ref().and_then(Writer::term) != Some(term) {
+            let mut w = self.log.writer();
+            if let Err(e) = w.start().await {
+                warn!(error = %e, "cannot start a writer to compact the log");
+                self.writer = None;
+                return None;
+            }
+            self.writer = Some(w);
+        }
+        self.writer.as_ref()
     }
 }
 
