@@ -12,7 +12,10 @@
 //!   entry committed, which for a replica needs the fsync that covered it;
 //! - every queue is bounded: callers hold a semaphore permit for each
 //!   request in flight, a ready carries at most `max_batch` proposals, and
-//!   the sync and compaction channels carry at most one message per ready;
+//!   the sync and compaction channels carry at most one message per ready
+//!   (each turn asserts its batch and its waiters within those bounds);
+//! - the sync thread fsyncs for readies in increasing order (asserted), so
+//!   each report covers every ready before it;
 //! - a storage failure (an fsync error included) stops the replica: every
 //!   waiting and later call fails with [`LogError::Closed`] and the reason;
 //! - only the holder of the engine lock touches the core; the engine is
@@ -37,6 +40,7 @@
 //!   (raft-rs keeps one request per context and drops the second).
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -121,6 +125,27 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    fn new(
+        progress: watch::Sender<Progress>,
+        requests: Sender<Control>,
+        engine: Engine,
+        max_in_flight: usize,
+        caller_drives: bool,
+    ) -> Self {
+        Shared {
+            progress,
+            failure: Mutex::new(None),
+            permits: Arc::new(Semaphore::new(max_in_flight)),
+            requests,
+            engine: Mutex::new(Some(engine)),
+            caller_drives,
+            caller_driven: AtomicU64::new(0),
+            sync_reported: AtomicU64::new(0),
+            driver_batching: AtomicBool::new(false),
+            resume_queued: AtomicBool::new(false),
+        }
+    }
+
     pub fn closed_error(&self) -> LogError {
         LogError::Closed(self.failure.lock().clone())
     }
@@ -262,6 +287,19 @@ pub(crate) struct Threads {
     pub compactor: Option<JoinHandle<()>>,
 }
 
+/// Capacity of the channel of fsync requests to the sync thread and of the
+/// channel of its reports: one message per ready at most, and the core
+/// keeps fewer readies than this waiting for their fsync (it asserts so).
+const SYNC_QUEUE_CAPACITY: usize = 8192;
+/// Capacity of the channel of truncation points to the compactor thread
+/// (it works from the highest one queued; a report that finds the channel
+/// full is dropped, a later one covers it).
+const COMPACT_QUEUE_CAPACITY: usize = 1024;
+
+/// What the sync thread reports: the highest ready an fsync covered, or
+/// why the fsync failed.
+type SyncReport = std::result::Result<u64, String>;
+
 pub(crate) fn start(
     storage: RocksStorage,
     cfg: RuntimeConfig,
@@ -272,24 +310,17 @@ pub(crate) fn start(
     let initial = core.drive(&mut outs)?;
     let (progress_tx, _) = watch::channel(initial);
     let (req_tx, req_rx) = unbounded::<Control>();
-    // One message per ready at most, and readies are bounded by the core.
-    let (sync_tx, sync_rx) = bounded::<u64>(8192);
-    let (persisted_tx, persisted_rx) = bounded::<std::result::Result<u64, String>>(8192);
-    let (compact_tx, compact_rx) = bounded::<u64>(1024);
+    let (sync_tx, sync_rx) = bounded::<u64>(SYNC_QUEUE_CAPACITY);
+    let (persisted_tx, persisted_rx) = bounded::<SyncReport>(SYNC_QUEUE_CAPACITY);
+    let (compact_tx, compact_rx) = bounded::<u64>(COMPACT_QUEUE_CAPACITY);
 
     let meta = storage.meta();
     let (link, inbound, cluster) = match wiring {
         Some(w) => (Some(w.link), w.inbound, w.cluster),
         None => (None, never(), ClusterOptions::default()),
     };
-    let mut addresses: BTreeMap<u64, String> = meta
-        .members
-        .iter()
-        .filter(|m| !m.address.is_empty())
-        .map(|m| (m.id, m.address.clone()))
-        .collect();
-    addresses.extend(cluster.peers.clone());
     let caller_drives = cfg.caller_drives;
+    let max_in_flight = cfg.max_in_flight;
     let engine = Engine {
         core,
         waiting: HashMap::new(),
@@ -302,58 +333,33 @@ pub(crate) fn start(
         cfg,
         cluster_id: meta.cluster_id,
         link,
+        addresses: known_addresses(&meta.members, &cluster),
         cluster,
-        addresses,
         last_heard: HashMap::new(),
         started: Instant::now(),
     };
-    let shared = Arc::new(Shared {
-        progress: progress_tx,
-        failure: Mutex::new(None),
-        permits: Arc::new(Semaphore::new(engine.cfg.max_in_flight)),
-        requests: req_tx,
-        engine: Mutex::new(Some(engine)),
+    let shared = Arc::new(Shared::new(
+        progress_tx,
+        req_tx,
+        engine,
+        max_in_flight,
         caller_drives,
-        caller_driven: AtomicU64::new(0),
-        sync_reported: AtomicU64::new(0),
-        driver_batching: AtomicBool::new(false),
-        resume_queued: AtomicBool::new(false),
-    });
-
+    ));
     let syncer = {
-        let storage = storage.clone();
-        let shared = shared.clone();
-        std::thread::Builder::new()
-            .name("replog-sync".into())
-            .spawn(move || sync_loop(&shared, storage, sync_rx, persisted_tx))
-            .map_err(|e| LogError::Invalid(format!("cannot start sync thread: {e}")))?
+        let (storage, shared) = (storage.clone(), shared.clone());
+        spawn_thread("replog-sync", "sync", move || {
+            sync_loop(&shared, storage, sync_rx, persisted_tx)
+        })?
     };
-    let compactor = {
-        let storage = storage.clone();
-        std::thread::Builder::new()
-            .name("replog-compact".into())
-            .spawn(move || compact_loop(storage, compact_rx))
-            .map_err(|e| LogError::Invalid(format!("cannot start compaction thread: {e}")))?
-    };
+    let compactor = spawn_thread("replog-compact", "compaction", move || {
+        compact_loop(storage, compact_rx)
+    })?;
     let driver = {
         let shared = shared.clone();
-        std::thread::Builder::new()
-            .name("replog-driver".into())
-            .spawn(move || {
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    drive_loop(&shared, initial_work(outs), req_rx, persisted_rx, inbound)
-                }));
-                let failure = match result {
-                    Ok(r) => r.err(),
-                    Err(panic) => Some(panic_reason(panic.as_ref())),
-                };
-                let mut guard = shared.engine.lock();
-                if let Some(engine) = guard.as_mut() {
-                    engine.stop(&shared, failure);
-                }
-                *guard = None;
-            })
-            .map_err(|e| LogError::Invalid(format!("cannot start driver thread: {e}")))?
+        let initial = initial_work(outs);
+        spawn_thread("replog-driver", "driver", move || {
+            run_driver(&shared, initial, req_rx, persisted_rx, inbound)
+        })?
     };
     Ok((
         shared,
@@ -363,6 +369,54 @@ pub(crate) fn start(
             compactor: Some(compactor),
         },
     ))
+}
+
+/// Where each replica listens: the addresses the metadata knows, then
+/// those configured (which win).
+fn known_addresses(members: &[Member], cluster: &ClusterOptions) -> BTreeMap<u64, String> {
+    let mut addresses: BTreeMap<u64, String> = members
+        .iter()
+        .filter(|m| !m.address.is_empty())
+        .map(|m| (m.id, m.address.clone()))
+        .collect();
+    addresses.extend(cluster.peers.clone());
+    addresses
+}
+
+/// Starts thread `name` running `body`; `what` names it in the error.
+fn spawn_thread(
+    name: &str,
+    what: &str,
+    body: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(body)
+        .map_err(|e| LogError::Invalid(format!("cannot start {what} thread: {e}")))
+}
+
+/// The driver thread's body: [`drive_loop`], then the engine is stopped
+/// with the reason it ended for (a fatal error or a panic; none on
+/// shutdown) unless a caller stopped it already.
+fn run_driver(
+    shared: &Shared,
+    initial: Work,
+    req_rx: Receiver<Control>,
+    persisted_rx: Receiver<SyncReport>,
+    inbound: Receiver<Envelope>,
+) {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        drive_loop(shared, initial, req_rx, persisted_rx, inbound)
+    }));
+    let failure = match result {
+        Ok(r) => r.err(),
+        Err(panic) => Some(panic_reason(panic.as_ref())),
+    };
+    let mut guard = shared.engine.lock();
+    if let Some(engine) = guard.as_mut() {
+        engine.stop(shared, failure);
+    }
+    *guard = None;
 }
 
 /// The reason a panic of the driving thread gives.
@@ -390,16 +444,18 @@ fn initial_work(outs: Vec<Output>) -> Work {
 /// itself (no wake-up of the driver on the path of a lone append, on the
 /// leader and on the follower alike). A failed fsync always goes to the
 /// driver thread, which stops the replica.
-fn sync_loop(
-    shared: &Shared,
-    storage: RocksStorage,
-    rx: Receiver<u64>,
-    done: Sender<std::result::Result<u64, String>>,
-) {
+fn sync_loop(shared: &Shared, storage: RocksStorage, rx: Receiver<u64>, done: Sender<SyncReport>) {
+    let mut last_synced: Option<u64> = None;
     while let Ok(mut n) = rx.recv() {
         while let Ok(m) = rx.try_recv() {
             n = n.max(m);
         }
+        assert!(
+            last_synced.is_none_or(|last| last < n),
+            "the fsync of ready {n} is asked for after that of ready {last_synced:?}: \
+             readies are persisted in order"
+        );
+        last_synced = Some(n);
         let r = storage.sync().map(|()| n).map_err(|e| e.to_string());
         if r.is_ok() && rx.is_empty() && shared.report_persisted_here(n) {
             continue;
@@ -511,7 +567,7 @@ fn drive_loop(
     shared: &Shared,
     initial: Work,
     req_rx: Receiver<Control>,
-    persisted_rx: Receiver<std::result::Result<u64, String>>,
+    persisted_rx: Receiver<SyncReport>,
     inbound: Receiver<Envelope>,
 ) -> std::result::Result<(), String> {
     let (tick_interval, max_batch, idle_spin) = {
@@ -525,6 +581,12 @@ fn drive_loop(
             engine.cfg.idle_spin,
         )
     };
+    let queues = DriverQueues {
+        requests: req_rx,
+        persisted: persisted_rx,
+        inbound,
+        max_batch,
+    };
     let mut next_tick = Instant::now() + tick_interval;
     let mut work = initial;
     let mut had_work = false;
@@ -533,57 +595,22 @@ fn drive_loop(
     let mut resume = false;
     loop {
         if work.is_empty() && resume {
-            work.envelopes
-                .extend(inbound_batch(&inbound).take(max_batch));
-            while let Ok(r) = persisted_rx.try_recv() {
-                let n = r.map_err(|e| format!("fsync failed: {e}"))?;
-                work.persisted = Some(work.persisted.map_or(n, |p| p.max(n)));
-            }
+            queues.take_queued(&mut work)?;
         } else if work.is_empty() {
             if had_work {
-                spin_until_ready(
+                queues.spin_until_any(
                     idle_spin.min(next_tick.saturating_duration_since(Instant::now())),
-                    || !req_rx.is_empty() || !inbound.is_empty() || !persisted_rx.is_empty(),
                 );
             }
             let timeout = next_tick.saturating_duration_since(Instant::now());
             shared.driver_batching.store(false, Ordering::Release);
-            select! {
-                recv(req_rx) -> msg => {
-                    let Ok(first) = msg else { return Ok(()) };
-                    work.controls.push(first);
-                }
-                recv(inbound) -> env => {
-                    if let Ok(env) = env {
-                        work.envelopes.push(env);
-                        work.envelopes.extend(inbound_batch(&inbound).take(max_batch));
-                    }
-                }
-                recv(persisted_rx) -> msg => {
-                    let Ok(r) = msg else { return Err("the sync thread stopped".into()) };
-                    let mut n = r.map_err(|e| format!("fsync failed: {e}"))?;
-                    while let Ok(r) = persisted_rx.try_recv() {
-                        n = n.max(r.map_err(|e| format!("fsync failed: {e}"))?);
-                    }
-                    work.persisted = Some(n);
-                }
-                default(timeout) => {}
+            if queues.wait(&mut work, timeout)?.is_break() {
+                return Ok(());
             }
         }
         // Whatever else is queued joins this turn's batch.
-        while work.controls.len() < max_batch {
-            match req_rx.try_recv() {
-                Ok(m) => work.controls.push(m),
-                Err(_) => break,
-            }
-        }
-        if Instant::now() >= next_tick {
-            work.tick = true;
-            next_tick += tick_interval;
-            if next_tick < Instant::now() {
-                next_tick = Instant::now() + tick_interval;
-            }
-        }
+        queues.join_queued_requests(&mut work);
+        work.tick = tick_due(&mut next_tick, tick_interval);
         had_work = !work.is_empty();
         if work.controls.len() > 1 {
             shared.driver_batching.store(true, Ordering::Release);
@@ -600,11 +627,108 @@ fn drive_loop(
     }
 }
 
+/// True when a tick is due; then moves `next_tick` on by one interval
+/// (or to one interval from now, after a stall longer than that).
+fn tick_due(next_tick: &mut Instant, tick_interval: Duration) -> bool {
+    if Instant::now() < *next_tick {
+        return false;
+    }
+    *next_tick += tick_interval;
+    if *next_tick < Instant::now() {
+        *next_tick = Instant::now() + tick_interval;
+    }
+    true
+}
+
+/// The driver thread's queues.
+struct DriverQueues {
+    requests: Receiver<Control>,
+    persisted: Receiver<SyncReport>,
+    inbound: Receiver<Envelope>,
+    /// Most requests, and most envelopes after the first, per turn.
+    max_batch: usize,
+}
+
+impl DriverQueues {
+    /// Parks until a request, an envelope or an fsync report arrives, or
+    /// for `timeout`, and puts what came into `work`. `Break`: every API
+    /// handle is gone. An fsync failure, or the sync thread gone, is fatal.
+    fn wait(
+        &self,
+        work: &mut Work,
+        timeout: Duration,
+    ) -> std::result::Result<ControlFlow<()>, String> {
+        select! {
+            recv(self.requests) -> msg => {
+                let Ok(first) = msg else { return Ok(ControlFlow::Break(())) };
+                work.controls.push(first);
+            }
+            recv(self.inbound) -> env => {
+                if let Ok(env) = env {
+                    work.envelopes.push(env);
+                    work.envelopes.extend(inbound_batch(&self.inbound).take(self.max_batch));
+                }
+            }
+            recv(self.persisted) -> msg => {
+                let Ok(first) = msg else { return Err("the sync thread stopped".into()) };
+                self.fold_persisted(work, Some(first))?;
+            }
+            default(timeout) => {}
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// Takes, without parking, the envelopes and fsync reports queued.
+    fn take_queued(&self, work: &mut Work) -> std::result::Result<(), String> {
+        work.envelopes
+            .extend(inbound_batch(&self.inbound).take(self.max_batch));
+        self.fold_persisted(work, None)
+    }
+
+    /// Folds `first` and the fsync reports queued behind it into `work`:
+    /// the highest ready covered. A failed fsync is fatal.
+    fn fold_persisted(
+        &self,
+        work: &mut Work,
+        first: Option<SyncReport>,
+    ) -> std::result::Result<(), String> {
+        let queued = std::iter::from_fn(|| self.persisted.try_recv().ok());
+        for report in first.into_iter().chain(queued) {
+            let n = report.map_err(|e| format!("fsync failed: {e}"))?;
+            work.persisted = Some(work.persisted.map_or(n, |p| p.max(n)));
+        }
+        Ok(())
+    }
+
+    /// Adds queued requests to `work`, up to `max_batch` in all.
+    fn join_queued_requests(&self, work: &mut Work) {
+        while work.controls.len() < self.max_batch {
+            match self.requests.try_recv() {
+                Ok(m) => work.controls.push(m),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// See [`spin_until_ready`]: until anything is queued.
+    fn spin_until_any(&self, window: Duration) {
+        spin_until_ready(window, || {
+            !self.requests.is_empty() || !self.inbound.is_empty() || !self.persisted.is_empty()
+        });
+    }
+}
+
 impl Engine {
     /// One turn: admits the requests, steps the core with every input,
     /// drives it and carries out what it asks. True on shutdown; an error
     /// is fatal (the caller stops the engine with it).
     fn process(&mut self, shared: &Shared, work: Work) -> std::result::Result<bool, String> {
+        assert!(
+            work.controls.len() <= self.cfg.max_batch.max(1),
+            "a turn takes {} requests, over max_batch {}",
+            work.controls.len(),
+            self.cfg.max_batch
+        );
         let mut inputs = Vec::with_capacity(work.controls.len() + work.envelopes.len() + 2);
         let mut shutdown = false;
         for c in work.controls {
@@ -614,6 +738,7 @@ impl Engine {
             }
             shutdown |= self.admit(c, &mut inputs);
         }
+        self.assert_waiters_hold_permits();
         if shutdown {
             // The commit record is current when the replica stops cleanly.
             self.core.flush_deferred().map_err(|e| e.to_string())?;
@@ -660,6 +785,16 @@ impl Engine {
             self.core.flush_deferred().map_err(|e| e.to_string())?;
         }
         Ok(false)
+    }
+
+    /// Every caller waiting holds one of the `max_in_flight` permits.
+    fn assert_waiters_hold_permits(&self) {
+        let waiters = self.waiting.len() + self.reads.len();
+        assert!(
+            waiters <= self.cfg.max_in_flight,
+            "{waiters} requests wait, over max_in_flight {}: each holds a permit",
+            self.cfg.max_in_flight
+        );
     }
 
     /// Turns inbound envelopes into inputs.
