@@ -11,7 +11,7 @@ use clap::{ArgAction, Subcommand};
 use replog_client::{Client, MembershipChange, MembershipOp, StatusResponse};
 use replog_server::{ReplicaServer, ServerConfig};
 use serde::Serialize;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::support::{parse_replica_addresses, runtime, Address};
 
@@ -216,37 +216,21 @@ pub fn replica(a: ReplicaArgs) -> Result<()> {
     config.log.idle_spin = a.idle_spin;
     config.ping_timeout = a.ping_timeout;
     config.max_ping_timeouts = a.max_ping_timeouts;
-    if let Some(dir) = &a.backup_dir {
-        if !a.state {
-            bail!(
-                "--backup-dir {} needs --state: the server backs up the scheduler state, \
-                 which runs only with --state",
-                dir.display()
-            );
-        }
-        if a.backup_interval.is_zero() {
-            bail!("--backup-interval must be more than zero");
-        }
-        config.backup_dir = Some(dir.clone());
-    }
+    config.backup_dir = a.backup_dir.clone();
     config.backup_interval = a.backup_interval;
     config.max_saved_backups = a.max_saved_backups as usize;
+    config.metrics_listen = a.metrics_listen;
     if a.state {
         config.state = Some(replog_server::StoreOptions {
             snapshot_interval_entries: a.snapshot_interval_entries,
             snapshot_interval_bytes: a.snapshot_interval_bytes,
             snapshot_interval: a.snapshot_interval,
             snapshot_keep_entries: a.snapshot_keep_entries,
-            max_entry_bytes: a.max_entry_size,
             ..Default::default()
         });
     }
-    if a.max_entry_size < 1024 {
-        bail!("--max-entry-size must be at least 1024 bytes");
-    }
-    // The log takes the store's records whole: the same limit, plus room
-    // for the records' own framing.
-    config.log.max_entry_bytes = a.max_entry_size + replog_store::record::PART_OVERHEAD;
+    config.set_max_entry_bytes(a.max_entry_size);
+    config.validate()?;
     let rt = runtime()?;
     rt.block_on(async move {
         let server = ReplicaServer::start(config)
@@ -260,24 +244,6 @@ pub fn replica(a: ReplicaArgs) -> Result<()> {
             server.local_addr(),
             server.log().progress().status
         );
-        if let Some(addr) = a.metrics_listen {
-            let s = server.clone();
-            let app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let s = s.clone();
-                    async move { s.metrics_text().await }
-                }),
-            );
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot serve metrics on {addr}"))?;
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
-                    error!(error = %e, "the metrics server stopped");
-                }
-            });
-        }
         let recovery = {
             let s = server.clone();
             let timeout = a.recovery_timeout;
@@ -318,7 +284,7 @@ pub fn replica(a: ReplicaArgs) -> Result<()> {
                     warn!(error = %e, "shutdown was not clean");
                 }
             }
-            Err(_) => warn!("the metrics server still holds the replica; exiting without a graceful shutdown"),
+            Err(_) => warn!("the replica is still in use; exiting without a graceful shutdown"),
         }
         outcome
     })

@@ -18,6 +18,7 @@
 
 mod backups;
 mod catch_up;
+mod metrics;
 mod service;
 mod state_service;
 
@@ -32,8 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use replog_log::{ClusterOptions, Envelope, Log, LogError, LogOptions, PeerLink, ReplicaStatus};
-use replog_state::{Limits as StateLimits, StateStore};
-use replog_storage::{InitOptions, Member, RocksStorage, StorageError, CF_STATE};
+use replog_storage::{InitOptions, Member, RocksStorage, StorageError};
 pub use replog_store::StoreOptions;
 use replog_store::{SchedulerStore, Staging, StagingError, StoreError};
 use replog_transport::{Transport, TransportConfig, TransportError};
@@ -42,6 +42,9 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 pub use service::ClientService;
+
+/// The smallest entry limit a server takes (`--max-entry-size`).
+pub const MIN_MAX_ENTRY_BYTES: usize = 1024;
 
 /// Largest client request or response (a read of many entries included).
 pub const MAX_CLIENT_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -76,6 +79,8 @@ pub struct ServerConfig {
     pub backup_interval: Duration,
     /// Newest backups kept in [`Self::backup_dir`] (default 48).
     pub max_saved_backups: usize,
+    /// Serve Prometheus metrics over HTTP on this address (`GET /metrics`).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -102,7 +107,66 @@ impl ServerConfig {
             backup_dir: None,
             backup_interval: DEFAULT_BACKUP_INTERVAL,
             max_saved_backups: DEFAULT_MAX_SAVED_BACKUPS,
+            metrics_listen: None,
         }
+    }
+
+    /// Sets the largest entry: with the state store on, the largest state
+    /// transaction ([`StoreOptions::max_entry_bytes`]), and the log's limit
+    /// derived from it (the log takes the store's records whole: the same
+    /// limit plus room for the records' own framing). Call it after
+    /// [`Self::state`] is set.
+    pub fn set_max_entry_bytes(&mut self, max_entry_bytes: usize) {
+        if let Some(state) = &mut self.state {
+            state.max_entry_bytes = max_entry_bytes;
+        }
+        self.log.max_entry_bytes = max_entry_bytes + replog_store::record::PART_OVERHEAD;
+    }
+
+    /// The rules a configuration must follow; [`ReplicaServer::start`]
+    /// refuses one that breaks them, before it touches the data directory.
+    /// The messages name the `replog replica` flags.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        let refuse = |why: String| Err(ServerError::Config(why));
+        if self.peers.contains_key(&self.replica_id) {
+            return refuse(format!(
+                "--peers lists this replica's own id {}; list only the other replicas",
+                self.replica_id
+            ));
+        }
+        if let (None, Some(dir)) = (&self.state, &self.backup_dir) {
+            return refuse(format!(
+                "--backup-dir {} needs --state: the server backs up the scheduler state, \
+                 which runs only with --state",
+                dir.display()
+            ));
+        }
+        if self.backup_dir.is_some() && self.backup_interval.is_zero() {
+            return refuse("--backup-interval must be more than zero".into());
+        }
+        if let Some(state) = &self.state {
+            if state.max_entry_bytes < MIN_MAX_ENTRY_BYTES {
+                return refuse(format!(
+                    "--max-entry-size must be at least {MIN_MAX_ENTRY_BYTES} bytes"
+                ));
+            }
+            let needed = state.max_entry_bytes + replog_store::record::PART_OVERHEAD;
+            if self.log.max_entry_bytes < needed {
+                return refuse(format!(
+                    "the log's entry limit ({} bytes) is below the state's ({} bytes) plus the \
+                     records' framing ({needed} bytes): set both with set_max_entry_bytes",
+                    self.log.max_entry_bytes, state.max_entry_bytes
+                ));
+            }
+        } else if self.log.max_entry_bytes
+            < MIN_MAX_ENTRY_BYTES + replog_store::record::PART_OVERHEAD
+        {
+            // What `set_max_entry_bytes` makes of a limit under the minimum.
+            return refuse(format!(
+                "--max-entry-size must be at least {MIN_MAX_ENTRY_BYTES} bytes"
+            ));
+        }
+        Ok(())
     }
 
     fn advertised(&self) -> String {
@@ -159,6 +223,10 @@ pub struct ReplicaServer {
     transport: Transport,
     local_addr: SocketAddr,
     registry: prometheus::Registry,
+    metrics: Arc<metrics::Metrics>,
+    /// The `/metrics` HTTP task, when [`ServerConfig::metrics_listen`] is set.
+    metrics_http: Option<JoinHandle<()>>,
+    metrics_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     stopping: tokio::sync::watch::Sender<bool>,
     serving: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
@@ -229,18 +297,7 @@ impl ReplicaServer {
     /// Opens (or creates EMPTY) the replica and serves it. Must be called
     /// inside a tokio runtime.
     pub async fn start(config: ServerConfig) -> Result<ReplicaServer, ServerError> {
-        if config.peers.contains_key(&config.replica_id) {
-            return Err(ServerError::Config(format!(
-                "--peers lists this replica's own id {}; list only the other replicas",
-                config.replica_id
-            )));
-        }
-        if let (None, Some(dir)) = (&config.state, &config.backup_dir) {
-            return Err(ServerError::Config(format!(
-                "a backup directory ({}) needs the state store (--state): backups are of the scheduler state",
-                dir.display()
-            )));
-        }
+        config.validate()?;
         if is_empty_dir(&config.path)? {
             let mut members: Vec<Member> = config
                 .peers
@@ -317,21 +374,20 @@ impl ReplicaServer {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (store, staging) = match &config.state {
             Some(opts) => {
-                let state = StateStore::open(log.shared_db(), CF_STATE, StateLimits::default())
-                    .map_err(|e| {
-                        ServerError::Config(format!("cannot open the state store: {e}"))
-                    })?;
-                let staging = Staging::open(log.shared_db(), log.path()).map_err(|e| {
+                let staging = Staging::for_log(&log).map_err(|e| {
                     ServerError::Config(format!("cannot open the staging area: {e}"))
                 })?;
                 let staging = Arc::new(staging);
-                let store = Arc::new(SchedulerStore::start_with(
+                let source: Arc<dyn replog_store::SnapshotSource> =
+                    Arc::new(catch_up::PeerSnapshots::new(log.clone()));
+                let store = SchedulerStore::open_with(
                     log.clone(),
-                    state,
                     opts.clone(),
-                    Some(Arc::new(catch_up::PeerSnapshots::new(log.clone()))),
+                    Some(source),
                     Some(staging.clone()),
-                ));
+                )
+                .map_err(|e| ServerError::Config(format!("cannot open the state store: {e}")))?;
+                let store = Arc::new(store);
                 spawn_auto_commit(store.clone(), staging.clone());
                 (Some(store), Some(staging))
             }
@@ -379,11 +435,28 @@ impl ReplicaServer {
             status = %meta.status,
             "replica server is serving"
         );
+        let metrics = Arc::new(metrics::Metrics {
+            log: log.clone(),
+            registry: registry.clone(),
+            store: store.clone(),
+        });
+        let (metrics_http, metrics_addr) = match config.metrics_listen {
+            Some(addr) => {
+                let (task, bound) =
+                    metrics::serve(addr, metrics.clone(), stopping_tx.subscribe()).await?;
+                info!(listen = %bound, "serving metrics on /metrics");
+                (Some(task), Some(bound))
+            }
+            None => (None, None),
+        };
         Ok(ReplicaServer {
             log,
             transport,
             local_addr,
             registry,
+            metrics,
+            metrics_http,
+            metrics_addr,
             stop: Some(stop_tx),
             stopping: stopping_tx,
             serving: Some(serving),
@@ -414,112 +487,16 @@ impl ReplicaServer {
     }
 
     /// The replica's metrics in the Prometheus text format: the transport's
-    /// counters and the replica's state, read now.
+    /// counters and the replica's state, read now (what `GET /metrics`
+    /// serves on [`ServerConfig::metrics_listen`]).
     pub async fn metrics_text(&self) -> String {
-        use prometheus::{Encoder, GaugeVec, IntGauge, Opts, Registry};
-        let scrape = Registry::new();
-        let gauge = |name: &str, help: &str, v: i64| {
-            let g = IntGauge::new(name, help).expect("valid metric name");
-            g.set(v);
-            scrape.register(Box::new(g)).expect("registered once");
-        };
-        let p = self.log.progress();
-        let status = match p.status {
-            ReplicaStatus::Empty => 1,
-            ReplicaStatus::Starting => 2,
-            ReplicaStatus::Recovering => 3,
-            ReplicaStatus::Voting => 4,
-        };
-        gauge(
-            "replog_replica_status",
-            "1 EMPTY, 2 STARTING, 3 RECOVERING, 4 VOTING",
-            status,
-        );
-        gauge("replog_raft_term", "current Raft term", p.term as i64);
-        gauge(
-            "replog_is_leader",
-            "1 when this replica leads",
-            p.is_leader as i64,
-        );
-        gauge(
-            "replog_commit_position",
-            "last committed position applied here",
-            p.applied as i64,
-        );
-        gauge(
-            "replog_first_position",
-            "first position not truncated",
-            p.first_index as i64,
-        );
-        gauge(
-            "replog_last_position",
-            "last position written here",
-            p.last_index as i64,
-        );
-        if let Ok(cs) = self.log.cluster_status().await {
-            let reachable = GaugeVec::new(
-                Opts::new(
-                    "replog_member_reachable",
-                    "1 while a member answers within --ping-timeout x --max-ping-timeouts",
-                ),
-                &["member"],
-            )
-            .expect("valid metric");
-            let lag = GaugeVec::new(
-                Opts::new(
-                    "replog_member_lag_positions",
-                    "positions a member is behind the commit (leader only)",
-                ),
-                &["member"],
-            )
-            .expect("valid metric");
-            for m in &cs.members {
-                let id = m.id.to_string();
-                reachable
-                    .with_label_values(&[&id])
-                    .set(m.reachable as i64 as f64);
-                lag.with_label_values(&[&id]).set(m.lag as f64);
-            }
-            scrape
-                .register(Box::new(reachable))
-                .expect("registered once");
-            scrape.register(Box::new(lag)).expect("registered once");
-        }
-        if let Some(store) = &self.store {
-            // Snapshots and compaction of the state log (replog_store::store).
-            let counter = |name: &str, help: &str, v: u64| {
-                let c = prometheus::IntCounter::new(name, help).expect("valid metric name");
-                c.inc_by(v);
-                scrape.register(Box::new(c)).expect("registered once");
-            };
-            counter(
-                "replog_state_compactions_total",
-                "log truncations this replica proposed as leader after flushing its state",
-                store.compactions(),
-            );
-            counter(
-                "replog_state_aborted_framed_writes_total",
-                "framed writes (a transaction or a state replacement over several entries) that never completed and were skipped",
-                store.aborted_writes(),
-            );
-            counter(
-                "replog_state_snapshot_catch_ups_total",
-                "state snapshots this replica installed from a peer (its state was behind the log's beginning)",
-                store.snapshot_catch_ups(),
-            );
-            let stopped = prometheus::IntGauge::new(
-                "replog_state_applier_stopped",
-                "1 when this replica's state applier stopped (a record of a newer state schema, a storage error: see its log); its state no longer follows the log",
-            )
-            .expect("valid metric name");
-            stopped.set(store.watch_applied().borrow().failure.is_some() as i64);
-            scrape.register(Box::new(stopped)).expect("registered once");
-        }
-        let mut families = self.registry.gather();
-        families.extend(scrape.gather());
-        let mut out = Vec::new();
-        let _ = prometheus::TextEncoder::new().encode(&families, &mut out);
-        String::from_utf8(out).unwrap_or_default()
+        self.metrics.text().await
+    }
+
+    /// Where `/metrics` is served, when [`ServerConfig::metrics_listen`] is
+    /// set (the real port when configured with 0).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Waits until the replica is VOTING, or `timeout` passes
@@ -569,6 +546,15 @@ impl ReplicaServer {
                     warn!("calls still open after {SHUTDOWN_GRACE:?}; dropping them");
                     serving.abort();
                 }
+            }
+        }
+        if let Some(mut metrics_http) = self.metrics_http.take() {
+            // It saw `stopping`; open scrapes get the grace too.
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut metrics_http)
+                .await
+                .is_err()
+            {
+                metrics_http.abort();
             }
         }
         if let Some(mut backups) = self.backups.take() {

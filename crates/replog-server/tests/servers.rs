@@ -288,3 +288,106 @@ async fn truncation_is_replicated_and_a_lagging_replica_catches_up_by_snapshot()
         s.shutdown().await.unwrap();
     }
 }
+
+/// `GET /metrics` is served by the server itself on `metrics_listen`, and
+/// stops with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_serves_its_metrics_over_http() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let addrs: BTreeMap<u64, SocketAddr> = [(1, free_port())].into();
+    RocksStorage::initialize(
+        dir.path(),
+        &InitOptions {
+            cluster_id: "m".into(),
+            replica_id: 1,
+            members: vec![Member {
+                id: 1,
+                address: addrs[&1].to_string(),
+            }],
+        },
+    )
+    .unwrap();
+    let mut cfg = config(dir.path(), "m", 1, &addrs);
+    cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let server = ReplicaServer::start(cfg).await.unwrap();
+    let addr = server.metrics_addr().expect("metrics are served");
+    let get = || async move {
+        let mut conn = tokio::net::TcpStream::connect(addr).await?;
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).await?;
+        Ok::<String, std::io::Error>(body)
+    };
+    let body = get().await.unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("replog_replica_status 4"), "{body}");
+    server.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(get().await.is_err(), "still serving after shutdown");
+}
+
+/// The rules of a configuration, refused before anything is touched.
+#[test]
+fn invalid_configurations_are_refused_with_the_flag_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = || ServerConfig::new(dir.path(), free_port(), "v", 1);
+    let with_state = || {
+        let mut c = base();
+        c.state = Some(replog_server::StoreOptions::default());
+        c
+    };
+    let mut own_peer = base();
+    own_peer.peers.insert(1, "x:1".into());
+    let mut backups_without_state = base();
+    backups_without_state.backup_dir = Some("/b".into());
+    let mut zero_interval = with_state();
+    zero_interval.backup_dir = Some("/b".into());
+    zero_interval.backup_interval = Duration::ZERO;
+    let mut tiny_entries = with_state();
+    tiny_entries.set_max_entry_bytes(512);
+    let mut log_below_state = with_state();
+    log_below_state.log.max_entry_bytes = 1024 * 1024;
+    let mut tiny_raw_entries = base();
+    tiny_raw_entries.set_max_entry_bytes(1000);
+    let mut derived = with_state();
+    derived.set_max_entry_bytes(4096);
+    let rows: Vec<(&str, ServerConfig, Option<&str>)> = vec![
+        ("defaults", base(), None),
+        ("defaults with the state store", with_state(), None),
+        ("the log's limit derived from the state's", derived, None),
+        (
+            "its own id among the peers",
+            own_peer,
+            Some("--peers lists this replica's own id 1"),
+        ),
+        (
+            "backups without the state",
+            backups_without_state,
+            Some("--backup-dir /b needs --state"),
+        ),
+        (
+            "backups every 0 s",
+            zero_interval,
+            Some("--backup-interval must be more than zero"),
+        ),
+        (
+            "entries under 1 KiB",
+            tiny_entries,
+            Some("--max-entry-size must be at least 1024 bytes"),
+        ),
+        (
+            "a log limit below the state's framing",
+            log_below_state,
+            Some("below the state's"),
+        ),
+    ];
+    for (what, config, want) in rows {
+        match (config.validate(), want) {
+            (Ok(()), None) => {}
+            (Err(e), Some(w)) => assert!(e.to_string().contains(w), "{what}: {e}"),
+            (got, want) => panic!("{what}: got {got:?}, want {want:?}"),
+        }
+    }
+}

@@ -124,6 +124,12 @@ pub struct Staging {
 impl Staging {
     /// Opens the staging area in `db` (the replica's database) whose
     /// directory is `dir`.
+    /// The staging area of the replica behind `log`: its column family in
+    /// the log's database, its marker files in the log's directory.
+    pub fn for_log(log: &replog_log::Log) -> Result<Self, StagingError> {
+        Self::open(log.shared_db(), log.path())
+    }
+
     pub fn open(db: Arc<DB>, dir: &Path) -> Result<Self, StagingError> {
         let state = StateStore::open(db, CF_STAGING, Limits::default())?;
         let marker = dir.join(MARKER);

@@ -234,6 +234,30 @@ impl SchedulerStore {
         Self::start_with_source(log, state, opts, None)
     }
 
+    /// Opens the scheduler state kept in `log`'s own database (the state
+    /// store's column family) and starts the store on it, as
+    /// [`Self::start`] does. Must run in a tokio runtime.
+    pub fn open(log: Arc<Log>, opts: StoreOptions) -> Result<Self, StoreError> {
+        Self::open_with(log, opts, None, None)
+    }
+
+    /// Like [`Self::open`], with a [`SnapshotSource`] for catch-up and this
+    /// replica's staging area (see [`Self::start_with`]).
+    pub fn open_with(
+        log: Arc<Log>,
+        opts: StoreOptions,
+        source: Option<Arc<dyn SnapshotSource>>,
+        staging: Option<Arc<crate::staging::Staging>>,
+    ) -> Result<Self, StoreError> {
+        let state = StateStore::open(
+            log.shared_db(),
+            replog_storage::CF_STATE,
+            replog_state::Limits::default(),
+        )
+        .map_err(StoreError::State)?;
+        Ok(Self::start_with(log, state, opts, source, staging))
+    }
+
     /// Like [`Self::start`]; an applier whose state is behind the log's
     /// beginning catches up from a snapshot of `source` (module docs).
     pub fn start_with_source(

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use replog_log::{Log, LogOptions};
 use replog_proto::state::{op, JobKey, Op, SaveTasks, ScheduledTask, TaskConfig, Transaction};
 use replog_state::{Limits, StateStore};
-use replog_storage::{InitOptions, RocksStorage, CF_STATE};
+use replog_storage::{InitOptions, RocksStorage};
 use replog_store::backup::{write_state, SnapshotIdentity};
 use replog_store::{FetchFuture, SchedulerStore, SnapshotSource, StoreOptions};
 
@@ -91,8 +91,7 @@ async fn the_leader_compacts_and_a_state_behind_the_log_catches_up_from_a_snapsh
         snapshot_keep_entries: 5,
         ..StoreOptions::default()
     };
-    let state = StateStore::open(log.shared_db(), CF_STATE, Limits::default()).unwrap();
-    let store = SchedulerStore::start(log.clone(), state, opts.clone());
+    let store = SchedulerStore::open(log.clone(), opts.clone()).unwrap();
     store.start_writer().await.unwrap();
     for i in 0..60 {
         store.submit(&save(i)).await.unwrap();
@@ -162,8 +161,7 @@ async fn without_a_source_a_state_behind_the_log_stops_the_applier() {
         snapshot_keep_entries: 2,
         ..StoreOptions::default()
     };
-    let state = StateStore::open(log.shared_db(), CF_STATE, Limits::default()).unwrap();
-    let store = SchedulerStore::start(log.clone(), state, opts.clone());
+    let store = SchedulerStore::open(log.clone(), opts.clone()).unwrap();
     store.start_writer().await.unwrap();
     for i in 0..30 {
         store.submit(&save(i)).await.unwrap();

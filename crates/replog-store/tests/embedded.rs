@@ -8,8 +8,8 @@ use replog_proto::state::{
     op, AdmitAgent, JobKey, MarkAgentReachable, Op, RemoveTasks, SaveTasks, ScheduleStatus,
     ScheduledTask, TaskConfig, Transaction,
 };
-use replog_state::{Limits, StateStore, TaskQuery};
-use replog_storage::{InitOptions, RocksStorage, CF_STATE};
+use replog_state::TaskQuery;
+use replog_storage::{InitOptions, RocksStorage};
 use replog_store::{SchedulerStore, StoreError, StoreOptions};
 
 fn task(id: &str, role: &str, status: ScheduleStatus, pad: usize) -> ScheduledTask {
@@ -55,8 +55,7 @@ fn backup_of(store: &SchedulerStore, dir: &std::path::Path) -> std::path::PathBu
 
 fn open(dir: &std::path::Path, opts: StoreOptions) -> SchedulerStore {
     let log = Arc::new(Log::open(dir, LogOptions::default()).unwrap());
-    let state = StateStore::open(log.shared_db(), CF_STATE, Limits::default()).unwrap();
-    SchedulerStore::start(log, state, opts)
+    SchedulerStore::open(log, opts).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,8 +327,7 @@ async fn a_committed_staging_is_recorded_and_never_committed_twice() {
         ..StoreOptions::default()
     };
     let start = |staging: Arc<Staging>, log: Arc<Log>| {
-        let state = StateStore::open(log.shared_db(), CF_STATE, Limits::default()).unwrap();
-        SchedulerStore::start_with(log, state, opts.clone(), None, Some(staging))
+        SchedulerStore::open_with(log, opts.clone(), None, Some(staging)).unwrap()
     };
     let log = Arc::new(Log::open(&path, LogOptions::default()).unwrap());
     let staging = Arc::new(Staging::open(log.shared_db(), log.path()).unwrap());
