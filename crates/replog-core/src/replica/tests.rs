@@ -549,3 +549,272 @@ fn the_replica_lifecycle_as_a_table() {
         assert_eq!(ticks_raft(status), ticks, "{status}");
     }
 }
+
+/// Feeds a recover-protocol message from `from`; returns the outputs.
+fn peer(c: &mut ReplicaCore<MemoryStorage>, from: u64, msg: PeerMessage) -> Vec<Output> {
+    let mut out = Vec::new();
+    c.step(Input::Peer { from, msg }, &mut out).unwrap();
+    out
+}
+
+fn answer(status: ReplicaStatus) -> PeerMessage {
+    PeerMessage::RecoverResponse {
+        status,
+        term: 0,
+        leader: 0,
+        applied: 0,
+    }
+}
+
+/// A vote is durable before the answer that grants it leaves: killed by
+/// deferring a term/vote change like a commit-index-only one.
+#[test]
+fn a_vote_is_durable_before_its_answer_leaves() {
+    let s = MemoryStorage::new_initialized("t", 1, vec![1, 2, 3]);
+    let cfg = CoreConfig {
+        peers: vec![2, 3],
+        ..Default::default()
+    };
+    let mut c = ReplicaCore::new(s.clone(), &cfg).unwrap();
+    let mut vote = Message::default();
+    vote.set_msg_type(MessageType::MsgRequestVote);
+    (vote.from, vote.to, vote.term) = (2, 1, 5);
+    (vote.log_term, vote.index) = (1, 1);
+    let mut out = Vec::new();
+    c.step(Input::Message(Box::new(vote)), &mut out).unwrap();
+    c.drive(&mut out).unwrap();
+    let granted = |out: &[Output]| {
+        out.iter().any(|o| {
+            matches!(o, Output::Send(ms) if ms.iter().any(|m| {
+                m.get_msg_type() == MessageType::MsgRequestVoteResponse && !m.reject
+            }))
+        })
+    };
+    let ready_number = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Sync { ready_number } => Some(*ready_number),
+            _ => None,
+        })
+        .expect("a vote asks for an fsync");
+    assert!(!granted(&out), "the vote left before its fsync: {out:?}");
+    s.sync().unwrap();
+    let mut out = Vec::new();
+    c.step(Input::Persisted { ready_number }, &mut out).unwrap();
+    assert!(granted(&out), "{out:?}");
+    drop(c);
+    s.crash();
+    let hs = s.meta().hard_state;
+    assert_eq!((hs.term, hs.vote), (5, 2), "the vote survives a crash");
+}
+
+/// A leader that hears a member report a shorter log than it acknowledged
+/// stops counting the lost positions (else a wiped follower would count
+/// towards a quorum for entries it no longer holds).
+#[test]
+fn a_member_that_lost_positions_is_probed_from_what_it_holds() {
+    let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+    let cfg = CoreConfig {
+        peers: vec![2],
+        auto_promote: false,
+        ..Default::default()
+    };
+    let mut c = ReplicaCore::new(s, &cfg).unwrap();
+    pump(&mut c, true);
+    let mut out = Vec::new();
+    c.step(
+        Input::ChangeMembership {
+            id: 1,
+            changes: vec![MembershipChange::AddLearner(2)],
+            addresses: Vec::new(),
+        },
+        &mut out,
+    )
+    .unwrap();
+    pump(&mut c, true);
+    let last = c.node.raft.raft_log.last_index();
+    c.node.raft.mut_prs().get_mut(2).unwrap().matched = last;
+    let request = |last_index| PeerMessage::RecoverRequest {
+        status: ReplicaStatus::Recovering,
+        last_index,
+        incarnation: 9,
+    };
+    peer(&mut c, 2, request(last));
+    assert_eq!(
+        c.node.raft.prs().get(2).unwrap().matched,
+        last,
+        "nothing lost"
+    );
+    peer(&mut c, 2, request(0));
+    assert_eq!(
+        c.node.raft.prs().get(2).unwrap().matched,
+        0,
+        "lost positions"
+    );
+}
+
+/// A learner that never announced an incarnation (a VOTING replica an
+/// operator made a learner) is promoted unnamed, but only after two
+/// recover rounds of grace; one that announced one is promoted at once.
+#[test]
+fn an_unnamed_promotion_waits_for_its_grace() {
+    let recover_interval_ticks = 5;
+    let start = |announce: bool| {
+        let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+        let cfg = CoreConfig {
+            peers: vec![2],
+            recover_interval_ticks,
+            ..Default::default()
+        };
+        let mut c = ReplicaCore::new(s, &cfg).unwrap();
+        pump(&mut c, true);
+        let mut out = Vec::new();
+        c.step(
+            Input::ChangeMembership {
+                id: 1,
+                changes: vec![MembershipChange::AddLearner(2)],
+                addresses: Vec::new(),
+            },
+            &mut out,
+        )
+        .unwrap();
+        pump(&mut c, true);
+        if announce {
+            let request = PeerMessage::RecoverRequest {
+                status: ReplicaStatus::Recovering,
+                last_index: 0,
+                incarnation: 4,
+            };
+            peer(&mut c, 2, request);
+        }
+        let committed = c.node.raft.raft_log.committed;
+        c.node.raft.mut_prs().get_mut(2).unwrap().matched = committed;
+        c
+    };
+    let promoted_after = |mut c: ReplicaCore<MemoryStorage>| {
+        for tick in 1..=100u64 {
+            let mut out = Vec::new();
+            c.step(Input::Tick, &mut out).unwrap();
+            if c.node.raft.has_pending_conf() {
+                return tick;
+            }
+        }
+        panic!("never promoted");
+    };
+    assert_eq!(promoted_after(start(true)), 1, "named: at the first tick");
+    let unnamed = promoted_after(start(false));
+    assert_eq!(
+        unnamed,
+        1 + 2 * recover_interval_ticks,
+        "unnamed: after two recover rounds"
+    );
+}
+
+/// An EMPTY replica that hears a VOTING answer persists RECOVERING before
+/// it acts on it.
+#[test]
+fn an_empty_replica_persists_recovering_when_the_cluster_is_live() {
+    let s = MemoryStorage::new_empty("t", 3);
+    let cfg = CoreConfig {
+        peers: vec![1, 2],
+        ..Default::default()
+    };
+    let mut c = ReplicaCore::new(s.clone(), &cfg).unwrap();
+    let out = peer(&mut c, 1, answer(ReplicaStatus::Voting));
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            Output::StatusChanged {
+                status: ReplicaStatus::Recovering
+            }
+        )),
+        "{out:?}"
+    );
+    s.crash();
+    assert_eq!(s.meta().status, ReplicaStatus::Recovering, "synced");
+}
+
+/// The second phase of auto-initialization founds exactly the log
+/// `replog initialize` would: every configured replica a voter, the
+/// founding snapshot at position 1 of term 1, VOTING, all synced.
+#[test]
+fn auto_initialization_founds_the_initial_log() {
+    let s = MemoryStorage::new_empty("t", 3);
+    let cfg = CoreConfig {
+        peers: vec![1, 2],
+        auto_initialize: true,
+        ..Default::default()
+    };
+    let mut c = ReplicaCore::new(s.clone(), &cfg).unwrap();
+    peer(&mut c, 1, answer(ReplicaStatus::Empty));
+    peer(&mut c, 2, answer(ReplicaStatus::Empty));
+    assert_eq!(c.status(), ReplicaStatus::Starting);
+    assert_eq!(s.meta().status, ReplicaStatus::Starting);
+    peer(&mut c, 1, answer(ReplicaStatus::Starting));
+    let out = peer(&mut c, 2, answer(ReplicaStatus::Starting));
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::StatusChanged {
+            status: ReplicaStatus::Voting
+        }
+    )));
+    s.crash();
+    let meta = s.meta();
+    assert_eq!(meta.status, ReplicaStatus::Voting);
+    assert_eq!(meta.conf_state.voters, vec![1, 2, 3]);
+    assert_eq!((meta.snapshot_index, meta.snapshot_term), (1, 1));
+    assert_eq!((meta.hard_state.term, meta.hard_state.commit), (1, 1));
+    assert_eq!(meta.applied_index, 1);
+    assert_eq!(c.progress().applied, 1);
+}
+
+/// A replica that cannot serve one (EMPTY, STARTING) refuses a
+/// linearizable read at once instead of leaving it to time out; only a
+/// VOTING leader hands leadership over.
+#[test]
+fn reads_and_leader_transfers_are_refused_where_they_cannot_work() {
+    let s = MemoryStorage::new_empty("t", 3);
+    let mut c = ReplicaCore::new(s, &CoreConfig::default()).unwrap();
+    let mut out = Vec::new();
+    c.step(Input::ReadIndex { id: 7 }, &mut out).unwrap();
+    assert!(
+        matches!(
+            out.as_slice(),
+            [Output::Failed {
+                id: 7,
+                error: ProposalError::NotLeader { leader: None }
+            }]
+        ),
+        "{out:?}"
+    );
+    // A follower of three does not start a transfer; the leader does.
+    let s = MemoryStorage::new_initialized("t", 1, vec![1, 2, 3]);
+    let cfg = CoreConfig {
+        peers: vec![2, 3],
+        ..Default::default()
+    };
+    let mut c = ReplicaCore::new(s, &cfg).unwrap();
+    c.step(Input::TransferLeader { to: 2 }, &mut out).unwrap();
+    assert_eq!(
+        c.node.raft.lead_transferee, None,
+        "a follower transfers nothing"
+    );
+    let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+    let mut c = leader(&s);
+    c.step(
+        Input::ChangeMembership {
+            id: 1,
+            changes: vec![MembershipChange::AddVoter(2)],
+            addresses: Vec::new(),
+        },
+        &mut out,
+    )
+    .unwrap();
+    pump(&mut c, true);
+    c.step(Input::TransferLeader { to: 2 }, &mut out).unwrap();
+    assert_eq!(
+        c.node.raft.lead_transferee,
+        Some(2),
+        "the leader starts one"
+    );
+}
