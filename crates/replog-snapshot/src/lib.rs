@@ -1,8 +1,10 @@
 //! The one snapshot stream format of replog.
 //!
-//! The same stream carries a Raft snapshot to a lagging replica, is a backup
-//! file (`scheduler-backup-YYYY-MM-DD-HH-MM`), and is what staged recovery
-//! reads. `docs/snapshot-format.md` gives the layout byte by byte; in short
+//! The same stream carries a peer's state to a replica whose state is
+//! behind its log's beginning (Raft snapshots themselves carry no data), is
+//! a backup file (`scheduler-backup-YYYY-MM-DD-HH-MM`), is what staged
+//! recovery reads, and is what a whole-state replacement writes through the
+//! log. `docs/snapshot-format.md` gives the layout byte by byte; in short
 //! (all integers little-endian):
 //!
 //! ```text

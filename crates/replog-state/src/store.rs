@@ -1331,8 +1331,8 @@ impl StateStore {
     /// deleted. On any error the old state stays and the partial generation
     /// is deleted; after a crash, [`StateStore::open`] deletes it.
     ///
-    /// `position` is taken as given (a Raft snapshot is ahead of the
-    /// applied position; a staged backup may not be). Subscribers get a
+    /// `position` is taken as given (a peer's state snapshot is ahead of
+    /// the applied position; a staged backup may not be). Subscribers get a
     /// [`crate::StateEvent::Reset`]. The WAL is synced once the switch is
     /// written.
     pub fn replace_all<I, E>(&self, position: u64, entities: I) -> Result<ReplaceReport>
