@@ -3,26 +3,19 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use replog_client::{CallKind, ClientConfig, ClientError, ErrorCode, Retry, StateClient};
 use replog_proto::state::{
     op, JobKey, Op, SaveTasks, ScheduleStatus, ScheduledTask, TaskConfig, Transaction,
 };
-use replog_proto::store::scheduler_state_client::SchedulerStateClient;
-use replog_proto::store::{
-    ReadMode, RecoveryStatusResponse, SnapshotRequest, SubmitRequest, SummaryRequest,
-    SummaryResponse, TaskQueryRequest,
-};
+use replog_proto::store::{ReadMode, RecoveryStatusResponse, SummaryResponse, TaskQueryRequest};
 use replog_store::backup::{inspect, BackupDir, Inspection};
 use serde_json::json;
-use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::support::{progress_bar, runtime};
-
-/// Largest gRPC message the state client accepts (a snapshot frame).
-const MAX_MESSAGE_BYTES: usize = 80 * 1024 * 1024;
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -156,89 +149,99 @@ impl TaskQueryArgs {
     }
 }
 
-/// A state client of `endpoint`.
-pub async fn connect(endpoint: &str) -> Result<SchedulerStateClient<Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
-        .with_context(|| format!("'{endpoint}' is not host:port"))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {endpoint}"))?;
-    Ok(SchedulerStateClient::new(ch)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+/// How long the tool waits for one answer: as long as a replica takes (a
+/// query, or a staged backup's deletion, grows with the state).
+const ANSWER_PATIENCE: Duration = Duration::from_secs(3600);
+
+/// The tool's state client config: `max_attempts` attempts per call (1:
+/// the command moves on to the next replica, or reports, itself).
+fn tool_config(max_attempts: u32) -> ClientConfig {
+    ClientConfig {
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: ANSWER_PATIENCE,
+        max_attempts,
+        ..ClientConfig::default()
+    }
+}
+
+/// The tool's state client of `endpoints` (see [`tool_config`]).
+fn state_client(endpoints: &[String], max_attempts: u32) -> StateClient {
+    StateClient::with_config(endpoints, tool_config(max_attempts))
+}
+
+/// A state client's error as the tool words it: `address: message (CODE)`
+/// for a replica's refusal.
+fn state_err(e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::Replica {
+            endpoint,
+            code,
+            message,
+            ..
+        } => anyhow!("{endpoint}: {message} ({code})"),
+        e => anyhow!(e),
+    }
 }
 
 /// How long [`submit`] looks for a leader that takes a transaction.
-const SUBMIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
+const SUBMIT_PATIENCE: Duration = Duration::from_secs(15);
 
-/// The leader's address from a NOT_LEADER answer.
-fn leader_hint(s: &tonic::Status) -> Option<String> {
-    let hint = s.metadata().get("replog-leader")?.to_str().ok()?;
-    let (_, addr) = hint.split_once('=')?;
-    (!addr.is_empty()).then(|| addr.to_string())
+/// The client [`submit`] goes through: it follows leader hints and asks
+/// again every 100 ms for [`SUBMIT_PATIENCE`] (an election, or a new leader
+/// whose state writer is not ready yet, takes a moment).
+pub fn submit_client(endpoints: &[String]) -> StateClient {
+    StateClient::with_config(
+        endpoints,
+        ClientConfig {
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(100),
+            retry_deadline: Some(SUBMIT_PATIENCE),
+            ..tool_config(u32::MAX)
+        },
+    )
 }
 
-/// Submits `txn` to the leader among `endpoints` (following leader hints;
-/// written again on the new leader when leadership was lost mid-write,
-/// which is safe only because this tool's transactions are idempotent).
-/// Gives up when no leader takes it within [`SUBMIT_PATIENCE`] (an election,
-/// or a new leader whose state writer is not ready yet, takes a moment).
-pub async fn submit(
-    endpoints: &[String],
-    clients: &mut Vec<(String, SchedulerStateClient<Channel>)>,
-    txn: Transaction,
-) -> Result<u64> {
-    let mut target = clients
-        .first()
-        .map(|(e, _)| e.clone())
-        .unwrap_or_else(|| endpoints[0].clone());
-    let deadline = tokio::time::Instant::now() + SUBMIT_PATIENCE;
-    let mut attempt = 0;
-    while tokio::time::Instant::now() < deadline {
-        attempt += 1;
-        if !clients.iter().any(|(e, _)| *e == target) {
-            clients.insert(0, (target.clone(), connect(&target).await?));
-        }
-        let i = clients
-            .iter()
-            .position(|(e, _)| *e == target)
-            .expect("inserted above");
-        clients.swap(0, i);
-        let c = &mut clients[0].1;
-        match c
-            .submit(SubmitRequest {
-                transaction: Some(txn.clone()),
+/// Submits `txn` to the leader (written again on the new leader when
+/// leadership was lost mid-write, which is safe only because this tool's
+/// transactions are idempotent). Gives up when no leader takes it within
+/// [`SUBMIT_PATIENCE`].
+pub async fn submit(client: &StateClient, txn: Transaction) -> Result<u64> {
+    let deadline = Instant::now() + SUBMIT_PATIENCE;
+    let no_leader = || {
+        let endpoints: Vec<&str> = client.endpoints().iter().map(|e| e.as_str()).collect();
+        anyhow!("no leader found among {}", endpoints.join(","))
+    };
+    loop {
+        match client.submit(txn.clone()).await {
+            Ok(position) => return Ok(position),
+            // LEADERSHIP_LOST: the write may or may not be in the log.
+            // The transactions this tool writes are saves of generated
+            // tasks, which are idempotent, so writing one again on the
+            // new leader is safe (a scheduler's own writes need not be).
+            Err(ClientError::OutcomeUnknown {
+                code: Some(ErrorCode::LeadershipLost),
+                ..
+            }) if Instant::now() < deadline => {}
+            Err(ClientError::OutcomeUnknown {
+                code: Some(ErrorCode::LeadershipLost),
+                ..
             })
-            .await
-        {
-            Ok(r) => return Ok(r.into_inner().position),
-            Err(s) if s.code() == Code::FailedPrecondition => {
-                let code = s
-                    .metadata()
-                    .get("replog-error")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                // LEADERSHIP_LOST: the write may or may not be in the log.
-                // The transactions this tool writes are saves of generated
-                // tasks, which are idempotent, so writing one again on the
-                // new leader is safe (a scheduler's own writes need not be).
-                if code != "NOT_LEADER" && code != "LEADERSHIP_LOST" {
-                    bail!("{target} refused the transaction: {} ({code})", s.message());
-                }
-                let hint = leader_hint(&s);
-                if hint.is_none() || hint.as_ref() == Some(&target) {
-                    // No leader known, or the leader itself is not ready to
-                    // write yet (it names itself): wait before asking again.
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-                target = hint.unwrap_or_else(|| endpoints[attempt % endpoints.len()].clone());
-            }
-            Err(s) => bail!("{target}: {} ({:?})", s.message(), s.code()),
+            | Err(ClientError::NoLeader { .. }) => return Err(no_leader()),
+            Err(ClientError::Replica {
+                endpoint,
+                code,
+                status: Code::FailedPrecondition,
+                message,
+            }) => bail!("{endpoint} refused the transaction: {message} ({code})"),
+            Err(ClientError::Replica {
+                endpoint,
+                status,
+                message,
+                ..
+            }) => bail!("{endpoint}: {message} ({status:?})"),
+            Err(e) => return Err(e.into()),
         }
     }
-    bail!("no leader found among {}", endpoints.join(","))
 }
 
 /// Generated task number `i` (deterministic).
@@ -289,29 +292,20 @@ pub fn state(a: StateArgs) -> Result<()> {
             StateCommand::Summary { json } => {
                 let mut out = Vec::new();
                 let mut failed = false;
+                // A linearizable read needs a leader: retry through a leader
+                // change (four attempts, 500 ms apart).
+                let client = StateClient::with_config(
+                    &a.endpoint,
+                    ClientConfig {
+                        backoff_min: Duration::from_millis(500),
+                        backoff_max: Duration::from_millis(500),
+                        ..tool_config(4)
+                    },
+                );
                 for e in &a.endpoint {
-                    // A linearizable read needs a leader: retry through a
-                    // leader change.
-                    let mut r = Err(anyhow!("not tried"));
-                    for attempt in 0..4 {
-                        if attempt > 0 {
-                            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                        }
-                        r = async {
-                            let mut c = connect(e).await?;
-                            let s = c
-                                .summary(SummaryRequest {
-                                    mode: ReadMode::Linearizable as i32,
-                                })
-                                .await
-                                .map_err(|s| anyhow!("{e}: {}", s.message()))?;
-                            anyhow::Ok(s.into_inner())
-                        }
-                        .await;
-                        if r.is_ok() {
-                            break;
-                        }
-                    }
+                    let r = async { client.at(e)?.summary(ReadMode::Linearizable).await }
+                        .await
+                        .map_err(state_err);
                     match r {
                         Ok(s) => out.push(summary_json(e, &s)),
                         Err(err) => {
@@ -341,7 +335,7 @@ pub fn state(a: StateArgs) -> Result<()> {
                 let batch = batch.max(1);
                 let pb = progress_bar(tasks, "tasks", true);
                 let started = Instant::now();
-                let mut clients = Vec::new();
+                let client = submit_client(&a.endpoint);
                 let mut i = first;
                 let mut last = 0;
                 let mut latencies_us: Vec<u64> = Vec::new();
@@ -355,7 +349,7 @@ pub fn state(a: StateArgs) -> Result<()> {
                         }],
                     };
                     let t0 = Instant::now();
-                    last = submit(&a.endpoint, &mut clients, txn).await?;
+                    last = submit(&client, txn).await?;
                     latencies_us.push(t0.elapsed().as_micros() as u64);
                     i += n;
                     pb.inc(n);
@@ -382,12 +376,10 @@ pub fn state(a: StateArgs) -> Result<()> {
             }
             StateCommand::Tasks { query } => {
                 let req = query.to_request(ReadMode::Linearizable)?;
-                let mut c = connect(&a.endpoint[0]).await?;
-                let mut s = c
-                    .query_tasks(req)
+                let client = state_client(&a.endpoint, 1);
+                let mut s = async { client.at(&a.endpoint[0])?.query_tasks(req).await }
                     .await
-                    .map_err(|s| anyhow!("{}: {}", a.endpoint[0], s.message()))?
-                    .into_inner();
+                    .map_err(state_err)?;
                 print_task_header();
                 while let Some(t) = s.message().await.map_err(|s| anyhow!("{}", s.message()))? {
                     print_task(&t);
@@ -504,6 +496,7 @@ pub fn take_backup(endpoints: &[String], dir: &std::path::Path, max_saved: usize
     let backups = BackupDir::new(dir, max_saved)?;
     let started = Instant::now();
     let mut errors = Vec::new();
+    let client = state_client(endpoints, 1);
     for e in endpoints {
         let now = replog_storage::now_unix_ms();
         let pb = progress_bar(0, "backup", true);
@@ -512,14 +505,9 @@ pub fn take_backup(endpoints: &[String], dir: &std::path::Path, max_saved: usize
                 now,
                 |w| {
                     rt.block_on(async {
-                        let mut c = connect(e).await?;
-                        let mut s = c
-                            .snapshot(SnapshotRequest {
-                                mode: ReadMode::Linearizable as i32,
-                            })
+                        let mut s = async { client.at(e)?.snapshot(ReadMode::Linearizable).await }
                             .await
-                            .map_err(|s| anyhow!("{e}: {}", s.message()))?
-                            .into_inner();
+                            .map_err(state_err)?;
                         let mut bytes = 0u64;
                         while let Some(f) = s.message().await.map_err(|s| {
                             anyhow!("{e}: the snapshot stream broke: {}", s.message())
@@ -610,6 +598,42 @@ mod tests {
         };
         assert!(bad.to_request(ReadMode::Local).is_err());
     }
+
+    #[test]
+    fn a_commit_is_tried_again_unless_refused_for_good() {
+        let refused = |code: &str| ClientError::Replica {
+            endpoint: "a:1".into(),
+            code: code.into(),
+            status: Code::FailedPrecondition,
+            message: "m".into(),
+        };
+        for code in [
+            "NOT_LEADER",
+            "BUSY",
+            "NOT_VOTING",
+            "READ_NOT_CONFIRMED",
+            "STATE_REPLACED",
+        ] {
+            assert!(worth_retrying(&refused(code)), "{code}");
+        }
+        for code in ["NOTHING_STAGED", "ALREADY_STAGED", "INVALID", "BAD_BACKUP"] {
+            assert!(!worth_retrying(&refused(code)), "{code}");
+        }
+        assert!(worth_retrying(&ClientError::OutcomeUnknown {
+            endpoint: "a:1".into(),
+            message: "m".into(),
+            code: Some(ErrorCode::LeadershipLost),
+        }));
+        assert!(worth_retrying(&ClientError::Unreachable {
+            endpoint: "a:1".into(),
+            message: "tcp connect error".into(),
+        }));
+        assert!(!worth_retrying(&ClientError::InvalidEndpoint("a".into())));
+        assert_eq!(
+            state_err(refused("ALREADY_STAGED")).to_string(),
+            "a:1: m (ALREADY_STAGED)"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -661,18 +685,6 @@ pub enum RecoveryCommand {
     Commit,
 }
 
-async fn leader_state_client(
-    endpoints: &[String],
-) -> Result<(String, SchedulerStateClient<Channel>)> {
-    let client = replog_client::Client::new(endpoints);
-    let leader = client
-        .leader()
-        .await
-        .context("cannot find the cluster's leader")?;
-    let c = connect(&leader).await?;
-    Ok((leader, c))
-}
-
 /// One replica's staging area, as it answered `RecoveryStatus`.
 struct StagingArea {
     address: String,
@@ -686,7 +698,7 @@ async fn staging_areas(endpoints: &[String]) -> Result<Vec<StagingArea>> {
     let client = replog_client::Client::new(endpoints);
     let mut addresses: Vec<String> = Vec::new();
     for (endpoint, r) in client.status_all().await {
-        addresses.push(endpoint.trim_start_matches("http://").to_string());
+        addresses.push(endpoint);
         if let Ok(s) = r {
             addresses.extend(
                 s.members
@@ -699,24 +711,15 @@ async fn staging_areas(endpoints: &[String]) -> Result<Vec<StagingArea>> {
     addresses.sort();
     addresses.dedup();
     let mut out: Vec<StagingArea> = Vec::new();
+    let state = state_client(endpoints, 1);
     for address in addresses {
-        let answer = match connect(&address).await {
-            Ok(mut c) => c
-                .recovery_status(replog_proto::store::RecoveryStatusRequest {})
-                .await
-                .map_err(|s| status_err(&address, s)),
-            Err(e) => Err(e),
-        };
+        let answer = async { state.at(&address)?.recovery_status().await }
+            .await
+            .map_err(state_err);
         match answer {
             // One answer per replica, however it was named.
-            Ok(r)
-                if out
-                    .iter()
-                    .any(|a| a.status.replica_id == r.get_ref().replica_id) => {}
-            Ok(r) => out.push(StagingArea {
-                address,
-                status: r.into_inner(),
-            }),
+            Ok(r) if out.iter().any(|a| a.status.replica_id == r.replica_id) => {}
+            Ok(status) => out.push(StagingArea { address, status }),
             Err(e) => eprintln!("warning: cannot ask {address} what it has staged: {e:#}"),
         }
     }
@@ -742,25 +745,22 @@ fn holder(areas: &[StagingArea]) -> Result<&StagingArea> {
     }
 }
 
-/// Whether a failed commit may be tried again: leadership moved (or the
-/// replica went away) before the replacement was applied, or this attempt
-/// was told of a replacement (perhaps an earlier attempt's, whose answer
-/// was lost: the next round finds it recorded).
-fn worth_retrying(s: &tonic::Status) -> bool {
-    let code = s
-        .metadata()
-        .get("replog-error")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    matches!(
-        code,
-        "NOT_LEADER"
-            | "LEADERSHIP_LOST"
-            | "TIMEOUT"
-            | "BUSY"
-            | "STATE_REPLACED"
-            | "READ_NOT_CONFIRMED"
-    ) || (code.is_empty() && s.code() == Code::Unavailable)
+/// Whether a failed commit may be tried again: it did not run (leadership
+/// moved, the replica was busy or went away), its outcome is unknown (the
+/// next round finds it recorded if it went through: a commit is never
+/// applied twice), or this attempt was told of a replacement (perhaps an
+/// earlier attempt's, whose answer was lost). Only a final refusal stands.
+fn worth_retrying(e: &ClientError) -> bool {
+    match e {
+        ClientError::OutcomeUnknown { .. }
+        | ClientError::NoLeader { .. }
+        | ClientError::Unreachable { .. } => true,
+        ClientError::Replica { .. } => e.error_code().is_some_and(|code| {
+            code == ErrorCode::StateReplaced
+                || replog_proto::wire::code_rule(&code, CallKind::StateWrite) != Retry::Final
+        }),
+        ClientError::InvalidEndpoint(_) => false,
+    }
 }
 
 /// `replog recovery commit`: makes the replica holding the staged backup
@@ -776,6 +776,7 @@ async fn commit_staged(endpoints: &[String], timeout: std::time::Duration) -> Re
     };
     let mut first_look = Some(areas);
     let client = replog_client::Client::new(endpoints);
+    let state = state_client(endpoints, 1);
     let mut last_error = String::new();
     loop {
         if Instant::now() > deadline {
@@ -842,40 +843,22 @@ async fn commit_staged(endpoints: &[String], timeout: std::time::Duration) -> Re
                 continue;
             }
         }
-        let mut c = connect(&area.address).await?;
-        match c
-            .commit_recovery(replog_proto::store::CommitRecoveryRequest {})
-            .await
-        {
-            Ok(r) => {
+        let holder = state.at(&area.address).map_err(state_err)?;
+        match holder.commit_recovery().await {
+            Ok(position) => {
                 println!(
-                    "committed: every replica replaced its state at position {}; replica {replica} ({}) stepped down, the scheduler fails over and reloads",
-                    r.into_inner().position,
+                    "committed: every replica replaced its state at position {position}; replica {replica} ({}) stepped down, the scheduler fails over and reloads",
                     area.address
                 );
                 return Ok(());
             }
-            Err(s) if worth_retrying(&s) => {
-                last_error = status_err(&area.address, s).to_string();
+            Err(e) if worth_retrying(&e) => {
+                last_error = state_err(e).to_string();
                 eprintln!("leadership moved during the commit ({last_error}); trying again");
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             }
-            Err(s) => return Err(status_err(&area.address, s)),
+            Err(e) => return Err(state_err(e)),
         }
-    }
-}
-
-fn status_err(who: &str, s: tonic::Status) -> anyhow::Error {
-    let code = s
-        .metadata()
-        .get("replog-error")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    if code.is_empty() {
-        anyhow!("{who}: {}", s.message())
-    } else {
-        anyhow!("{who}: {} ({code})", s.message())
     }
 }
 
@@ -949,14 +932,18 @@ pub fn recovery(a: RecoveryArgs) -> Result<()> {
             }
             _ => {}
         }
-        let (target, mut c) = match &a.command {
-            RecoveryCommand::Stage { .. } => leader_state_client(&a.endpoint).await?,
+        let target = match &a.command {
+            RecoveryCommand::Stage { .. } => state_client(&a.endpoint, ClientConfig::default().max_attempts)
+                .leader()
+                .await
+                .context("cannot find the cluster's leader")?
+                .to_string(),
             _ => {
                 let areas = staging_areas(&a.endpoint).await?;
-                let area = holder(&areas)?;
-                (area.address.clone(), connect(&area.address).await?)
+                holder(&areas)?.address.clone()
             }
         };
+        let c = state_client(&a.endpoint, 1).at(&target).map_err(state_err)?;
         let leader = target;
         match a.command {
             RecoveryCommand::List { .. } | RecoveryCommand::Commit => unreachable!("handled above"),
@@ -989,7 +976,7 @@ pub fn recovery(a: RecoveryArgs) -> Result<()> {
                     .stage_recovery(tokio_stream::wrappers::ReceiverStream::new(rx))
                     .await;
                 let read = reader.await.context("the file reader panicked")?;
-                let s = r.map_err(|s| status_err(&leader, s))?.into_inner();
+                let (_, s) = r.map_err(state_err)?;
                 read.with_context(|| format!("reading {}", file.display()))?;
                 println!("staged {} on {leader}", file.display());
                 print_recovery_status(&s);
@@ -998,10 +985,10 @@ pub fn recovery(a: RecoveryArgs) -> Result<()> {
                 let mut s = c
                     .recovery_tasks(query.to_request(ReadMode::Local)?)
                     .await
-                    .map_err(|s| status_err(&leader, s))?
-                    .into_inner();
+                    .map_err(state_err)?;
                 print_task_header();
-                while let Some(t) = s.message().await.map_err(|s| status_err(&leader, s))? {
+                let broke = |s| state_err(ClientError::from_status(&leader, &s));
+                while let Some(t) = s.message().await.map_err(broke)? {
                     print_task(&t);
                 }
             }
@@ -1019,7 +1006,7 @@ pub fn recovery(a: RecoveryArgs) -> Result<()> {
                 if ids.is_empty() && !any_filter {
                     bail!("name --task-id or query flags (--role, --job, --status, ...): deleting every task is not a query");
                 }
-                let r = c
+                let deleted = c
                     .delete_recovery_tasks(replog_proto::store::DeleteRecoveryTasksRequest {
                         task_ids: ids,
                         query: any_filter
@@ -1027,14 +1014,11 @@ pub fn recovery(a: RecoveryArgs) -> Result<()> {
                             .transpose()?,
                     })
                     .await
-                    .map_err(|s| status_err(&leader, s))?
-                    .into_inner();
-                println!("deleted {} tasks from the staged backup", r.deleted);
+                    .map_err(state_err)?;
+                println!("deleted {deleted} tasks from the staged backup");
             }
             RecoveryCommand::Unload => {
-                c.unload_recovery(replog_proto::store::UnloadRecoveryRequest {})
-                    .await
-                    .map_err(|s| status_err(&leader, s))?;
+                c.unload_recovery().await.map_err(state_err)?;
                 println!("unloaded the staged backup");
             }
         }

@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 pub use endpoint::{Endpoint, EndpointError};
-use replicas::{failure, log_stub, Replicas, Target};
+use replicas::{answer, log_stub, Replicas, Target};
 pub use replog_proto::client::{
     AppendRequest, AppendResponse, ChangeMembershipRequest, Entry, Leadership, MemberStatus,
     MembershipChange, MembershipOp, ReadRequest, ReadResponse, StatusRequest, StatusResponse,
@@ -122,6 +122,14 @@ impl ClientError {
             ClientError::Replica { code, .. } => Some(code),
             _ => None,
         }
+    }
+
+    /// How the clients report `status` from the replica at `endpoint`
+    /// when nothing is retried (e.g. a stream that broke after it opened):
+    /// [`ClientError::Replica`] if it carries a replog code, else
+    /// [`ClientError::Unreachable`].
+    pub fn from_status(endpoint: &str, status: &tonic::Status) -> ClientError {
+        answer(endpoint, status)
     }
 
     /// The replica's code, typed: of a refusal, or of a write whose
@@ -298,7 +306,7 @@ impl Client {
         self.replicas
             .attempt(&endpoint, timeout, &open)
             .await?
-            .map_err(|s| failure(&endpoint, &s, Retry::Final))
+            .map_err(|s| answer(endpoint.as_str(), &s))
     }
 }
 

@@ -251,7 +251,7 @@ impl Replicas {
         };
         self.attempt(&endpoint, Some(self.config.request_timeout), &ask)
             .await?
-            .map_err(|s| failure(&endpoint, &s, Retry::Final))
+            .map_err(|s| answer(endpoint.as_str(), &s))
     }
 
     /// The status of every configured replica, in order.
@@ -311,23 +311,33 @@ fn describe(endpoint: &Endpoint, status: &Status) -> String {
 /// [`ClientError::Replica`]; anything else did not reach a replica's
 /// service ([`ClientError::Unreachable`]).
 pub(crate) fn failure(endpoint: &Endpoint, status: &Status, rule: Retry) -> ClientError {
-    let code = wire::error_code(status);
-    match (rule, code) {
-        (Retry::OutcomeUnknown, code) => ClientError::OutcomeUnknown {
-            endpoint: endpoint.to_string(),
-            message: match code {
-                Some(_) => status.message().to_string(),
-                None => status.to_string(),
-            },
-            code,
-        },
-        (_, Some(code)) => ClientError::Replica {
+    match rule {
+        Retry::OutcomeUnknown => {
+            let code = wire::error_code(status);
+            ClientError::OutcomeUnknown {
+                endpoint: endpoint.to_string(),
+                message: match code {
+                    Some(_) => status.message().to_string(),
+                    None => status.to_string(),
+                },
+                code,
+            }
+        }
+        _ => answer(endpoint.as_str(), status),
+    }
+}
+
+/// A status as a replica's answer ([`ClientError::Replica`], with its
+/// code) or, without a replog code, as a replica that was not reached.
+pub(crate) fn answer(endpoint: &str, status: &Status) -> ClientError {
+    match wire::error_code(status) {
+        Some(code) => ClientError::Replica {
             endpoint: endpoint.to_string(),
             code: code.to_string(),
             status: status.code(),
             message: status.message().to_string(),
         },
-        (_, None) => ClientError::Unreachable {
+        None => ClientError::Unreachable {
             endpoint: endpoint.to_string(),
             message: status.message().to_string(),
         },
