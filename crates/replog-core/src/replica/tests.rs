@@ -57,6 +57,30 @@ fn committed(outs: &[Output]) -> Vec<(ProposalId, u64)> {
         .collect()
 }
 
+/// Replica 1 of {1, 2, 3}, a follower, with the position and term of its
+/// last entry.
+fn follower_of_three() -> (ReplicaCore<MemoryStorage>, u64, u64) {
+    let s = MemoryStorage::new_initialized("t", 1, vec![1, 2, 3]);
+    let last = s
+        .meta()
+        .snapshot_index
+        .max(raft::Storage::last_index(&s).unwrap());
+    let last_term = raft::Storage::term(&s, last).unwrap();
+    let cfg = CoreConfig {
+        peers: vec![2, 3],
+        ..Default::default()
+    };
+    (ReplicaCore::new(s, &cfg).unwrap(), last, last_term)
+}
+
+/// The ready number of the first fsync `out` asks for.
+fn sync_asked(out: &[Output]) -> Option<u64> {
+    out.iter().find_map(|o| match o {
+        Output::Sync { ready_number } => Some(*ready_number),
+        _ => None,
+    })
+}
+
 fn leader(storage: &MemoryStorage) -> ReplicaCore<MemoryStorage> {
     let mut c = ReplicaCore::new(storage.clone(), &CoreConfig::default()).unwrap();
     pump(&mut c, true);
@@ -445,17 +469,7 @@ fn a_recover_request_delayed_past_its_promotion_does_not_demote() {
 
 #[test]
 fn a_heartbeat_response_does_not_wait_for_a_pending_fsync() {
-    let s = MemoryStorage::new_initialized("t", 1, vec![1, 2, 3]);
-    let last = s
-        .meta()
-        .snapshot_index
-        .max(raft::Storage::last_index(&s).unwrap());
-    let last_term = raft::Storage::term(&s, last).unwrap();
-    let cfg = CoreConfig {
-        peers: vec![2, 3],
-        ..Default::default()
-    };
-    let mut c = ReplicaCore::new(s, &cfg).unwrap();
+    let (mut c, last, last_term) = follower_of_three();
     let sent = |out: &[Output], kind: MessageType| {
         out.iter()
             .filter_map(|o| match o {
@@ -477,13 +491,7 @@ fn a_heartbeat_response_does_not_wait_for_a_pending_fsync() {
     let mut out = Vec::new();
     c.step(Input::Message(Box::new(append)), &mut out).unwrap();
     c.drive(&mut out).unwrap();
-    let ready_number = out
-        .iter()
-        .find_map(|o| match o {
-            Output::Sync { ready_number } => Some(*ready_number),
-            _ => None,
-        })
-        .expect("the append asks for an fsync");
+    let ready_number = sync_asked(&out).expect("the append asks for an fsync");
     assert!(
         !sent(&out, MessageType::MsgAppendResponse),
         "not before the fsync"
@@ -590,13 +598,7 @@ fn a_vote_is_durable_before_its_answer_leaves() {
             }))
         })
     };
-    let ready_number = out
-        .iter()
-        .find_map(|o| match o {
-            Output::Sync { ready_number } => Some(*ready_number),
-            _ => None,
-        })
-        .expect("a vote asks for an fsync");
+    let ready_number = sync_asked(&out).expect("a vote asks for an fsync");
     assert!(!granted(&out), "the vote left before its fsync: {out:?}");
     s.sync().unwrap();
     let mut out = Vec::new();
@@ -817,4 +819,49 @@ fn reads_and_leader_transfers_are_refused_where_they_cannot_work() {
         Some(2),
         "the leader starts one"
     );
+}
+
+/// A follower's answer in a ready that itself needs no fsync still waits
+/// for the fsync of an earlier ready: it acknowledges the earlier ready's
+/// entries too (killed by letting such a ready's persisted messages go
+/// out while an earlier one waits).
+#[test]
+fn a_later_answer_never_overtakes_an_earlier_pending_fsync() {
+    let (mut c, last, last_term) = follower_of_three();
+    let append = |index, log_term, entries: Vec<Entry>| {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        (m.from, m.to, m.term) = (2, 1, 2);
+        (m.index, m.log_term, m.commit) = (index, log_term, last);
+        m.entries = entries.into();
+        Input::Message(Box::new(m))
+    };
+    let acked = |out: &[Output]| {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send(m) => Some(m.iter()),
+                _ => None,
+            })
+            .flatten()
+            .filter(|m| m.get_msg_type() == MessageType::MsgAppendResponse && !m.reject)
+            .map(|m| m.index)
+            .max()
+    };
+    let mut e = Entry::default();
+    (e.index, e.term) = (last + 1, 2);
+    let mut out = Vec::new();
+    c.step(append(last, last_term, vec![e]), &mut out).unwrap();
+    c.drive(&mut out).unwrap();
+    let ready_number = sync_asked(&out).expect("the entry asks for an fsync");
+    assert_eq!(acked(&out), None, "not before the fsync");
+    // The leader probes again with nothing new: the answer needs no fsync
+    // of its own, but it covers position last + 1.
+    let mut out = Vec::new();
+    c.step(append(last + 1, 2, Vec::new()), &mut out).unwrap();
+    c.drive(&mut out).unwrap();
+    assert_eq!(acked(&out), None, "overtook the pending fsync: {out:?}");
+    let mut out = Vec::new();
+    c.step(Input::Persisted { ready_number }, &mut out).unwrap();
+    c.drive(&mut out).unwrap();
+    assert_eq!(acked(&out), Some(last + 1), "{out:?}");
 }
