@@ -235,6 +235,128 @@ pub struct ReplicaServer {
     backups: Option<JoinHandle<()>>,
 }
 
+/// A data directory that is missing or empty becomes an EMPTY replica of
+/// the configured cluster, knowing where every member listens.
+fn create_empty_replica_if_new(config: &ServerConfig) -> Result<(), ServerError> {
+    if !is_empty_dir(&config.path)? {
+        return Ok(());
+    }
+    let mut members: Vec<Member> = config
+        .peers
+        .iter()
+        .map(|(id, address)| Member {
+            id: *id,
+            address: address.clone(),
+        })
+        .collect();
+    members.push(Member {
+        id: config.replica_id,
+        address: config.advertised(),
+    });
+    RocksStorage::create_empty(
+        &config.path,
+        &InitOptions {
+            cluster_id: config.cluster_id.clone(),
+            replica_id: config.replica_id,
+            members,
+        },
+    )?;
+    info!(path = %config.path.display(), "created an EMPTY replica; it joins its cluster through the recover protocol");
+    Ok(())
+}
+
+/// The peer transport and the replica's log on it; refuses a directory
+/// that holds another replica.
+async fn open_replica(
+    config: &ServerConfig,
+    registry: &prometheus::Registry,
+) -> Result<(Transport, Arc<Log>), ServerError> {
+    let (inbound_tx, inbound_rx) = crossbeam_channel::bounded(8192);
+    let tcfg = TransportConfig {
+        max_message_bytes: config.max_message_bytes,
+        ..TransportConfig::new(config.cluster_id.clone(), config.replica_id)
+            .with_peers(config.peers.iter().map(|(id, a)| (*id, a.clone())))
+    };
+    let transport = Transport::new(tcfg, inbound_tx, registry)?;
+    let mut log_opts = config.log.clone();
+    log_opts.expected_cluster_id = Some(config.cluster_id.clone());
+    let cluster = ClusterOptions {
+        peers: config.peers.clone(),
+        auto_initialize: config.auto_initialize,
+        ping_timeout: config.ping_timeout,
+        max_ping_timeouts: config.max_ping_timeouts,
+    };
+    let path = config.path.clone();
+    let link: Arc<dyn PeerLink> = Arc::new(TransportLink(transport.clone()));
+    let log = tokio::task::spawn_blocking(move || {
+        Log::open_replica(&path, log_opts, cluster, link, inbound_rx)
+    })
+    .await
+    .map_err(|e| ServerError::Config(format!("opening the replica panicked: {e}")))??;
+    let meta = log.meta();
+    if meta.replica_id != config.replica_id {
+        return Err(ServerError::Config(format!(
+            "{} holds replica {}, not replica {}",
+            config.path.display(),
+            meta.replica_id,
+            config.replica_id
+        )));
+    }
+    Ok((transport, Arc::new(log)))
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServerError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+/// The scheduler-state store on `log`, catching up from peers, with this
+/// replica's staging area (and the auto-commit of a backup the log was
+/// founded from).
+fn open_store(
+    log: &Arc<Log>,
+    opts: &StoreOptions,
+) -> Result<(Arc<SchedulerStore>, Arc<Staging>), ServerError> {
+    let staging = Staging::for_log(log)
+        .map_err(|e| ServerError::Config(format!("cannot open the staging area: {e}")))?;
+    let staging = Arc::new(staging);
+    let source: Arc<dyn replog_store::SnapshotSource> =
+        Arc::new(catch_up::PeerSnapshots::new(log.clone()));
+    let store = SchedulerStore::open_with(
+        log.clone(),
+        opts.clone(),
+        Some(source),
+        Some(staging.clone()),
+    )
+    .map_err(|e| ServerError::Config(format!("cannot open the state store: {e}")))?;
+    let store = Arc::new(store);
+    spawn_auto_commit(store.clone(), staging.clone());
+    Ok((store, staging))
+}
+
+/// The scheduled-backup task into `dir`, with its metrics.
+fn spawn_backups(
+    config: &ServerConfig,
+    store: &Arc<SchedulerStore>,
+    dir: &Path,
+    registry: &prometheus::Registry,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, ServerError> {
+    let metrics = backups::BackupMetrics::register(registry)
+        .map_err(|e| ServerError::Config(format!("cannot register the backup metrics: {e}")))?;
+    Ok(backups::spawn(
+        store.clone(),
+        BackupConfig {
+            dir: dir.to_path_buf(),
+            interval: config.backup_interval,
+            max_saved: config.max_saved_backups,
+        },
+        metrics,
+        stopping,
+    ))
+}
+
 /// How long a graceful shutdown waits for open calls before it drops them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -298,62 +420,10 @@ impl ReplicaServer {
     /// inside a tokio runtime.
     pub async fn start(config: ServerConfig) -> Result<ReplicaServer, ServerError> {
         config.validate()?;
-        if is_empty_dir(&config.path)? {
-            let mut members: Vec<Member> = config
-                .peers
-                .iter()
-                .map(|(id, address)| Member {
-                    id: *id,
-                    address: address.clone(),
-                })
-                .collect();
-            members.push(Member {
-                id: config.replica_id,
-                address: config.advertised(),
-            });
-            RocksStorage::create_empty(
-                &config.path,
-                &InitOptions {
-                    cluster_id: config.cluster_id.clone(),
-                    replica_id: config.replica_id,
-                    members,
-                },
-            )?;
-            info!(path = %config.path.display(), "created an EMPTY replica; it joins its cluster through the recover protocol");
-        }
+        create_empty_replica_if_new(&config)?;
         let registry = prometheus::Registry::new();
-        let (inbound_tx, inbound_rx) = crossbeam_channel::bounded(8192);
-        let tcfg = TransportConfig {
-            max_message_bytes: config.max_message_bytes,
-            ..TransportConfig::new(config.cluster_id.clone(), config.replica_id)
-                .with_peers(config.peers.iter().map(|(id, a)| (*id, a.clone())))
-        };
-        let transport = Transport::new(tcfg, inbound_tx, &registry)?;
-        let mut log_opts = config.log.clone();
-        log_opts.expected_cluster_id = Some(config.cluster_id.clone());
-        let cluster = ClusterOptions {
-            peers: config.peers.clone(),
-            auto_initialize: config.auto_initialize,
-            ping_timeout: config.ping_timeout,
-            max_ping_timeouts: config.max_ping_timeouts,
-        };
-        let path = config.path.clone();
-        let link: Arc<dyn PeerLink> = Arc::new(TransportLink(transport.clone()));
-        let log = tokio::task::spawn_blocking(move || {
-            Log::open_replica(&path, log_opts, cluster, link, inbound_rx)
-        })
-        .await
-        .map_err(|e| ServerError::Config(format!("opening the replica panicked: {e}")))??;
-        let meta = log.meta();
-        if meta.replica_id != config.replica_id {
-            return Err(ServerError::Config(format!(
-                "{} holds replica {}, not replica {}",
-                config.path.display(),
-                meta.replica_id,
-                config.replica_id
-            )));
-        }
-        let log = Arc::new(log);
+        let (transport, log) = open_replica(&config, &registry).await?;
+        let status = log.meta().status;
         let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
         let client = ClientService::new(log.clone(), stopping_rx);
         let client = if config.state.is_some() {
@@ -361,54 +431,26 @@ impl ReplicaServer {
         } else {
             client
         };
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener = bind(config.listen).await?;
         let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
             addr: config.listen,
             source,
         })?;
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (store, staging) = match &config.state {
             Some(opts) => {
-                let staging = Staging::for_log(&log).map_err(|e| {
-                    ServerError::Config(format!("cannot open the staging area: {e}"))
-                })?;
-                let staging = Arc::new(staging);
-                let source: Arc<dyn replog_store::SnapshotSource> =
-                    Arc::new(catch_up::PeerSnapshots::new(log.clone()));
-                let store = SchedulerStore::open_with(
-                    log.clone(),
-                    opts.clone(),
-                    Some(source),
-                    Some(staging.clone()),
-                )
-                .map_err(|e| ServerError::Config(format!("cannot open the state store: {e}")))?;
-                let store = Arc::new(store);
-                spawn_auto_commit(store.clone(), staging.clone());
+                let (store, staging) = open_store(&log, opts)?;
                 (Some(store), Some(staging))
             }
             None => (None, None),
         };
         let backups = match (&store, &config.backup_dir) {
-            (Some(store), Some(dir)) => {
-                let metrics = backups::BackupMetrics::register(&registry).map_err(|e| {
-                    ServerError::Config(format!("cannot register the backup metrics: {e}"))
-                })?;
-                Some(backups::spawn(
-                    store.clone(),
-                    BackupConfig {
-                        dir: dir.clone(),
-                        interval: config.backup_interval,
-                        max_saved: config.max_saved_backups,
-                    },
-                    metrics,
-                    stopping_tx.subscribe(),
-                ))
-            }
+            (Some(store), Some(dir)) => Some(spawn_backups(
+                &config,
+                store,
+                dir,
+                &registry,
+                stopping_tx.subscribe(),
+            )?),
             _ => None,
         };
         let router = replog_transport::server_builder()
@@ -420,6 +462,7 @@ impl ReplicaServer {
                     .zip(staging)
                     .map(|(s, st)| StateService::new(s, st).into_server()),
             );
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let serving = tokio::spawn(async move {
             router
@@ -432,7 +475,7 @@ impl ReplicaServer {
             replica = config.replica_id,
             cluster = %config.cluster_id,
             listen = %local_addr,
-            status = %meta.status,
+            %status,
             "replica server is serving"
         );
         let metrics = Arc::new(metrics::Metrics {

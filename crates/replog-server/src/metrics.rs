@@ -25,13 +25,25 @@ pub(crate) struct Metrics {
 impl Metrics {
     /// The metrics in the Prometheus text format, read now.
     pub(crate) async fn text(&self) -> String {
-        use prometheus::{Encoder, GaugeVec, IntGauge, Opts, Registry};
-        let scrape = Registry::new();
-        let gauge = |name: &str, help: &str, v: i64| {
-            let g = IntGauge::new(name, help).expect("valid metric name");
-            g.set(v);
-            scrape.register(Box::new(g)).expect("registered once");
-        };
+        use prometheus::Encoder;
+        let scrape = prometheus::Registry::new();
+        self.replica_gauges(&scrape);
+        if let Ok(cs) = self.log.cluster_status().await {
+            member_gauges(&scrape, &cs.members);
+        }
+        if let Some(store) = &self.store {
+            store_metrics(&scrape, store);
+        }
+        let mut families = self.registry.gather();
+        families.extend(scrape.gather());
+        let mut out = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&families, &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// The replica's status, term and positions.
+    fn replica_gauges(&self, scrape: &prometheus::Registry) {
+        let gauge = |name: &str, help: &str, v: i64| register_gauge(scrape, name, help, v);
         let p = self.log.progress();
         let status = match p.status {
             ReplicaStatus::Empty => 1,
@@ -65,70 +77,6 @@ impl Metrics {
             "last position written here",
             p.last_index as i64,
         );
-        if let Ok(cs) = self.log.cluster_status().await {
-            let reachable = GaugeVec::new(
-                Opts::new(
-                    "replog_member_reachable",
-                    "1 while a member answers within --ping-timeout x --max-ping-timeouts",
-                ),
-                &["member"],
-            )
-            .expect("valid metric");
-            let lag = GaugeVec::new(
-                Opts::new(
-                    "replog_member_lag_positions",
-                    "positions a member is behind the commit (leader only)",
-                ),
-                &["member"],
-            )
-            .expect("valid metric");
-            for m in &cs.members {
-                let id = m.id.to_string();
-                reachable
-                    .with_label_values(&[&id])
-                    .set(m.reachable as i64 as f64);
-                lag.with_label_values(&[&id]).set(m.lag as f64);
-            }
-            scrape
-                .register(Box::new(reachable))
-                .expect("registered once");
-            scrape.register(Box::new(lag)).expect("registered once");
-        }
-        if let Some(store) = &self.store {
-            // Snapshots and compaction of the state log (replog_store::store).
-            let counter = |name: &str, help: &str, v: u64| {
-                let c = prometheus::IntCounter::new(name, help).expect("valid metric name");
-                c.inc_by(v);
-                scrape.register(Box::new(c)).expect("registered once");
-            };
-            counter(
-                "replog_state_compactions_total",
-                "log truncations this replica proposed as leader after flushing its state",
-                store.compactions(),
-            );
-            counter(
-                "replog_state_aborted_framed_writes_total",
-                "framed writes (a transaction or a state replacement over several entries) that never completed and were skipped",
-                store.aborted_writes(),
-            );
-            counter(
-                "replog_state_snapshot_catch_ups_total",
-                "state snapshots this replica installed from a peer (its state was behind the log's beginning)",
-                store.snapshot_catch_ups(),
-            );
-            let stopped = prometheus::IntGauge::new(
-                "replog_state_applier_stopped",
-                "1 when this replica's state applier stopped (a record of a newer state schema, a storage error: see its log); its state no longer follows the log",
-            )
-            .expect("valid metric name");
-            stopped.set(store.watch_applied().borrow().failure.is_some() as i64);
-            scrape.register(Box::new(stopped)).expect("registered once");
-        }
-        let mut families = self.registry.gather();
-        families.extend(scrape.gather());
-        let mut out = Vec::new();
-        let _ = prometheus::TextEncoder::new().encode(&families, &mut out);
-        String::from_utf8(out).unwrap_or_default()
     }
 }
 
@@ -168,4 +116,75 @@ pub(crate) async fn serve(
         }
     });
     Ok((task, bound))
+}
+
+fn register_gauge(scrape: &prometheus::Registry, name: &str, help: &str, v: i64) {
+    let g = prometheus::IntGauge::new(name, help).expect("valid metric name");
+    g.set(v);
+    scrape.register(Box::new(g)).expect("registered once");
+}
+
+/// Reachability and lag of every member (lag on the leader only).
+fn member_gauges(scrape: &prometheus::Registry, members: &[replog_log::MemberStatus]) {
+    use prometheus::{GaugeVec, Opts};
+
+    let reachable = GaugeVec::new(
+        Opts::new(
+            "replog_member_reachable",
+            "1 while a member answers within --ping-timeout x --max-ping-timeouts",
+        ),
+        &["member"],
+    )
+    .expect("valid metric");
+    let lag = GaugeVec::new(
+        Opts::new(
+            "replog_member_lag_positions",
+            "positions a member is behind the commit (leader only)",
+        ),
+        &["member"],
+    )
+    .expect("valid metric");
+    for m in members {
+        let id = m.id.to_string();
+        reachable
+            .with_label_values(&[&id])
+            .set(m.reachable as i64 as f64);
+        lag.with_label_values(&[&id]).set(m.lag as f64);
+    }
+    scrape
+        .register(Box::new(reachable))
+        .expect("registered once");
+    scrape.register(Box::new(lag)).expect("registered once");
+}
+
+/// Snapshots and compaction of the state log (replog_store::store).
+fn store_metrics(scrape: &prometheus::Registry, store: &SchedulerStore) {
+    // Snapshots and compaction of the state log (replog_store::store).
+    let counter = |name: &str, help: &str, v: u64| {
+        let c = prometheus::IntCounter::new(name, help).expect("valid metric name");
+        c.inc_by(v);
+        scrape.register(Box::new(c)).expect("registered once");
+    };
+    counter(
+        "replog_state_compactions_total",
+        "log truncations this replica proposed as leader after flushing its state",
+        store.compactions(),
+    );
+    counter(
+                "replog_state_aborted_framed_writes_total",
+                "framed writes (a transaction or a state replacement over several entries) that never completed and were skipped",
+                store.aborted_writes(),
+            );
+    counter(
+                "replog_state_snapshot_catch_ups_total",
+                "state snapshots this replica installed from a peer (its state was behind the log's beginning)",
+                store.snapshot_catch_ups(),
+            );
+    let stopped = prometheus::IntGauge::new(
+                "replog_state_applier_stopped",
+                "1 when this replica's state applier stopped (a record of a newer state schema, a storage error: see its log); its state no longer follows the log",
+            )
+            .expect("valid metric name");
+    stopped.set(store.watch_applied().borrow().failure.is_some() as i64);
+    scrape.register(Box::new(stopped)).expect("registered once");
 }
