@@ -73,6 +73,26 @@ fn follower_of_three() -> (ReplicaCore<MemoryStorage>, u64, u64) {
     (ReplicaCore::new(s, &cfg).unwrap(), last, last_term)
 }
 
+/// Replica 1, the single voter and leader, with replica 2 added as a
+/// learner (the change applied).
+fn leader_with_learner_2(cfg: CoreConfig) -> ReplicaCore<MemoryStorage> {
+    let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+    let mut c = ReplicaCore::new(s, &cfg).unwrap();
+    pump(&mut c, true);
+    let mut out = Vec::new();
+    c.step(
+        Input::ChangeMembership {
+            id: 1,
+            changes: vec![MembershipChange::AddLearner(2)],
+            addresses: Vec::new(),
+        },
+        &mut out,
+    )
+    .unwrap();
+    pump(&mut c, true);
+    c
+}
+
 /// The ready number of the first fsync `out` asks for.
 fn sync_asked(out: &[Output]) -> Option<u64> {
     out.iter().find_map(|o| match o {
@@ -615,25 +635,11 @@ fn a_vote_is_durable_before_its_answer_leaves() {
 /// towards a quorum for entries it no longer holds).
 #[test]
 fn a_member_that_lost_positions_is_probed_from_what_it_holds() {
-    let s = MemoryStorage::new_initialized("t", 1, vec![1]);
-    let cfg = CoreConfig {
+    let mut c = leader_with_learner_2(CoreConfig {
         peers: vec![2],
         auto_promote: false,
         ..Default::default()
-    };
-    let mut c = ReplicaCore::new(s, &cfg).unwrap();
-    pump(&mut c, true);
-    let mut out = Vec::new();
-    c.step(
-        Input::ChangeMembership {
-            id: 1,
-            changes: vec![MembershipChange::AddLearner(2)],
-            addresses: Vec::new(),
-        },
-        &mut out,
-    )
-    .unwrap();
-    pump(&mut c, true);
+    });
     let last = c.node.raft.raft_log.last_index();
     c.node.raft.mut_prs().get_mut(2).unwrap().matched = last;
     let request = |last_index| PeerMessage::RecoverRequest {
@@ -662,25 +668,11 @@ fn a_member_that_lost_positions_is_probed_from_what_it_holds() {
 fn an_unnamed_promotion_waits_for_its_grace() {
     let recover_interval_ticks = 5;
     let start = |announce: bool| {
-        let s = MemoryStorage::new_initialized("t", 1, vec![1]);
-        let cfg = CoreConfig {
+        let mut c = leader_with_learner_2(CoreConfig {
             peers: vec![2],
             recover_interval_ticks,
             ..Default::default()
-        };
-        let mut c = ReplicaCore::new(s, &cfg).unwrap();
-        pump(&mut c, true);
-        let mut out = Vec::new();
-        c.step(
-            Input::ChangeMembership {
-                id: 1,
-                changes: vec![MembershipChange::AddLearner(2)],
-                addresses: Vec::new(),
-            },
-            &mut out,
-        )
-        .unwrap();
-        pump(&mut c, true);
+        });
         if announce {
             let request = PeerMessage::RecoverRequest {
                 status: ReplicaStatus::Recovering,
