@@ -37,6 +37,16 @@ pub(super) fn is_voter(cs: &ConfState, id: u64) -> bool {
     cs.voters.contains(&id) || cs.voters_outgoing.contains(&id)
 }
 
+/// A membership of `voters` and `learners` (for table tests).
+#[cfg(test)]
+pub(super) fn conf(voters: &[u64], learners: &[u64]) -> ConfState {
+    ConfState {
+        voters: voters.to_vec(),
+        learners: learners.to_vec(),
+        ..Default::default()
+    }
+}
+
 /// Why the leader `me` refuses `changes` to membership `conf`
 /// (`change_pending`: raft-rs has a membership entry not yet applied), or
 /// `Ok` when it may propose them. A refusal is
@@ -96,9 +106,16 @@ pub(super) fn check_membership_change(
 }
 
 /// The raft-rs change for `changes` (joint consensus when more than one
-/// voter changes; left automatically).
-pub(super) fn conf_change(changes: &[MembershipChange]) -> ConfChangeV2 {
+/// voter changes; left automatically), carrying `context` when it holds
+/// anything (addresses or a promotion).
+pub(super) fn conf_change(
+    changes: &[MembershipChange],
+    context: MembershipContext,
+) -> ConfChangeV2 {
     let mut cc = ConfChangeV2::default();
+    if !context.addresses.is_empty() || context.promotion.is_some() {
+        cc.context = encode_membership_context(&context).into();
+    }
     cc.set_transition(ConfChangeTransition::Auto);
     let singles: Vec<ConfChangeSingle> = changes
         .iter()
@@ -190,14 +207,11 @@ impl<S: LogStorage> ReplicaCore<S> {
             return;
         }
         let term = raft.term;
-        let mut cc = conf_change(changes);
-        if !addresses.is_empty() {
-            let context = MembershipContext {
-                addresses: addresses.to_vec(),
-                promotion: None,
-            };
-            cc.context = encode_membership_context(&context).into();
-        }
+        let context = MembershipContext {
+            addresses: addresses.to_vec(),
+            promotion: None,
+        };
+        let cc = conf_change(changes, context);
         let r = self.node.propose_conf_change(Vec::new(), cc);
         self.note_proposal(id, term, PendingKind::Membership, r, out);
     }
@@ -299,14 +313,6 @@ mod tests {
     use super::*;
     use MembershipChange::{AddLearner, AddVoter, Remove};
 
-    pub(crate) fn conf(voters: &[u64], learners: &[u64]) -> ConfState {
-        ConfState {
-            voters: voters.to_vec(),
-            learners: learners.to_vec(),
-            ..Default::default()
-        }
-    }
-
     /// Every refusal of a membership change, and what passes: leader 1 of
     /// voters {1, 2, 3} and learner 4.
     #[test]
@@ -375,7 +381,11 @@ mod tests {
 
     #[test]
     fn a_joint_change_names_every_single_change() {
-        let cc = conf_change(&[AddVoter(5), AddLearner(2), Remove(4)]);
+        let cc = conf_change(
+            &[AddVoter(5), AddLearner(2), Remove(4)],
+            MembershipContext::default(),
+        );
+        assert!(cc.context.is_empty(), "an empty context is not written");
         assert_eq!(cc.get_transition(), ConfChangeTransition::Auto);
         let got: Vec<(ConfChangeType, u64)> = cc
             .get_changes()

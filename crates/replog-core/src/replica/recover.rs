@@ -20,9 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use raft::eraftpb::ConfState;
 use raft::StateRole;
-use replog_storage::{
-    encode_membership_context, LogStorage, LogUpdate, MembershipContext, Promotion, ReplicaStatus,
-};
+use replog_storage::{LogStorage, LogUpdate, MembershipContext, Promotion, ReplicaStatus};
 use tracing::{debug, info, warn};
 
 use super::membership::{conf_change, is_learner, is_voter};
@@ -278,7 +276,10 @@ impl<S: LogStorage> ReplicaCore<S> {
                 info!(replica = from, %status, incarnation, "demoting a voter that lost its state to learner; it is promoted again once it has caught up");
                 // Its promotion names the incarnation it was demoted in.
                 self.learner_incarnations.insert(from, incarnation);
-                let cc = conf_change(&[MembershipChange::AddLearner(from)]);
+                let cc = conf_change(
+                    &[MembershipChange::AddLearner(from)],
+                    MembershipContext::default(),
+                );
                 if let Err(e) = self.node.propose_conf_change(Vec::new(), cc) {
                     warn!(error = %e, replica = from, "could not propose the demotion");
                 }
@@ -347,14 +348,11 @@ impl<S: LogStorage> ReplicaCore<S> {
             incarnation = ?promotion.map(|p| p.incarnation),
             "learner has caught up; promoting it to voter"
         );
-        let mut cc = conf_change(&[MembershipChange::AddVoter(id)]);
-        if promotion.is_some() {
-            let context = MembershipContext {
-                addresses: Vec::new(),
-                promotion,
-            };
-            cc.context = encode_membership_context(&context).into();
-        }
+        let context = MembershipContext {
+            addresses: Vec::new(),
+            promotion,
+        };
+        let cc = conf_change(&[MembershipChange::AddVoter(id)], context);
         if let Err(e) = self.node.propose_conf_change(Vec::new(), cc) {
             warn!(error = %e, replica = id, "could not propose the promotion");
         }
@@ -490,6 +488,7 @@ impl<S: LogStorage> ReplicaCore<S> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::membership::conf;
     use super::*;
     use ReplicaStatus::{Empty, Recovering, Starting, Voting};
 
@@ -534,14 +533,6 @@ mod tests {
                 want,
                 "{what}"
             );
-        }
-    }
-
-    fn conf(voters: &[u64], learners: &[u64]) -> ConfState {
-        ConfState {
-            voters: voters.to_vec(),
-            learners: learners.to_vec(),
-            ..Default::default()
         }
     }
 

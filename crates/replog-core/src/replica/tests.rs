@@ -6,8 +6,7 @@
 use bytes::Bytes;
 use raft::eraftpb::{Entry, EntryType, Message, MessageType};
 use replog_storage::{
-    encode_membership_context, LogStorage, LogUpdate, MembershipContext, MemoryStorage, Promotion,
-    ReplicaStatus,
+    LogStorage, LogUpdate, MembershipContext, MemoryStorage, Promotion, ReplicaStatus,
 };
 
 use super::membership::conf_change;
@@ -338,14 +337,11 @@ fn a_recovering_replica_never_campaigns_or_votes() {
 }
 
 fn conf_entry(index: u64, change: MembershipChange, promotion: Option<Promotion>) -> Entry {
-    let mut cc = conf_change(&[change]);
-    if promotion.is_some() {
-        let context = MembershipContext {
-            addresses: Vec::new(),
-            promotion,
-        };
-        cc.context = encode_membership_context(&context).into();
-    }
+    let context = MembershipContext {
+        addresses: Vec::new(),
+        promotion,
+    };
+    let cc = conf_change(&[change], context);
     let mut e = Entry::default();
     e.set_entry_type(EntryType::EntryConfChangeV2);
     e.index = index;
