@@ -125,7 +125,15 @@ pub fn initialize(a: InitializeArgs) -> Result<()> {
         // Staged, to be committed through the log as soon as this replica
         // leads: the restored state is then in the log, and replicas that
         // join later (EMPTY) replay it like any other write.
+        drop(s);
         let loaded = (|| {
+            // Reopened with the store's column families: a replica is
+            // created with the log's own only.
+            let opts = OpenOptions {
+                column_families: replog_store::COLUMN_FAMILIES.map(String::from).to_vec(),
+                ..Default::default()
+            };
+            let (s, _) = RocksStorage::open(&a.path, &opts)?;
             let staging = replog_store::Staging::open(s.shared_db(), &a.path)?;
             let f = std::fs::File::open(file)?;
             staging.stage_with(
@@ -137,7 +145,6 @@ pub fn initialize(a: InitializeArgs) -> Result<()> {
             staging.state().flush()?;
             anyhow::Ok(())
         })();
-        drop(s);
         if let Err(e) = loaded {
             let _ = std::fs::remove_dir_all(&a.path);
             return Err(e.context(format!(

@@ -65,6 +65,10 @@ pub struct LogOptions {
     pub sync: bool,
     /// Refuse a data directory of any other cluster.
     pub expected_cluster_id: Option<String>,
+    /// Column families the state machine on the log keeps in the replica's
+    /// database ([`OpenOptions::column_families`]); `replog-store`
+    /// registers its own with `SchedulerStore::register_column_families`.
+    pub column_families: Vec<String>,
     /// Largest application entry accepted by `append`.
     pub max_entry_bytes: usize,
     /// Raft's logical clock.
@@ -118,6 +122,7 @@ impl Default for LogOptions {
             strict: true,
             sync: true,
             expected_cluster_id: None,
+            column_families: Vec::new(),
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
             tick_interval: Duration::from_millis(100),
             max_in_flight: 16 * 1024,
@@ -215,6 +220,7 @@ impl Log {
             strict: opts.strict,
             sync: opts.sync,
             expected_cluster_id: opts.expected_cluster_id.clone(),
+            column_families: opts.column_families.clone(),
             ..Default::default()
         };
         Ok(RocksStorage::open(path, &open)?)
@@ -423,9 +429,9 @@ impl Log {
     }
 
     /// The replica's RocksDB, for a state machine on this log that keeps
-    /// its state in the same database (`replog-state` on
-    /// [`replog_storage::CF_STATE`]): its applied position and the state it
-    /// produced are then one atomic write.
+    /// its state in the same database (in the column families it
+    /// registered in [`LogOptions::column_families`]): its applied position
+    /// and the state it produced are then one atomic write.
     pub fn shared_db(&self) -> Arc<replog_storage::rocksdb::DB> {
         self.storage.shared_db()
     }

@@ -280,6 +280,9 @@ async fn open_replica(
     let transport = Transport::new(tcfg, inbound_tx, registry)?;
     let mut log_opts = config.log.clone();
     log_opts.expected_cluster_id = Some(config.cluster_id.clone());
+    if config.state.is_some() {
+        SchedulerStore::register_column_families(&mut log_opts);
+    }
     let cluster = ClusterOptions {
         peers: config.peers.clone(),
         auto_initialize: config.auto_initialize,

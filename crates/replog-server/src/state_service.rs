@@ -127,7 +127,10 @@ impl StateService {
             e @ StoreError::Timeout(_) => {
                 coded_status(Code::DeadlineExceeded, ErrorCode::Timeout, e.to_string())
             }
-            e @ (StoreError::State(_) | StoreError::Stopped(_) | StoreError::Io(_)) => {
+            e @ (StoreError::State(_)
+            | StoreError::Stopped(_)
+            | StoreError::Io(_)
+            | StoreError::NotRegistered(_)) => {
                 coded_status(Code::Internal, ErrorCode::Storage, e.to_string())
             }
             e @ StoreError::StateReplaced { .. } => {

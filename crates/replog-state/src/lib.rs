@@ -106,6 +106,7 @@ pub use keys::{
 };
 pub use store::{
     Applied, EntityCounts, Export, ReplaceReport, StateStore, TaskQuery, VerifyReport,
+    STANDALONE_COLUMN_FAMILY,
 };
 pub use validate::Limits;
 

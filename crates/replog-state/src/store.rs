@@ -13,7 +13,7 @@ use replog_proto::state::{
     SaveJobInstanceUpdateEvent, SaveJobUpdateEvent, ScheduleStatus, ScheduledTask,
     SchedulerMetadata, Transaction,
 };
-use replog_storage::{frame, StorageError, CF_STATE};
+use replog_storage::{frame, StorageError};
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, DBRawIteratorWithThreadMode, Options, ReadOptions,
     SnapshotWithThreadMode, WriteBatch, DB,
@@ -724,10 +724,14 @@ macro_rules! variant {
     };
 }
 
+/// The column family of a store in a database of its own
+/// ([`StateStore::open_standalone`]).
+pub const STANDALONE_COLUMN_FAMILY: &str = "state";
+
 impl StateStore {
-    /// Uses column family `cf` of an already open database (a replica's:
-    /// [`replog_storage::CF_STATE`]; a staged recovery's:
-    /// [`replog_storage::CF_STAGING`]). A new column family becomes an empty
+    /// Uses column family `cf` of an already open database (on a replica,
+    /// `replog-store` registers and names its families: the scheduler
+    /// state's and a staged recovery's). A new column family becomes an empty
     /// state at position 0; generations other than the current one (left by
     /// a `replace_all` that crashed) are deleted.
     pub fn open(db: Arc<DB>, cf: &str, limits: Limits) -> Result<Self> {
@@ -782,7 +786,7 @@ impl StateStore {
     }
 
     /// A store in its own RocksDB at `dir` (created if missing), in one
-    /// column family named [`CF_STATE`]: tests, staging files, disaster
+    /// column family named [`STANDALONE_COLUMN_FAMILY`]: tests, staging files, disaster
     /// restore.
     pub fn open_standalone(dir: &Path, limits: Limits) -> Result<Self> {
         let mut opts = Options::default();
@@ -792,10 +796,13 @@ impl StateStore {
         let db = DB::open_cf_descriptors(
             &opts,
             dir,
-            vec![ColumnFamilyDescriptor::new(CF_STATE, Options::default())],
+            vec![ColumnFamilyDescriptor::new(
+                STANDALONE_COLUMN_FAMILY,
+                Options::default(),
+            )],
         )
         .map_err(StateError::rocks(format!("open {}", dir.display())))?;
-        Self::open(Arc::new(db), CF_STATE, limits)
+        Self::open(Arc::new(db), STANDALONE_COLUMN_FAMILY, limits)
     }
 
     /// The database the store writes into.

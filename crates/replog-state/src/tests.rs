@@ -904,12 +904,10 @@ fn stores_in_column_families_of_a_shared_database() {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    let cfs = [replog_storage::CF_STATE, replog_storage::CF_STAGING]
-        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    let cfs = ["state", "staging"].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
     let db = Arc::new(DB::open_cf_descriptors(&opts, dir.path(), cfs).unwrap());
-    let state = StateStore::open(db.clone(), replog_storage::CF_STATE, Limits::default()).unwrap();
-    let staging =
-        StateStore::open(db.clone(), replog_storage::CF_STAGING, Limits::default()).unwrap();
+    let state = StateStore::open(db.clone(), "state", Limits::default()).unwrap();
+    let staging = StateStore::open(db.clone(), "staging", Limits::default()).unwrap();
     let j = job("r", "e", "n");
     done(
         state

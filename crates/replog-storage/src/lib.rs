@@ -36,7 +36,7 @@ pub use model::{
 };
 pub use rocks::{
     disk_usage, validate_cluster_id, InitOptions, OpenOptions, RecoveryReport, RocksStorage,
-    CF_STAGING, CF_STATE, DEFAULT_MAX_RECORD_BYTES,
+    DEFAULT_MAX_RECORD_BYTES, OWN_COLUMN_FAMILIES,
 };
 /// The RocksDB binding the storage is built on (for [`RocksStorage::shared_db`]).
 pub use rocksdb;

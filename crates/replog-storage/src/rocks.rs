@@ -51,14 +51,9 @@ use crate::records::{self, META_KEY};
 
 const CF_META: &str = "meta";
 const CF_LOG: &str = "log";
-/// Column family of the state machine on the log (the scheduler state):
-/// written by `replog-state` through [`RocksStorage::shared_db`], in the
-/// same database so that an applied position and the state it produced are
-/// one atomic write.
-pub const CF_STATE: &str = "state";
-/// Column family of a staged recovery (a backup loaded for inspection and
-/// editing before it is committed through the log).
-pub const CF_STAGING: &str = "staging";
+/// The column families the storage itself owns (and RocksDB's `default`,
+/// which it never writes): no layer above may register these names.
+pub const OWN_COLUMN_FAMILIES: [&str; 3] = ["default", CF_META, CF_LOG];
 
 /// Default upper bound of one stored record (a framed log entry).
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 256 * 1024 * 1024;
@@ -81,6 +76,14 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Largest record accepted from disk.
     pub max_record_bytes: usize,
+    /// Column families the layers above keep in this database (the state
+    /// machine on the log, through [`RocksStorage::shared_db`], so that an
+    /// applied position and the state it produced are one atomic write).
+    /// Each layer registers its own: `replog-store` names the scheduler
+    /// state's. They are opened, and created when missing (unless
+    /// `read_only`); families already on disk are always opened, registered
+    /// or not (RocksDB refuses to open a database without all of them).
+    pub column_families: Vec<String>,
 }
 
 impl Default for OpenOptions {
@@ -91,6 +94,7 @@ impl Default for OpenOptions {
             expected_cluster_id: None,
             read_only: false,
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            column_families: Vec::new(),
         }
     }
 }
@@ -174,16 +178,42 @@ fn db_options(strict: bool) -> Options {
     o
 }
 
-fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
+/// The storage's own families, then `others` (registered by the layers
+/// above or found on disk) with default options.
+fn cf_descriptors(others: &[String]) -> Vec<ColumnFamilyDescriptor> {
     let mut log = Options::default();
     log.set_compression_type(rocksdb::DBCompressionType::Lz4);
     log.set_write_buffer_size(64 * 1024 * 1024);
-    vec![
+    let mut descriptors = vec![
         ColumnFamilyDescriptor::new(CF_META, Options::default()),
         ColumnFamilyDescriptor::new(CF_LOG, log),
-        ColumnFamilyDescriptor::new(CF_STATE, Options::default()),
-        ColumnFamilyDescriptor::new(CF_STAGING, Options::default()),
-    ]
+    ];
+    for name in others {
+        assert!(
+            !OWN_COLUMN_FAMILIES.contains(&name.as_str()),
+            "column family '{name}' is the storage's own"
+        );
+        descriptors.push(ColumnFamilyDescriptor::new(name, Options::default()));
+    }
+    descriptors
+}
+
+/// Refuses a registered family that the storage owns itself, or a name
+/// given twice.
+fn check_registered_families(names: &[String]) -> Result<()> {
+    for (i, name) in names.iter().enumerate() {
+        if OWN_COLUMN_FAMILIES.contains(&name.as_str()) || name.is_empty() {
+            return Err(StorageError::Invalid(format!(
+                "column family '{name}' cannot be registered: the storage owns {OWN_COLUMN_FAMILIES:?}"
+            )));
+        }
+        if names[..i].contains(name) {
+            return Err(StorageError::Invalid(format!(
+                "column family '{name}' is registered twice"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn rocks_err(dir: &Path) -> impl Fn(rocksdb::Error) -> StorageError + '_ {
@@ -314,7 +344,8 @@ impl RocksStorage {
         let mut opts = db_options(true);
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let db = DB::open_cf_descriptors(&opts, dir, cf_descriptors()).map_err(rocks_err(dir))?;
+        let db =
+            DB::open_cf_descriptors(&opts, dir, cf_descriptors(&[])).map_err(rocks_err(dir))?;
         let meta = if status == ReplicaStatus::Voting {
             ReplicaMeta::initialized(&init.cluster_id, init.replica_id, ids, created)
         } else {
@@ -357,6 +388,7 @@ impl RocksStorage {
                 reason: "the directory does not exist".into(),
             });
         }
+        check_registered_families(&opts.column_families)?;
         let mut damage: Vec<String> = Vec::new();
         // 1. Identity, before RocksDB touches anything.
         let ident = read_identity(dir, opts.strict, &mut damage)?;
@@ -442,8 +474,9 @@ impl RocksStorage {
     }
 
     /// The replica's RocksDB, shared with the state machine on the log
-    /// (`replog-state` writes [`CF_STATE`] and [`CF_STAGING`]; nothing else
-    /// may write the log's own families).
+    /// (it writes the families registered in
+    /// [`OpenOptions::column_families`]; nothing else may write the log's
+    /// own families).
     pub fn shared_db(&self) -> Arc<DB> {
         self.inner.db.clone()
     }
@@ -663,8 +696,8 @@ fn read_identity(
 /// RocksDB refuses is damage; it is then opened point-in-time, and
 /// repaired if that fails too.
 fn open_db(dir: &Path, opts: &OpenOptions, damage: &mut Vec<String>) -> Result<DB> {
-    let names = column_families_on_disk(dir);
-    let open_with = |o: &Options| open_db_with(dir, opts.read_only, &names, o);
+    let others = families_to_open(dir, opts);
+    let open_with = |o: &Options| open_db_with(dir, opts.read_only, &others, o);
     match open_with(&db_options(true)) {
         Ok(db) => return Ok(db),
         Err(e) if opts.strict => return Err(rocks_err(dir)(e)),
@@ -680,47 +713,57 @@ fn open_db(dir: &Path, opts: &OpenOptions, damage: &mut Vec<String>) -> Result<D
             damage.push(format!(
                 "point-in-time recovery failed too ({e}); repaired the database"
             ));
-            repair_and_open(dir)
+            repair_and_open(dir, opts)
         }
     }
 }
 
-/// The families a read-only open names: a replica made before the state
-/// families existed opens with them created (read-write) or without them
-/// (read-only).
-fn column_families_on_disk(dir: &Path) -> Vec<String> {
-    match DB::list_cf(&Options::default(), dir) {
-        Ok(found) => [CF_META, CF_LOG, CF_STATE, CF_STAGING]
-            .into_iter()
-            .filter(|n| found.iter().any(|f| f == n))
-            .map(str::to_string)
-            .collect(),
-        Err(_) => vec![CF_META.to_string(), CF_LOG.to_string()],
+/// The families besides the storage's own that an open names: every one
+/// on disk (a database opens only with all of them), plus, writable, the
+/// registered ones (created when missing). A read-only open names only
+/// what is on disk: it creates nothing.
+fn families_to_open(dir: &Path, opts: &OpenOptions) -> Vec<String> {
+    let mut names: Vec<String> = DB::list_cf(&Options::default(), dir)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| !OWN_COLUMN_FAMILIES.contains(&n.as_str()))
+        .collect();
+    if !opts.read_only {
+        for registered in &opts.column_families {
+            if !names.contains(registered) {
+                names.push(registered.clone());
+            }
+        }
     }
+    names
 }
 
 fn open_db_with(
     dir: &Path,
     read_only: bool,
-    names: &[String],
+    others: &[String],
     o: &Options,
 ) -> std::result::Result<DB, rocksdb::Error> {
     if read_only {
+        let mut names: Vec<String> = vec![CF_META.into(), CF_LOG.into()];
+        names.extend(others.iter().cloned());
         DB::open_cf_for_read_only(o, dir, names, false)
     } else {
         let mut o = o.clone();
         o.create_missing_column_families(true);
-        DB::open_cf_descriptors(&o, dir, cf_descriptors())
+        DB::open_cf_descriptors(&o, dir, cf_descriptors(others))
     }
 }
 
 /// Runs RocksDB's repair (it sets aside table files that fail their
 /// checksums) and opens the result point-in-time.
-fn repair_and_open(dir: &Path) -> Result<DB> {
+fn repair_and_open(dir: &Path, opts: &OpenOptions) -> Result<DB> {
+    assert!(!opts.read_only, "a read-only open never repairs");
     DB::repair(&db_options(false), dir).map_err(rocks_err(dir))?;
     let mut o = db_options(false);
     o.create_missing_column_families(true);
-    DB::open_cf_descriptors(&o, dir, cf_descriptors()).map_err(rocks_err(dir))
+    let others = families_to_open(dir, opts);
+    DB::open_cf_descriptors(&o, dir, cf_descriptors(&others)).map_err(rocks_err(dir))
 }
 
 /// Verifies `db`; when RocksDB reported corrupt blocks and the open is
@@ -742,7 +785,7 @@ fn verify_repairing(
     damage.push("RocksDB reported corrupt blocks; repaired the database".into());
     warn!(dir = %dir.display(), "corrupt RocksDB blocks; running repair (non-strict)");
     drop(db);
-    let db = repair_and_open(dir)?;
+    let db = repair_and_open(dir, opts)?;
     let verified = verify(&db, dir, ident, opts)?;
     Ok((db, verified))
 }

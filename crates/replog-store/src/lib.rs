@@ -17,6 +17,18 @@ pub mod record;
 pub mod staging;
 pub mod store;
 
+/// Column family of the scheduler state, in the replica's own database (so
+/// that an applied position and the state it produced are one atomic
+/// write).
+pub const CF_STATE: &str = "state";
+/// Column family of a staged recovery (a backup loaded for inspection and
+/// editing before it is committed through the log).
+pub const CF_STAGING: &str = "staging";
+/// The column families this crate keeps in its log's database: a log that
+/// carries a scheduler store is opened with them registered
+/// ([`SchedulerStore::register_column_families`]).
+pub const COLUMN_FAMILIES: [&str; 2] = [CF_STATE, CF_STAGING];
+
 pub use staging::{
     staging_id_of, CommittedRecovery, Staged, Staging, StagingError, AUTO_COMMIT_LABEL,
     STAGING_ID_LABEL,

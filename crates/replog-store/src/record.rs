@@ -119,6 +119,27 @@ pub fn framed_begin(id: u64, kind: FramedKind, total_bytes: u64, crc: u32, parts
     )
 }
 
+/// The record that closes a framed write left open: a begin that announces
+/// nothing (no bytes, no parts). A writer appends it when it starts
+/// ([`crate::SchedulerStore::start_writer`]), and a writer whose framed
+/// write failed between its parts appends it too: the framed write an
+/// earlier writer left open (its leadership ended between the parts) is
+/// then aborted on every replica at the same position, and the applied
+/// position, held before that write's beginning, moves on without waiting
+/// for the next write. A replica that does not know this record takes it
+/// for a begin it aborts at once: the same outcome.
+pub fn close_framed_write() -> Bytes {
+    framed_begin(CLOSE_FRAME_ID, FramedKind::Transaction, 0, 0, 0)
+}
+
+/// The id of [`close_framed_write`]'s record (no framed write has it: a
+/// writer's ids start from the clock).
+const CLOSE_FRAME_ID: u64 = 0;
+
+fn is_close_framed_write(begin: &FramedBegin) -> bool {
+    begin.part_count == 0 && begin.total_bytes == 0 && begin.id == CLOSE_FRAME_ID
+}
+
 /// Part `index` of framed write `id`.
 pub fn framed_part(id: u64, index: u32, data: Bytes) -> Bytes {
     Bytes::from(
@@ -367,6 +388,13 @@ impl Reassembler {
     /// progress is aborted); one over its kind's limit, of no known kind
     /// or without parts is aborted at once.
     fn begin(&mut self, position: u64, begin: FramedBegin, out: &mut Vec<Assembled>) {
+        if is_close_framed_write(&begin) {
+            self.abort(
+                format!("a writer closed it at position {position} (its own writer stopped between the parts)"),
+                out,
+            );
+            return;
+        }
         self.abort(
             format!("another framed write began at position {position}"),
             out,
@@ -701,5 +729,45 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("upgrade this replica"), "{e}");
+    }
+
+    /// The closing record aborts a framed write in progress, is nothing
+    /// on its own, and never aborts a write that begins after it.
+    #[test]
+    fn the_closing_record_aborts_only_a_write_in_progress() {
+        let t = txn(40, 200);
+        let framed = encode_transaction(&t, 9, 1024, 64 << 20).unwrap();
+        assert!(framed.len() > 3);
+        let close = close_framed_write();
+
+        // Alone: nothing.
+        let mut r = Reassembler::new(64 << 20);
+        assert!(feed(std::slice::from_ref(&close), 1, &mut r).is_empty());
+
+        // After half a framed write: that write is aborted, at its begin.
+        let mut half: Vec<Bytes> = framed[..framed.len() / 2].to_vec();
+        half.push(close.clone());
+        let mut r = Reassembler::new(64 << 20);
+        let out = feed(&half, 10, &mut r);
+        assert!(
+            matches!(&out[..], [Assembled::Aborted { id: 9, begun_at: 10, reason }]
+                if reason.contains("closed it")),
+            "{out:?}"
+        );
+        assert_eq!(r.begun_at(), None);
+
+        // Before a whole framed write: the write applies.
+        let mut whole = vec![close];
+        whole.extend(framed.iter().cloned());
+        let mut r = Reassembler::new(64 << 20);
+        let out = feed(&whole, 1, &mut r);
+        let last = whole.len() as u64;
+        assert_eq!(
+            out,
+            vec![Assembled::Apply {
+                position: last,
+                txn: t
+            }]
+        );
     }
 }

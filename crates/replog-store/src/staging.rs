@@ -27,8 +27,10 @@ use replog_proto::snapshot::SnapshotHeader;
 use replog_proto::state::{op, Op, RemoveTasks, ScheduledTask, Transaction};
 use replog_snapshot::{check_cluster, ReaderOptions, SnapshotReader};
 use replog_state::{EntityCounts, Limits, StateError, StateStore, TaskQuery};
+use replog_storage::frame;
 use replog_storage::rocksdb::DB;
-use replog_storage::{frame, CF_STAGING};
+
+use crate::CF_STAGING;
 
 use crate::backup::{load_stream, BackupError, CONTENT};
 
@@ -122,14 +124,14 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// Opens the staging area in `db` (the replica's database) whose
-    /// directory is `dir`.
     /// The staging area of the replica behind `log`: its column family in
     /// the log's database, its marker files in the log's directory.
     pub fn for_log(log: &replog_log::Log) -> Result<Self, StagingError> {
         Self::open(log.shared_db(), log.path())
     }
 
+    /// Opens the staging area in `db` (the replica's database, opened with
+    /// [`crate::COLUMN_FAMILIES`] registered) whose directory is `dir`.
     pub fn open(db: Arc<DB>, dir: &Path) -> Result<Self, StagingError> {
         let state = StateStore::open(db, CF_STAGING, Limits::default())?;
         let marker = dir.join(MARKER);
@@ -416,6 +418,13 @@ mod tests {
     use super::*;
     use replog_storage::{InitOptions, RocksStorage};
 
+    /// Default log options with the store's column families registered.
+    fn store_log_options() -> replog_log::LogOptions {
+        let mut opts = replog_log::LogOptions::default();
+        crate::SchedulerStore::register_column_families(&mut opts);
+        opts
+    }
+
     /// A fresh single replica at `dir/r` with `backup_bytes()` staged.
     fn staged_replica(dir: &Path) -> (PathBuf, Arc<replog_log::Log>, Staging, Staged) {
         let path = dir.join("r");
@@ -426,9 +435,7 @@ mod tests {
     }
 
     fn staging_in(dir: &Path) -> (Arc<replog_log::Log>, Staging) {
-        let log = Arc::new(
-            replog_log::Log::open(dir, replog_log::LogOptions::default()).expect("open log"),
-        );
+        let log = Arc::new(replog_log::Log::open(dir, store_log_options()).expect("open log"));
         let staging = Staging::open(log.shared_db(), log.path()).expect("open staging");
         (log, staging)
     }
@@ -493,9 +500,7 @@ mod tests {
         let n = bytes.len();
         bytes[n - 1] ^= 0x40;
         std::fs::write(&record, &bytes).unwrap();
-        let log = Arc::new(
-            replog_log::Log::open(&path, replog_log::LogOptions::default()).expect("open log"),
-        );
+        let log = Arc::new(replog_log::Log::open(&path, store_log_options()).expect("open log"));
         match Staging::open(log.shared_db(), log.path()) {
             Err(StagingError::Marker { path: p, .. }) => assert_eq!(p, record),
             Err(e) => panic!("expected a marker error, got {e}"),

@@ -121,6 +121,9 @@ pub enum StoreError {
     Staging(#[from] crate::staging::StagingError),
     #[error("{0}")]
     Io(String),
+    /// The log was opened without the store's column families.
+    #[error("the log's database has no column family '{0}': open the log with the store's column families registered (SchedulerStore::register_column_families)")]
+    NotRegistered(String),
 }
 
 /// Limits of a store.
@@ -234,8 +237,20 @@ impl SchedulerStore {
         Self::start_with_source(log, state, opts, None)
     }
 
+    /// Registers the store's column families ([`crate::COLUMN_FAMILIES`])
+    /// in the options of the log it will run on: open the log with these,
+    /// then [`Self::open`] the store on it.
+    pub fn register_column_families(opts: &mut replog_log::LogOptions) {
+        for name in crate::COLUMN_FAMILIES {
+            if !opts.column_families.iter().any(|n| n == name) {
+                opts.column_families.push(name.to_string());
+            }
+        }
+    }
+
     /// Opens the scheduler state kept in `log`'s own database (the state
-    /// store's column family) and starts the store on it, as
+    /// store's column family, registered when the log was opened:
+    /// [`Self::register_column_families`]) and starts the store on it, as
     /// [`Self::start`] does. Must run in a tokio runtime.
     pub fn open(log: Arc<Log>, opts: StoreOptions) -> Result<Self, StoreError> {
         Self::open_with(log, opts, None, None)
@@ -249,12 +264,15 @@ impl SchedulerStore {
         source: Option<Arc<dyn SnapshotSource>>,
         staging: Option<Arc<crate::staging::Staging>>,
     ) -> Result<Self, StoreError> {
-        let state = StateStore::open(
-            log.shared_db(),
-            replog_storage::CF_STATE,
-            replog_state::Limits::default(),
-        )
-        .map_err(StoreError::State)?;
+        let db = log.shared_db();
+        if let Some(missing) = crate::COLUMN_FAMILIES
+            .into_iter()
+            .find(|name| db.cf_handle(name).is_none())
+        {
+            return Err(StoreError::NotRegistered(missing.to_string()));
+        }
+        let state = StateStore::open(db, crate::CF_STATE, replog_state::Limits::default())
+            .map_err(StoreError::State)?;
         Ok(Self::start_with(log, state, opts, source, staging))
     }
 
@@ -308,7 +326,8 @@ impl SchedulerStore {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1);
+            .unwrap_or(1)
+            .max(1); // 0 is the id of `close_framed_write`
         SchedulerStore {
             shared,
             log,
@@ -403,11 +422,16 @@ impl SchedulerStore {
     }
 
     /// Makes this replica the writer (waits for leadership; see
-    /// [`Writer::start`]) and waits until the state applied everything
-    /// committed before. Returns that position.
+    /// [`Writer::start`]), closes any framed write an earlier writer left
+    /// open ([`crate::record::close_framed_write`]: without it the applied
+    /// position would wait before that write's beginning until the next
+    /// write, and this wait with it), and waits until the state applied
+    /// everything committed before. Returns that position (the closing
+    /// record's).
     pub async fn start_writer(&self) -> Result<u64, StoreError> {
         let mut w = self.log.writer();
-        let at = w.start().await?.value();
+        w.start().await?;
+        let at = w.append(crate::record::close_framed_write()).await?.value();
         self.wait_applied(at).await?;
         self.writer_started_at
             .store(self.applied(), Ordering::SeqCst);
@@ -477,7 +501,10 @@ impl SchedulerStore {
             let w = guard.as_ref().ok_or(LogError::WriterNotStarted)?;
             let mut last = Position::new(0);
             for e in entries {
-                last = w.append(e).await?;
+                match w.append(e).await {
+                    Ok(p) => last = p,
+                    Err(e) => return Err(close_after_failed_frame(w, e.into()).await),
+                }
             }
             last.value()
         };
@@ -604,9 +631,8 @@ impl SchedulerStore {
         total: u64,
         crc: u32,
     ) -> Result<u64, StoreError> {
-        use std::io::Read;
-        let part = crate::record::part_bytes(self.opts.max_entry_bytes)?;
-        let parts = total.div_ceil(part as u64).max(1) as u32;
+        let part_bytes = crate::record::part_bytes(self.opts.max_entry_bytes)?;
+        let parts = total.div_ceil(part_bytes as u64).max(1) as u32;
         let id = self.next_frame_id.fetch_add(1, Ordering::Relaxed);
         let guard = self.writer.write().await;
         let w = guard.as_ref().ok_or(LogError::WriterNotStarted)?;
@@ -618,28 +644,10 @@ impl SchedulerStore {
             parts,
         ))
         .await?;
-        let mut f = std::io::BufReader::new(
-            std::fs::File::open(path).map_err(|e| StoreError::Io(e.to_string()))?,
-        );
-        let mut last = Position::new(0);
-        for index in 0..parts {
-            let mut buf = vec![0u8; part];
-            let mut n = 0;
-            while n < part {
-                let k = f
-                    .read(&mut buf[n..])
-                    .map_err(|e| StoreError::Io(e.to_string()))?;
-                if k == 0 {
-                    break;
-                }
-                n += k;
-            }
-            buf.truncate(n);
-            last = w
-                .append(crate::record::framed_part(id, index, buf.into()))
-                .await?;
+        match append_parts_from_file(w, id, path, part_bytes, parts).await {
+            Ok(last) => Ok(last.value()),
+            Err(e) => Err(close_after_failed_frame(w, e).await),
         }
-        Ok(last.value())
     }
 
     /// Stops the applier (it lets go of the log once its task ends; see
@@ -664,6 +672,49 @@ impl Drop for SchedulerStore {
         self.applier.abort();
         self.compactor.abort();
     }
+}
+
+/// Appends the `parts` parts of framed write `id` from the file at `path`,
+/// `part_bytes` each (the last one shorter); returns the last's position.
+async fn append_parts_from_file(
+    w: &Writer,
+    id: u64,
+    path: &std::path::Path,
+    part_bytes: usize,
+    parts: u32,
+) -> Result<Position, StoreError> {
+    use std::io::Read;
+    let io = |e: std::io::Error| StoreError::Io(e.to_string());
+    let mut f = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+    let mut last = Position::new(0);
+    for index in 0..parts {
+        let mut buf = vec![0u8; part_bytes];
+        let mut n = 0;
+        while n < part_bytes {
+            let k = f.read(&mut buf[n..]).map_err(io)?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        buf.truncate(n);
+        last = w
+            .append(crate::record::framed_part(id, index, buf.into()))
+            .await?;
+    }
+    assert!(parts == 0 || last.value() > 0, "every part was appended");
+    Ok(last)
+}
+
+/// A framed write failed between its parts (`error`): closes it
+/// ([`crate::record::close_framed_write`]) so that the applied position
+/// moves on, when `w` still can write (a writer whose leadership ended
+/// cannot: the next writer closes it when it starts). Returns `error`.
+async fn close_after_failed_frame(w: &Writer, error: StoreError) -> StoreError {
+    if let Err(e) = w.append(crate::record::close_framed_write()).await {
+        debug!(error = %e, "could not close the failed framed write; the next writer will");
+    }
+    error
 }
 
 /// How often the compaction task looks at the clock when nothing is

@@ -16,6 +16,13 @@ use replog_storage::{InitOptions, RocksStorage};
 use replog_store::backup::{write_state, SnapshotIdentity};
 use replog_store::{FetchFuture, SchedulerStore, SnapshotSource, StoreOptions};
 
+/// Default log options with the store's column families registered.
+fn store_log_options() -> LogOptions {
+    let mut opts = LogOptions::default();
+    SchedulerStore::register_column_families(&mut opts);
+    opts
+}
+
 fn save(id: u64) -> Transaction {
     Transaction {
         ops: vec![Op {
@@ -85,7 +92,7 @@ async fn the_leader_compacts_and_a_state_behind_the_log_catches_up_from_a_snapsh
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r");
     RocksStorage::initialize(&path, &InitOptions::single_replica("store-test")).unwrap();
-    let log = Arc::new(Log::open(&path, LogOptions::default()).unwrap());
+    let log = Arc::new(Log::open(&path, store_log_options()).unwrap());
     let opts = StoreOptions {
         snapshot_interval_entries: 20,
         snapshot_keep_entries: 5,
@@ -155,7 +162,7 @@ async fn without_a_source_a_state_behind_the_log_stops_the_applier() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r");
     RocksStorage::initialize(&path, &InitOptions::single_replica("store-test")).unwrap();
-    let log = Arc::new(Log::open(&path, LogOptions::default()).unwrap());
+    let log = Arc::new(Log::open(&path, store_log_options()).unwrap());
     let opts = StoreOptions {
         snapshot_interval_entries: 10,
         snapshot_keep_entries: 2,

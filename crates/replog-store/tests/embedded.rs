@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use replog_log::{Log, LogOptions};
+use replog_log::{Log, LogOptions, Position};
 use replog_proto::state::{
     op, AdmitAgent, JobKey, MarkAgentReachable, Op, RemoveTasks, SaveTasks, ScheduleStatus,
     ScheduledTask, TaskConfig, Transaction,
@@ -11,6 +11,13 @@ use replog_proto::state::{
 use replog_state::TaskQuery;
 use replog_storage::{InitOptions, RocksStorage};
 use replog_store::{SchedulerStore, StoreError, StoreOptions};
+
+/// Default log options with the store's column families registered.
+fn store_log_options() -> LogOptions {
+    let mut opts = LogOptions::default();
+    SchedulerStore::register_column_families(&mut opts);
+    opts
+}
 
 fn task(id: &str, role: &str, status: ScheduleStatus, pad: usize) -> ScheduledTask {
     ScheduledTask {
@@ -54,7 +61,7 @@ fn backup_of(store: &SchedulerStore, dir: &std::path::Path) -> std::path::PathBu
 }
 
 fn open(dir: &std::path::Path, opts: StoreOptions) -> SchedulerStore {
-    let log = Arc::new(Log::open(dir, LogOptions::default()).unwrap());
+    let log = Arc::new(Log::open(dir, store_log_options()).unwrap());
     SchedulerStore::open(log, opts).unwrap()
 }
 
@@ -196,6 +203,62 @@ async fn a_framed_write_cut_short_is_skipped_and_counted() {
     assert!(store.state().task("t0").unwrap().is_none());
 }
 
+/// A writer whose leadership ended between the parts of a framed write
+/// (a large transaction, or a recovery commit's state replacement) leaves
+/// it open, and the applied position waits before its beginning. The next
+/// writer closes it when it starts: without that, nothing is written until
+/// some client writes, so starting the writer, a recovery commit and every
+/// linearizable read wait for the applied position and time out (found by
+/// `backup_under_writes_stage_delete_commit_fails_the_writer_over`: a
+/// leader change during the commit's replacement, and every retry of the
+/// commit timed out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_framed_write_left_open_never_holds_back_the_next_writer_or_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r");
+    RocksStorage::initialize(&path, &InitOptions::single_replica("store-test")).unwrap();
+    let opts = StoreOptions {
+        max_entry_bytes: 4096,
+        apply_timeout: std::time::Duration::from_secs(3),
+        ..StoreOptions::default()
+    };
+    let store = open(&path, opts.clone());
+    store.start_writer().await.unwrap();
+    let before = store.applied();
+    let big: Vec<ScheduledTask> = (0..100)
+        .map(|i| task(&format!("t{i}"), "r", ScheduleStatus::Pending, 500))
+        .collect();
+    let entries = replog_store::record::encode_transaction(&save(big), 42, 4096, 64 << 20).unwrap();
+    {
+        let mut w = store.log().writer();
+        w.start().await.unwrap();
+        for e in &entries[..entries.len() / 2] {
+            w.append(e.clone()).await.unwrap();
+        }
+    }
+    // The store's state waits before the open write's beginning.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        store.applied(),
+        before,
+        "applied stays before an open framed write"
+    );
+    let ending = store.log().reader().ending().value();
+
+    // A new writer (the next leader's, after a restart here) closes it.
+    store.shutdown().await;
+    let store = open(&path, opts);
+    let at = store.start_writer().await.unwrap();
+    assert!(
+        at > ending,
+        "the writer's closing record follows the open write"
+    );
+    assert_eq!(store.applied(), at);
+    assert_eq!(store.aborted_writes(), 1);
+    assert_eq!(store.sync_for_read().await.unwrap(), at);
+    assert_eq!(store.state().counts().unwrap().total(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staged_recovery_replaces_the_state_at_one_position() {
     use replog_store::{Staging, StagingError};
@@ -329,7 +392,7 @@ async fn a_committed_staging_is_recorded_and_never_committed_twice() {
     let start = |staging: Arc<Staging>, log: Arc<Log>| {
         SchedulerStore::open_with(log, opts.clone(), None, Some(staging)).unwrap()
     };
-    let log = Arc::new(Log::open(&path, LogOptions::default()).unwrap());
+    let log = Arc::new(Log::open(&path, store_log_options()).unwrap());
     let staging = Arc::new(Staging::open(log.shared_db(), log.path()).unwrap());
     let store = start(staging.clone(), log);
     store.start_writer().await.unwrap();
@@ -370,7 +433,24 @@ async fn a_committed_staging_is_recorded_and_never_committed_twice() {
         store.commit_recovery(&staging).await,
         Err(StoreError::Staging(StagingError::NothingStaged))
     ));
-    assert_eq!(store.log().reader().ending(), before, "nothing was written");
+    // Nothing was written but the new writer's closing record.
+    let reader = store.log().reader();
+    let ending = reader.ending();
+    let written = if ending > before {
+        reader
+            .read(Position::new(before.value() + 1), ending)
+            .unwrap()
+    } else {
+        Vec::new()
+    };
+    assert!(written.len() <= 1, "{written:?}");
+    drop(reader); // a reader holds the data directory
+    assert!(
+        written
+            .iter()
+            .all(|e| e.data == replog_store::record::close_framed_write()),
+        "{written:?}"
+    );
     store
         .submit(&save(vec![task("x", "r", ScheduleStatus::Running, 1)]))
         .await
@@ -381,7 +461,7 @@ async fn a_committed_staging_is_recorded_and_never_committed_twice() {
     store.shutdown().await;
 
     // The record survives a restart, and a restart replays nothing twice.
-    let log = Arc::new(Log::open(&path, LogOptions::default()).unwrap());
+    let log = Arc::new(Log::open(&path, store_log_options()).unwrap());
     let staging = Arc::new(Staging::open(log.shared_db(), log.path()).unwrap());
     assert_eq!(staging.last_committed().unwrap().staging_id, staging_id);
     assert!(staging.staged().unwrap().is_none());
@@ -434,4 +514,27 @@ async fn a_record_of_a_newer_schema_stops_the_applier_instead_of_losing_fields()
     // Nothing of it (or after it) was applied.
     assert!(store.applied() < at && store.applied() >= before);
     assert!(store.state().task("b").unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_on_a_log_opened_without_its_column_families_is_refused_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r");
+    RocksStorage::initialize(&path, &InitOptions::single_replica("store-test")).unwrap();
+    let log = Arc::new(Log::open(&path, LogOptions::default()).unwrap());
+    match SchedulerStore::open(log.clone(), StoreOptions::default()) {
+        Err(e @ StoreError::NotRegistered(_)) => {
+            assert!(e.to_string().contains("register_column_families"), "{e}")
+        }
+        Err(e) => panic!("expected NotRegistered, got {e}"),
+        Ok(_) => panic!("a store opened on a log without its column families"),
+    }
+    drop(log);
+    // Registered, the same replica opens a store (the families are created).
+    let store = open(&path, StoreOptions::default());
+    store.start_writer().await.unwrap();
+    let db = store.log().shared_db();
+    for name in replog_store::COLUMN_FAMILIES {
+        assert!(db.cf_handle(name).is_some(), "{name}");
+    }
 }
