@@ -260,6 +260,64 @@ fn a_writer_of_an_old_term_is_refused() {
     ));
 }
 
+/// The writer of the current term writes (cargo-mutants: `propose`'s
+/// writer-term check with `raft.state != Leader` as `==`, or
+/// `!self.leader_ready` as `leader_ready`, refused every current writer and
+/// no test proposed with a term); one of an earlier term never does.
+#[test]
+fn the_current_terms_writer_writes_and_an_earlier_ones_never() {
+    let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+    let mut c = leader(&s);
+    let term = c.progress().term;
+    for (id, writer_term, writes) in [(1, term, true), (2, term - 1, false), (3, term + 1, false)] {
+        let mut out = Vec::new();
+        let command = Command::Append(Bytes::from_static(b"x"));
+        let writer_term = Some(writer_term);
+        c.step(
+            Input::Propose {
+                id,
+                command,
+                writer_term,
+            },
+            &mut out,
+        )
+        .unwrap();
+        out.extend(pump(&mut c, true));
+        let wrote = committed(&out).iter().any(|(p, _)| *p == id);
+        assert_eq!(
+            wrote, writes,
+            "writer of term {writer_term:?} in term {term}: {out:?}"
+        );
+        if !writes {
+            assert!(out.iter().any(|o| matches!(o, Output::Failed {
+                id: i,
+                error: ProposalError::LeadershipLost { .. }
+            } if *i == id)));
+        }
+    }
+}
+
+/// A leader answers a linearizable read with the position to wait for
+/// (cargo-mutants: `report_read_states` replaced by `()` left every read
+/// to time out, and neither the table tests nor the cluster harness read).
+#[test]
+fn a_leader_answers_a_linearizable_read_with_its_commit_position() {
+    let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+    let mut c = leader(&s);
+    let mut out = Vec::new();
+    c.step(append(1, "a"), &mut out).unwrap();
+    out.extend(pump(&mut c, true));
+    let (_, position) = committed(&out)[0];
+    let mut out = Vec::new();
+    c.step(Input::ReadIndex { id: 7 }, &mut out).unwrap();
+    out.extend(pump(&mut c, true));
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::ReadReady { id: 7, index } if *index >= position)),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn truncation_is_applied_with_the_applied_position() {
     let s = MemoryStorage::new_initialized("t", 1, vec![1]);
