@@ -219,6 +219,20 @@ async fn append_batch(
 }
 
 pub fn cluster_demo(a: &ClusterDemo) -> Result<()> {
+    let mut replicas = prepare_replicas(a)?;
+    let rt = runtime()?;
+    let outcome = rt.block_on(demo_scenario(a.entries as u64, &mut replicas));
+    replicas.stop_all();
+    println!(
+        "-- stopped the replicas; data and logs are in {}",
+        a.dir.display()
+    );
+    outcome
+}
+
+/// The demo's directory and ports checked, its three replicas initialized
+/// (or reused from an earlier run) and started.
+fn prepare_replicas(a: &ClusterDemo) -> Result<Replicas> {
     let base = a.dir.clone();
     if a.fresh && base.exists() {
         std::fs::remove_dir_all(&base)
@@ -272,100 +286,141 @@ pub fn cluster_demo(a: &ClusterDemo) -> Result<()> {
             replicas.log_file(id).display()
         );
     }
-    let rt = runtime()?;
+    Ok(replicas)
+}
+
+/// Appends `n` entries, kills the leader while appending `n` more, appends
+/// `n` on the new leader, restarts the killed one, and verifies every
+/// acknowledged entry on every replica.
+async fn demo_scenario(n: u64, replicas: &mut Replicas) -> Result<()> {
     let endpoints = replicas.endpoints();
-    let outcome = rt.block_on(async {
-        let client = Client::with_config(
-            &endpoints,
-            ClientConfig {
-                request_timeout: Duration::from_secs(5),
-                ..Default::default()
-            },
-        );
-        let started = Instant::now();
-        let (leader, _) = wait_leader(&client, None).await?;
-        println!("-- replica {leader} was elected leader in {:?}", started.elapsed());
-        crate::cluster::status_endpoints_async(&endpoints, false).await?;
-
-        let acked: Acked = Arc::new(Mutex::new(BTreeMap::new()));
-        let n = a.entries as u64;
-        let t = Instant::now();
-        let (ok, _) = append_batch(&client, &acked, "appending", 0, n, 16).await;
-        println!("-- appended {ok} entries in {:?} (16 concurrent writers)", t.elapsed());
-
-        // Kill the leader while writers keep going.
-        println!("-- killing the leader, replica {leader}, with SIGKILL, while appending");
-        let during = {
-            let client = client.clone();
-            let acked = acked.clone();
-            tokio::spawn(async move { append_batch(&client, &acked, "failover", n, n, 16).await })
-        };
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let killed_at = Instant::now();
-        replicas.kill(leader)?;
-        let (new_leader, _) = wait_leader(&client, Some(leader)).await?;
-        println!("-- replica {new_leader} took over in {:?}", killed_at.elapsed());
-        let (ok, unknown) = during.await.context("writer task failed")?;
-        println!(
-            "-- during the failover {ok} appends were acknowledged; {unknown} had an unknown outcome (the client reports them, it never guesses)"
-        );
-        crate::cluster::status_endpoints_async(&endpoints, false).await?;
-
-        let t = Instant::now();
-        let (ok, _) = append_batch(&client, &acked, "appending", 2 * n, n, 16).await;
-        println!("-- appended {ok} more entries on the new leader in {:?}", t.elapsed());
-
-        println!("-- restarting replica {leader} on its data directory");
-        replicas.start(leader)?;
-        let last = *acked.lock().await.keys().last().unwrap_or(&0);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let all = client.status_all().await;
-            if all.iter().all(|(_, s)| s.as_ref().is_ok_and(|s| s.applied >= last)) {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("replica {leader} did not catch up within 60s; see its log");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        println!("-- replica {leader} caught up");
-        crate::cluster::status_endpoints_async(&endpoints, false).await?;
-
-        // Verify: every acknowledged entry, on every replica.
-        let acked = acked.lock().await.clone();
-        let (first, last) = (*acked.keys().next().unwrap_or(&0), last);
-        for e in &endpoints {
-            let one = Client::new([e.clone()]);
-            let mut got = BTreeMap::new();
-            let mut from = first;
-            while from <= last {
-                let to = (from + 9_999).min(last);
-                let r = one
-                    .read(from, to, false)
-                    .await
-                    .with_context(|| format!("reading {from}..={to} from {e}"))?;
-                for entry in r.entries {
-                    got.insert(entry.position, entry.data.to_vec());
-                }
-                from = to + 1;
-            }
-            for (p, data) in &acked {
-                if got.get(p) != Some(data) {
-                    bail!("replica at {e} does not hold acknowledged position {p}");
-                }
-            }
-        }
-        println!(
-            "== verified: all {} acknowledged entries are on all 3 replicas, byte for byte",
-            acked.len()
-        );
-        Ok::<(), anyhow::Error>(())
-    });
-    replicas.stop_all();
-    println!(
-        "-- stopped the replicas; data and logs are in {}",
-        base.display()
+    let client = Client::with_config(
+        &endpoints,
+        ClientConfig {
+            request_timeout: Duration::from_secs(5),
+            ..Default::default()
+        },
     );
-    outcome
+    let started = Instant::now();
+    let (leader, _) = wait_leader(&client, None).await?;
+    println!(
+        "-- replica {leader} was elected leader in {:?}",
+        started.elapsed()
+    );
+    crate::cluster::status_endpoints_async(&endpoints, false).await?;
+
+    let acked: Acked = Arc::new(Mutex::new(BTreeMap::new()));
+    let t = Instant::now();
+    let (ok, _) = append_batch(&client, &acked, "appending", 0, n, 16).await;
+    println!(
+        "-- appended {ok} entries in {:?} (16 concurrent writers)",
+        t.elapsed()
+    );
+
+    kill_the_leader_while_appending(&client, &acked, replicas, leader, n).await?;
+    crate::cluster::status_endpoints_async(&endpoints, false).await?;
+
+    let t = Instant::now();
+    let (ok, _) = append_batch(&client, &acked, "appending", 2 * n, n, 16).await;
+    println!(
+        "-- appended {ok} more entries on the new leader in {:?}",
+        t.elapsed()
+    );
+
+    println!("-- restarting replica {leader} on its data directory");
+    replicas.start(leader)?;
+    let last = *acked.lock().await.keys().last().unwrap_or(&0);
+    wait_all_applied(&client, last, leader).await?;
+    println!("-- replica {leader} caught up");
+    crate::cluster::status_endpoints_async(&endpoints, false).await?;
+
+    let acked = acked.lock().await.clone();
+    verify_on_every_replica(&endpoints, &acked).await?;
+    println!(
+        "== verified: all {} acknowledged entries are on all 3 replicas, byte for byte",
+        acked.len()
+    );
+    Ok(())
+}
+
+/// SIGKILLs `leader` while 16 writers append `n` entries (from position
+/// label `n` on), and reports the failover.
+async fn kill_the_leader_while_appending(
+    client: &Client,
+    acked: &Acked,
+    replicas: &mut Replicas,
+    leader: u64,
+    n: u64,
+) -> Result<()> {
+    println!("-- killing the leader, replica {leader}, with SIGKILL, while appending");
+    let during = {
+        let client = client.clone();
+        let acked = acked.clone();
+        tokio::spawn(async move { append_batch(&client, &acked, "failover", n, n, 16).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let killed_at = Instant::now();
+    replicas.kill(leader)?;
+    let (new_leader, _) = wait_leader(client, Some(leader)).await?;
+    println!(
+        "-- replica {new_leader} took over in {:?}",
+        killed_at.elapsed()
+    );
+    let (ok, unknown) = during.await.context("writer task failed")?;
+    println!(
+        "-- during the failover {ok} appends were acknowledged; {unknown} had an unknown outcome (the client reports them, it never guesses)"
+    );
+    Ok(())
+}
+
+/// Waits (up to 60 s) until every replica applied `last`; `restarted` is
+/// the one expected to lag.
+async fn wait_all_applied(client: &Client, last: u64, restarted: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let all = client.status_all().await;
+        if all
+            .iter()
+            .all(|(_, s)| s.as_ref().is_ok_and(|s| s.applied >= last))
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("replica {restarted} did not catch up within 60s; see its log");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads every acknowledged position from each replica alone and compares
+/// the bytes.
+async fn verify_on_every_replica(
+    endpoints: &[String],
+    acked: &BTreeMap<u64, Vec<u8>>,
+) -> Result<()> {
+    let (Some(&first), Some(&last)) = (acked.keys().next(), acked.keys().last()) else {
+        return Ok(());
+    };
+    for e in endpoints {
+        let one = Client::new([e.clone()]);
+        let mut got = BTreeMap::new();
+        let mut from = first;
+        while from <= last {
+            let to = (from + 9_999).min(last);
+            let r = one
+                .read(from, to, false)
+                .await
+                .with_context(|| format!("reading {from}..={to} from {e}"))?;
+            for entry in r.entries {
+                got.insert(entry.position, entry.data.to_vec());
+            }
+            from = to + 1;
+        }
+        for (p, data) in acked {
+            if got.get(p) != Some(data) {
+                bail!("replica at {e} does not hold acknowledged position {p}");
+            }
+        }
+    }
+    Ok(())
 }
