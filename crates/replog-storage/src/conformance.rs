@@ -10,6 +10,7 @@ use raft::eraftpb::{ConfState, Entry, HardState};
 use raft::{GetEntriesContext, Storage};
 
 use crate::api::{LogStorage, LogUpdate};
+use crate::error::StorageError;
 
 /// Makes storages for the suite.
 pub trait Harness {
@@ -70,6 +71,7 @@ pub fn run_all<H: Harness>(h: &mut H) {
     snapshot_metadata(h);
     snapshot_carries_membership_of_its_position(h);
     hard_and_conf_state_round_trip(h);
+    compaction_of_everything_and_of_what_is_appended(h);
     install_snapshot(h);
     rejects_bad_appends(h);
     synced_writes_survive_reopen(h);
@@ -111,6 +113,7 @@ fn append_and_read<H: Harness>(h: &mut H) {
         "entries(5, 8)"
     );
     assert_eq!(s.term(5).unwrap(), 2);
+    assert_eq!(s.term(10).unwrap(), 2, "term of the last entry");
     assert!(is_unavailable(s.term(11)), "term past the end");
     assert!(
         is_unavailable(s.entries(2, 12, None::<u64>, ctx())),
@@ -204,12 +207,22 @@ fn compaction_boundary<H: Harness>(h: &mut H) {
         7,
         "compaction never goes backwards"
     );
-    assert!(
+    for at_the_boundary in [6, 7] {
         s.write(LogUpdate {
-            compact_to: Some(12),
+            compact_to: Some(at_the_boundary),
             ..Default::default()
         })
-        .is_err(),
+        .expect("compacting to the compaction point or the first position");
+        assert_eq!(s.first_index().unwrap(), 7, "compact_to({at_the_boundary})");
+    }
+    assert!(
+        matches!(
+            s.write(LogUpdate {
+                compact_to: Some(12),
+                ..Default::default()
+            }),
+            Err(StorageError::Invalid(_))
+        ),
         "compacting past the end is refused"
     );
     let s = restart(h, s);
@@ -238,6 +251,11 @@ fn snapshot_metadata<H: Harness>(h: &mut H) {
     );
     assert_eq!(snap.get_metadata().term, 4);
     assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1]);
+    assert_eq!(
+        s.snapshot(5, 2).unwrap().get_metadata().index,
+        5,
+        "a snapshot asked for at the compaction point is ready"
+    );
     assert!(
         s.snapshot(9, 2).is_err(),
         "a snapshot newer than the compaction point is not ready"
@@ -275,6 +293,16 @@ fn snapshot_carries_membership_of_its_position<H: Harness>(h: &mut H) {
             .clone()
     };
     assert_eq!(voters_at(&s), vec![1], "before any change is compacted");
+    s.write(LogUpdate {
+        compact_to: Some(4),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        voters_at(&s),
+        vec![1],
+        "the change at 4 is not folded in at 3"
+    );
     s.write(LogUpdate {
         compact_to: Some(6),
         ..Default::default()
@@ -346,6 +374,48 @@ fn hard_and_conf_state_round_trip<H: Harness>(h: &mut H) {
     assert_eq!(st.conf_state, cs, "conf state survives reopen");
 }
 
+/// Compacting in the update that appends takes the mark's term from the
+/// appended entry at the mark; compacting to one past the last position
+/// empties the log, which continues after it.
+fn compaction_of_everything_and_of_what_is_appended<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    append(&s, entries(2..=5, 2, 8));
+    let mut appended = entries(6..=7, 3, 8);
+    appended.extend(entries(8..=8, 4, 8));
+    appended.extend(entries(9..=9, 5, 8));
+    s.write(LogUpdate {
+        entries: appended,
+        compact_to: Some(9),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(s.first_index().unwrap(), 9);
+    assert_eq!(
+        s.term(8).unwrap(),
+        4,
+        "the mark's term is the appended entry's at the mark"
+    );
+    assert_eq!(s.snapshot(0, 2).unwrap().get_metadata().term, 4);
+    s.write(LogUpdate {
+        compact_to: Some(10),
+        ..Default::default()
+    })
+    .expect("compacting to one past the last position");
+    assert_eq!(
+        (s.first_index().unwrap(), s.last_index().unwrap()),
+        (10, 9),
+        "compacting everything empties the log"
+    );
+    assert_eq!(s.term(9).unwrap(), 5);
+    append(&s, entries(10..=10, 5, 8));
+    let s = restart(h, s);
+    assert_eq!(
+        (s.first_index().unwrap(), s.last_index().unwrap()),
+        (10, 10)
+    );
+    assert_eq!((s.term(9).unwrap(), s.term(10).unwrap()), (5, 5));
+}
+
 fn install_snapshot<H: Harness>(h: &mut H) {
     let s = h.fresh();
     append(&s, entries(2..=10, 2, 8));
@@ -358,6 +428,25 @@ fn install_snapshot<H: Harness>(h: &mut H) {
     assert_eq!(s.last_index().unwrap(), 20);
     assert_eq!(s.term(20).unwrap(), 4);
     assert!(s.initial_state().unwrap().hard_state.commit >= 20);
+    assert!(
+        matches!(
+            s.write(LogUpdate {
+                snapshot: Some((15, 4)),
+                ..Default::default()
+            }),
+            Err(StorageError::Invalid(_))
+        ),
+        "a snapshot older than the current one is refused"
+    );
+    s.write(LogUpdate {
+        snapshot: Some((20, 4)),
+        ..Default::default()
+    })
+    .expect("the current snapshot installed again");
+    assert_eq!(
+        (s.first_index().unwrap(), s.last_index().unwrap()),
+        (21, 20)
+    );
     append(&s, entries(21..=22, 4, 8));
     assert_eq!(
         s.last_index().unwrap(),

@@ -1,46 +1,14 @@
 //! Bad input to replica storage: each case is a clear error and changes
 //! nothing on disk.
 
-use std::path::Path;
+mod common;
 
+use common::{fingerprint, init};
 use prost::Message as _;
 use replog_storage::{
     frame, identity, InitOptions, LogStorage, LogUpdate, Member, OpenOptions, RocksStorage,
     StorageError, FORMAT_VERSION,
 };
-
-fn init(dir: &Path, cluster: &str) -> RocksStorage {
-    RocksStorage::initialize(
-        dir,
-        &InitOptions {
-            cluster_id: cluster.into(),
-            replica_id: 1,
-            members: vec![Member {
-                id: 1,
-                address: String::new(),
-            }],
-        },
-    )
-    .unwrap()
-}
-
-/// Name, size and content hash of every file below `dir`.
-fn fingerprint(dir: &Path) -> Vec<(String, u64, u32)> {
-    let mut v: Vec<(String, u64, u32)> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| {
-            let data = std::fs::read(e.path()).unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                data.len() as u64,
-                crc32c::crc32c(&data),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
 
 #[test]
 fn initialize_refuses_a_non_empty_directory() {
