@@ -101,91 +101,110 @@ pub fn benchmark(a: BenchmarkArgs) -> Result<()> {
     }
     let trace = Arc::new(read_trace(&a.input)?);
     let levels = benchmark_levels(&a.concurrency, &a.repeat, trace.len())?;
-    match identity::read(&a.path) {
-        Ok(Some(id)) if id.cluster_id == "benchmark" => {}
+    prepare_benchmark_replica(&a.path)?;
+    let rt = runtime_with_workers(WORKER_THREADS)?;
+    let (probe, runs) = rt.block_on(run_levels(&a, trace, &levels))?;
+    print_reports(probe.as_ref(), &runs, a.json)
+}
+
+/// The benchmark writes to an empty directory (initialized here) or an
+/// earlier benchmark's log, never to another cluster's replica.
+fn prepare_benchmark_replica(path: &Path) -> Result<()> {
+    match identity::read(path) {
+        Ok(Some(id)) if id.cluster_id == "benchmark" => Ok(()),
         Ok(Some(id)) => bail!(
             "{} holds replica {} of cluster '{}'; the benchmark only writes to an empty \
              directory or an earlier benchmark's log",
-            a.path.display(),
+            path.display(),
             id.replica_id,
             id.cluster_id
         ),
-        _ => init_single_replica(&a.path, "benchmark")?,
+        _ => init_single_replica(path, "benchmark"),
     }
-    let rt = runtime_with_workers(WORKER_THREADS)?;
+}
+
+/// Runs the fsync probe and every level on the log at `a.path`, slice by
+/// slice; returns the probe's report (if asked for) and one per level.
+async fn run_levels(
+    a: &BenchmarkArgs,
+    trace: Arc<Vec<usize>>,
+    levels: &[BenchmarkLevel],
+) -> Result<(Option<Report>, Vec<Report>)> {
     let grand_total: usize = levels.iter().map(|l| l.appends).sum();
     let slices = a
         .slices
         .clamp(1, levels.iter().map(|l| l.appends).min().unwrap_or(1));
     let probe_dir = a.path.join("probe");
-    let (probe, runs) = rt.block_on(async {
-        let opts = LogOptions {
-            sync: a.sync,
-            idle_spin: std::time::Duration::from_micros(a.idle_spin_us),
-            caller_drives: a.caller_drives,
-            ..Default::default()
-        };
-        let log = Log::open(&a.path, opts)?;
-        let mut w = log.writer();
-        w.start().await?;
-        let w = Arc::new(w);
-        let pb = progress_bar(grand_total as u64, "appending", !a.json);
-        let pb2 = pb.clone();
-        let progress: Arc<dyn Fn() + Send + Sync> = Arc::new(move || pb2.inc(1));
-        // The probe and each concurrency level take turns, slice by slice,
-        // so that all of them meet the disk in the same state (a VM's disk
-        // speed drifts over seconds).
-        let mut probe = Sample::default();
-        let mut runs: Vec<(Sample, u64)> = levels.iter().map(|_| Default::default()).collect();
-        let mut next_trace_index = 0;
-        for s in 0..slices {
-            let iterations =
-                a.probe_iterations * (s + 1) / slices - a.probe_iterations * s / slices;
-            if iterations > 0 {
-                probe.extend(fsync_probe_sample(&probe_dir, trace[0], iterations)?);
-            }
-            for (level, (sample, fsyncs)) in levels.iter().zip(runs.iter_mut()) {
-                let count = level.appends * (s + 1) / slices - level.appends * s / slices;
-                let syncs_before = log.sync_count();
-                let part = run_appends(
-                    w.clone(),
-                    trace.clone(),
-                    next_trace_index,
-                    count,
-                    level.concurrency,
-                    progress.clone(),
-                )
-                .await?;
-                next_trace_index += count;
-                *fsyncs += log.sync_count() - syncs_before;
-                sample.extend(part);
-            }
+    let opts = LogOptions {
+        sync: a.sync,
+        idle_spin: std::time::Duration::from_micros(a.idle_spin_us),
+        caller_drives: a.caller_drives,
+        ..Default::default()
+    };
+    let log = Log::open(&a.path, opts)?;
+    let mut w = log.writer();
+    w.start().await?;
+    let w = Arc::new(w);
+    let pb = progress_bar(grand_total as u64, "appending", !a.json);
+    let pb2 = pb.clone();
+    let progress: Arc<dyn Fn() + Send + Sync> = Arc::new(move || pb2.inc(1));
+    // The probe and each concurrency level take turns, slice by slice,
+    // so that all of them meet the disk in the same state (a VM's disk
+    // speed drifts over seconds).
+    let mut probe = Sample::default();
+    let mut runs: Vec<(Sample, u64)> = levels.iter().map(|_| Default::default()).collect();
+    let mut next_trace_index = 0;
+    for s in 0..slices {
+        let iterations = a.probe_iterations * (s + 1) / slices - a.probe_iterations * s / slices;
+        if iterations > 0 {
+            probe.extend(fsync_probe_sample(&probe_dir, trace[0], iterations)?);
         }
-        pb.finish_and_clear();
-        drop(w);
-        log.close();
-        let probe = (a.probe_iterations > 0).then(|| probe.report(&probe_label(trace[0])));
-        let runs: Vec<Report> = levels
-            .iter()
-            .zip(runs)
-            .map(|(level, (sample, fsyncs))| {
-                let mut r = sample.report(&format!("replog append c={}", level.concurrency));
-                r.fsyncs = Some(fsyncs);
-                r
-            })
-            .collect();
-        anyhow::Ok((probe, runs))
-    })?;
-    if a.json {
-        let reports: Vec<&Report> = probe.iter().chain(&runs).collect();
+        for (level, (sample, fsyncs)) in levels.iter().zip(runs.iter_mut()) {
+            let count = level.appends * (s + 1) / slices - level.appends * s / slices;
+            let syncs_before = log.sync_count();
+            let part = run_appends(
+                w.clone(),
+                trace.clone(),
+                next_trace_index,
+                count,
+                level.concurrency,
+                progress.clone(),
+            )
+            .await?;
+            next_trace_index += count;
+            *fsyncs += log.sync_count() - syncs_before;
+            sample.extend(part);
+        }
+    }
+    pb.finish_and_clear();
+    drop(w);
+    log.close();
+    let probe = (a.probe_iterations > 0).then(|| probe.report(&probe_label(trace[0])));
+    let runs: Vec<Report> = levels
+        .iter()
+        .zip(runs)
+        .map(|(level, (sample, fsyncs))| {
+            let mut r = sample.report(&format!("replog append c={}", level.concurrency));
+            r.fsyncs = Some(fsyncs);
+            r
+        })
+        .collect();
+    Ok((probe, runs))
+}
+
+/// Prints the reports as JSON, or as lines with the ratios to the probe
+/// and to the first level.
+fn print_reports(probe: Option<&Report>, runs: &[Report], json: bool) -> Result<()> {
+    if json {
+        let reports: Vec<&Report> = probe.into_iter().chain(runs).collect();
         println!("{}", serde_json::to_string_pretty(&reports)?);
         return Ok(());
     }
-    for r in probe.iter().chain(&runs) {
+    for r in probe.into_iter().chain(runs) {
         println!("{}", r.line());
     }
-    for r in &runs {
-        if let Some(p) = &probe {
+    for r in runs {
+        if let Some(p) = probe {
             println!(
                 "{}: p50 {:.2}x the raw append+fdatasync p50 ({}us vs {}us)",
                 r.label,
@@ -195,7 +214,7 @@ pub fn benchmark(a: BenchmarkArgs) -> Result<()> {
             );
         }
     }
-    if let [first, rest @ ..] = &runs[..] {
+    if let [first, rest @ ..] = runs {
         for r in rest {
             println!(
                 "{}: {:.1}x the appends/s of {}",
