@@ -20,6 +20,7 @@ mod error;
 mod fetch_budget;
 pub mod frame;
 pub mod identity;
+pub mod manifest;
 mod memory;
 mod model;
 pub mod records;

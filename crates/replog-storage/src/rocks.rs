@@ -696,6 +696,7 @@ fn read_identity(
 /// RocksDB refuses is damage; it is then opened point-in-time, and
 /// repaired if that fails too.
 fn open_db(dir: &Path, opts: &OpenOptions, damage: &mut Vec<String>) -> Result<DB> {
+    check_manifest(dir, opts.strict, damage)?;
     let others = families_to_open(dir, opts);
     let open_with = |o: &Options| open_db_with(dir, opts.read_only, &others, o);
     match open_with(&db_options(true)) {
@@ -716,6 +717,34 @@ fn open_db(dir: &Path, opts: &OpenOptions, damage: &mut Vec<String>) -> Result<D
             repair_and_open(dir, opts)
         }
     }
+}
+
+/// Reads RocksDB's MANIFEST before RocksDB does ([`crate::manifest`]):
+/// RocksDB would drop a damaged record at its end without an error, and
+/// with it the table files of the flush it recorded. Damage is fatal when
+/// strict; non-strict, it is reported (the replica turns RECOVERING and
+/// catches up what it lost from its peers).
+fn check_manifest(dir: &Path, strict: bool, damage: &mut Vec<String>) -> Result<()> {
+    let found = crate::manifest::check(dir).map_err(|source| StorageError::Io {
+        path: dir.join("CURRENT"),
+        source,
+    })?;
+    let Some(why) = found else {
+        return Ok(());
+    };
+    if strict {
+        return Err(StorageError::Corrupt {
+            location: format!("{} RocksDB MANIFEST", dir.display()),
+            reason: format!(
+                "{why}; RocksDB would drop that version edit silently, and with it data this replica may have acknowledged"
+            ),
+        });
+    }
+    warn!(dir = %dir.display(), %why, "RocksDB's MANIFEST is damaged; what its last edits recorded may be lost");
+    damage.push(format!(
+        "RocksDB's MANIFEST is damaged ({why}): what its damaged edits recorded is lost"
+    ));
+    Ok(())
 }
 
 /// The families besides the storage's own that an open names: every one

@@ -2,6 +2,9 @@
 //! `replog initialize` makes it, and a fingerprint of a data directory to
 //! prove that an operation changed nothing on disk.
 
+// Each test crate that includes this module uses a part of it.
+#![allow(dead_code)]
+
 use std::path::Path;
 
 use replog_storage::{InitOptions, Member, RocksStorage};
