@@ -202,127 +202,54 @@ pub fn payload(id: u32, n: u64) -> Vec<u8> {
 impl Workload {
     /// Starts the clients and one status poller per replica.
     pub fn start(cluster: Arc<Cluster>, rec: Arc<Recorder>, cfg: &WorkloadConfig) -> Workload {
-        let stop = Arc::new(AtomicBool::new(false));
+        let ctx = ClientContext {
+            cluster: cluster.clone(),
+            rec,
+            stop: Arc::new(AtomicBool::new(false)),
+            pause: cfg.pause,
+        };
         let mut tasks = Vec::new();
         let client = cluster.client(cfg.request_timeout);
         let mut next_client = 0u32;
         for _ in 0..cfg.appenders {
             next_client += 1;
-            let (c, rec, client, stop, pause, id) = (
-                cluster.clone(),
-                rec.clone(),
-                client.clone(),
-                stop.clone(),
-                cfg.pause,
-                next_client,
-            );
-            tasks.push(tokio::spawn(async move {
-                let mut n = 0;
-                while !stop.load(Ordering::SeqCst) {
-                    n += 1;
-                    let outcome = append(&rec, &c, &client, id, payload(id, n)).await;
-                    let wait = if matches!(outcome, Outcome::Ok(_)) {
-                        pause
-                    } else {
-                        Duration::from_millis(50)
-                    };
-                    tokio::time::sleep(wait).await;
-                }
-            }));
+            tasks.push(spawn_appender(ctx.clone(), client.clone(), next_client));
         }
-        for lin in [true, false] {
-            let n = if lin {
-                cfg.linearizable_readers
-            } else {
-                cfg.local_readers
-            };
+        for (linearizable, n) in [(true, cfg.linearizable_readers), (false, cfg.local_readers)] {
             for k in 0..n {
                 next_client += 1;
-                let (c, rec, client, stop, pause, id, timeout) = (
-                    cluster.clone(),
-                    rec.clone(),
-                    client.clone(),
-                    stop.clone(),
-                    cfg.pause,
-                    next_client,
-                    cfg.request_timeout,
-                );
-                tasks.push(tokio::spawn(async move {
-                    let ids = c.ids();
-                    let locals: Vec<Client> =
-                        ids.iter().map(|r| c.client_of(*r, timeout)).collect();
-                    let mut turn = k as usize;
-                    while !stop.load(Ordering::SeqCst) {
-                        let high = rec.high();
-                        if high == 0 {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            continue;
-                        }
-                        if lin {
-                            let range = (high.saturating_sub(READ_SPAN - 1).max(1), high);
-                            read(&rec, &c, &client, id, range, true, None).await;
-                        } else {
-                            // A replica's committed view may lag: read the
-                            // span before the newest acknowledgements.
-                            turn += 1;
-                            let r = turn % ids.len();
-                            let to = high.saturating_sub(READ_SPAN).max(1);
-                            let range = (to.saturating_sub(READ_SPAN - 1).max(1), to);
-                            read(&rec, &c, &locals[r], id, range, false, Some(ids[r])).await;
-                        }
-                        tokio::time::sleep(pause * 4).await;
-                    }
-                }));
+                let reader = Reader {
+                    id: next_client,
+                    first_turn: k as usize,
+                    linearizable,
+                    timeout: cfg.request_timeout,
+                };
+                tasks.push(spawn_reader(ctx.clone(), client.clone(), reader));
             }
         }
         let keys = Arc::new(StateKeys::default());
         for k in 0..cfg.state_clients {
             next_client += 1;
-            let (c, rec, stop, pause, id, keys) = (
-                cluster.clone(),
-                rec.clone(),
-                stop.clone(),
-                cfg.pause,
-                next_client,
-                keys.clone(),
-            );
             let sc = StateClients::new(&cluster, cfg.request_timeout);
-            tasks.push(tokio::spawn(async move {
-                let mut turn = k as u64;
-                while !stop.load(Ordering::SeqCst) {
-                    turn += 1;
-                    // A cheap spread of keys and replicas per client.
-                    let pick = turn.wrapping_mul(0x9E37_79B9) >> 7;
-                    let key = keys.next_key(pick);
-                    let invoke = now_us(&c);
-                    let (call, outcome) = if turn.is_multiple_of(2) {
-                        state_client::put(&sc, pick as usize, &key, keys.next_value()).await
-                    } else {
-                        state_client::get(&sc, pick as usize, &key).await
-                    };
-                    let ok = matches!(outcome, Outcome::Ok(_));
-                    rec.record(id, invoke, now_us(&c), call, outcome);
-                    let wait = if ok { pause } else { Duration::from_millis(50) };
-                    tokio::time::sleep(wait).await;
-                }
-            }));
+            tasks.push(spawn_state_client(
+                ctx.clone(),
+                sc,
+                keys.clone(),
+                next_client,
+                k as u64,
+            ));
         }
         for r in cluster.ids() {
-            let (c, rec, stop, every) = (
-                cluster.clone(),
-                rec.clone(),
-                stop.clone(),
+            tasks.push(spawn_status_poller(
+                ctx.clone(),
+                r,
                 cfg.status_poll_interval,
-            );
-            tasks.push(tokio::spawn(async move {
-                let client = status_client(&c, r);
-                while !stop.load(Ordering::SeqCst) {
-                    poll_status(&rec, &c, &client, r).await;
-                    tokio::time::sleep(every).await;
-                }
-            }));
+            ));
         }
-        Workload { stop, tasks }
+        Workload {
+            stop: ctx.stop,
+            tasks,
+        }
     }
 
     /// Stops every client and waits for them (each within its timeout).
@@ -378,4 +305,132 @@ pub async fn poll_status(
             .collect(),
     });
     Some(s)
+}
+
+/// What every client task of a workload shares.
+#[derive(Clone)]
+struct ClientContext {
+    cluster: Arc<Cluster>,
+    rec: Arc<Recorder>,
+    stop: Arc<AtomicBool>,
+    /// Between two calls that succeeded (a failed one waits 50 ms).
+    pause: Duration,
+}
+
+impl ClientContext {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn wait_after(&self, ok: bool) -> Duration {
+        if ok {
+            self.pause
+        } else {
+            Duration::from_millis(50)
+        }
+    }
+}
+
+/// An appender: numbered payloads through the leader-following client.
+fn spawn_appender(ctx: ClientContext, client: Client, id: u32) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut n = 0;
+        while !ctx.stopped() {
+            n += 1;
+            let outcome = append(&ctx.rec, &ctx.cluster, &client, id, payload(id, n)).await;
+            tokio::time::sleep(ctx.wait_after(matches!(outcome, Outcome::Ok(_)))).await;
+        }
+    })
+}
+
+/// One reader of a workload.
+struct Reader {
+    id: u32,
+    /// Where its round-robin over the replicas starts (local reads).
+    first_turn: usize,
+    linearizable: bool,
+    timeout: Duration,
+}
+
+/// A reader: linearizable reads of the newest acknowledged span through
+/// the leader, or local reads of the span before it from each replica in
+/// turn (a replica's committed view may lag).
+fn spawn_reader(ctx: ClientContext, client: Client, reader: Reader) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let c = &ctx.cluster;
+        let ids = c.ids();
+        let locals: Vec<Client> = ids
+            .iter()
+            .map(|r| c.client_of(*r, reader.timeout))
+            .collect();
+        let mut turn = reader.first_turn;
+        while !ctx.stopped() {
+            let high = ctx.rec.high();
+            if high == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            if reader.linearizable {
+                let range = (high.saturating_sub(READ_SPAN - 1).max(1), high);
+                read(&ctx.rec, c, &client, reader.id, range, true, None).await;
+            } else {
+                turn += 1;
+                let r = turn % ids.len();
+                let to = high.saturating_sub(READ_SPAN).max(1);
+                let range = (to.saturating_sub(READ_SPAN - 1).max(1), to);
+                read(
+                    &ctx.rec,
+                    c,
+                    &locals[r],
+                    reader.id,
+                    range,
+                    false,
+                    Some(ids[r]),
+                )
+                .await;
+            }
+            tokio::time::sleep(ctx.pause * 4).await;
+        }
+    })
+}
+
+/// A state client: alternating puts and gets over a spread of keys and
+/// replicas.
+fn spawn_state_client(
+    ctx: ClientContext,
+    sc: StateClients,
+    keys: Arc<StateKeys>,
+    id: u32,
+    first_turn: u64,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut turn = first_turn;
+        while !ctx.stopped() {
+            turn += 1;
+            // A cheap spread of keys and replicas per client.
+            let pick = turn.wrapping_mul(0x9E37_79B9) >> 7;
+            let key = keys.next_key(pick);
+            let invoke = now_us(&ctx.cluster);
+            let (call, outcome) = if turn.is_multiple_of(2) {
+                state_client::put(&sc, pick as usize, &key, keys.next_value()).await
+            } else {
+                state_client::get(&sc, pick as usize, &key).await
+            };
+            let ok = matches!(outcome, Outcome::Ok(_));
+            ctx.rec
+                .record(id, invoke, now_us(&ctx.cluster), call, outcome);
+            tokio::time::sleep(ctx.wait_after(ok)).await;
+        }
+    })
+}
+
+/// Polls replica `r`'s status every `every` (the rejoin rule's samples).
+fn spawn_status_poller(ctx: ClientContext, r: u64, every: Duration) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = status_client(&ctx.cluster, r);
+        while !ctx.stopped() {
+            poll_status(&ctx.rec, &ctx.cluster, &client, r).await;
+            tokio::time::sleep(every).await;
+        }
+    })
 }
