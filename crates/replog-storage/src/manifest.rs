@@ -118,18 +118,24 @@ fn record_after(bytes: &[u8], from: usize) -> Option<usize> {
 }
 
 /// Checks the MANIFEST that `dir/CURRENT` names. `Ok(None)`: sound, or
-/// nothing to check (a new directory, no CURRENT); `Ok(Some(why))`: damage,
+/// nothing to check (a new directory; a CURRENT that names no MANIFEST,
+/// which RocksDB refuses itself); `Ok(Some(why))`: damage,
 /// naming the file and the offset; `Err`: it could not be read.
 pub fn check(dir: &Path) -> std::io::Result<Option<String>> {
-    let current = match std::fs::read_to_string(dir.join("CURRENT")) {
-        Ok(s) => s,
+    let current = match std::fs::read(dir.join("CURRENT")) {
+        Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let name = current.trim_end_matches('\n');
-    if !name.starts_with("MANIFEST-") || name.contains('/') {
-        return Ok(Some(format!("CURRENT names '{name}', not a MANIFEST")));
-    }
+    // A damaged CURRENT is RocksDB's to report (it refuses to open); only
+    // the MANIFEST a sound CURRENT names is read here.
+    let Some(name) = std::str::from_utf8(&current)
+        .ok()
+        .and_then(|s| s.strip_suffix('\n'))
+        .filter(|n| n.starts_with("MANIFEST-") && !n.contains('/'))
+    else {
+        return Ok(None);
+    };
     let path = dir.join(name);
     let len = match std::fs::metadata(&path) {
         Ok(m) => m.len(),

@@ -945,7 +945,8 @@ fn a_damaged_wal_record_is_refused_strictly_and_cut_leniently() {
 
 /// A damaged MANIFEST (rocks.rs `open_db`'s guard `opts.read_only`
 /// replaced by `true` / `false`): strict and non-strict read-only, an
-/// error (a read-only open never repairs); non-strict writable, RocksDB's
+/// error (a read-only open never repairs; strict, the storage's own
+/// MANIFEST check names it); non-strict writable, RocksDB's
 /// repair rebuilds it from the table files: every position is back, and
 /// the replica is RECOVERING all the same.
 #[test]
@@ -958,14 +959,20 @@ fn a_damaged_manifest_is_repaired_only_by_a_writable_lenient_open() {
     // torn write that RocksDB drops (see docs/reliability.md).
     flip(&p, manifest.trim(), 12);
 
-    for opts in [OpenOptions::default(), lenient(true)] {
-        let e = open_err(&p, &opts);
-        assert!(
-            matches!(e, StorageError::Rocks { .. }) && e.is_corruption(),
-            "{e}"
-        );
-    }
+    // Strict: the MANIFEST check refuses it before RocksDB reads it;
+    // non-strict read-only: RocksDB refuses it, and nothing is repaired.
+    let strict = open_err(&p, &OpenOptions::default());
+    assert!(
+        matches!(&strict, StorageError::Corrupt { location, .. } if location.contains("MANIFEST")),
+        "{strict}"
+    );
+    let read_only = open_err(&p, &lenient(true));
+    assert!(
+        matches!(read_only, StorageError::Rocks { .. }) && read_only.is_corruption(),
+        "{read_only}"
+    );
     let writable = open_lenient(&p, false, &all);
+    writable.assert_damage(&["RocksDB's MANIFEST is damaged", "fails its crc32c"]);
     writable.assert_damage(&["RocksDB refused the data as it is"]);
     writable.assert_damage(&["point-in-time recovery failed too", "repaired the database"]);
     assert_eq!(
