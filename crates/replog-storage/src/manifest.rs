@@ -40,37 +40,77 @@ fn unmask(masked: u32) -> u32 {
     rot.rotate_left(15)
 }
 
+/// One record header of RocksDB's log format.
+struct Header {
+    /// The masked crc32c of the type byte and the payload.
+    stored_crc: u32,
+    length: usize,
+    kind: u8,
+}
+
+impl Header {
+    /// The header at `at`, when `bytes` holds all of it.
+    fn at(bytes: &[u8], at: usize) -> Option<Header> {
+        let header = bytes.get(at..at + HEADER_BYTES)?;
+        Some(Header {
+            stored_crc: u32::from_le_bytes(header[..4].try_into().expect("4 bytes")),
+            length: u16::from_le_bytes([header[4], header[5]]) as usize,
+            kind: header[6],
+        })
+    }
+
+    fn is_known_kind(&self) -> bool {
+        (FIRST_TYPE..=LAST_TYPE).contains(&self.kind)
+    }
+
+    /// Where the record whose header is at `at` ends.
+    fn end(&self, at: usize) -> usize {
+        at + HEADER_BYTES + self.length
+    }
+
+    /// Whether the record at `at` ends within its block.
+    fn fits_block(&self, at: usize) -> bool {
+        HEADER_BYTES + self.length <= block_left(at)
+    }
+
+    /// Whether the payload of the record at `at` (all of it in `bytes`)
+    /// has the stored checksum.
+    fn checks_out(&self, bytes: &[u8], at: usize) -> bool {
+        let payload = &bytes[at + HEADER_BYTES..self.end(at)];
+        crc32c::crc32c_append(crc32c::crc32c(&[self.kind]), payload) == unmask(self.stored_crc)
+    }
+}
+
+/// Bytes from `at` to the end of its block.
+fn block_left(at: usize) -> usize {
+    BLOCK_BYTES - at % BLOCK_BYTES
+}
+
 /// The first provable damage in a MANIFEST's bytes, as a sentence naming
 /// the offset; `None` when every complete record checks out.
 pub fn find_damage(bytes: &[u8]) -> Option<String> {
     let mut offset = 0;
     while offset < bytes.len() {
-        let block_left = BLOCK_BYTES - offset % BLOCK_BYTES;
-        if block_left < HEADER_BYTES {
-            offset += block_left; // the block's zero trailer
+        if block_left(offset) < HEADER_BYTES {
+            offset += block_left(offset); // the block's zero trailer
             continue;
         }
-        if offset + HEADER_BYTES > bytes.len() {
-            return None; // a header cut by the end of the file
-        }
-        let header = &bytes[offset..offset + HEADER_BYTES];
-        let stored = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
-        let length = u16::from_le_bytes([header[4], header[5]]) as usize;
-        let kind = header[6];
-        if kind == 0 && length == 0 && stored == 0 {
+        // None: a header cut by the end of the file.
+        let h = Header::at(bytes, offset)?;
+        if h.kind == 0 && h.length == 0 && h.stored_crc == 0 {
             return None; // zeroes: space written ahead of the records
         }
-        if !(FIRST_TYPE..=LAST_TYPE).contains(&kind) {
+        if !h.is_known_kind() {
             return None; // not a MANIFEST record type this check knows
         }
-        let end = offset + HEADER_BYTES + length;
-        let overruns_block = HEADER_BYTES + length > block_left;
-        if overruns_block && offset + block_left < bytes.len() {
+        let length = h.length;
+        let overruns_block = !h.fits_block(offset);
+        if overruns_block && offset + block_left(offset) < bytes.len() {
             return Some(format!(
                 "the record at offset {offset} claims {length} bytes, past the end of its block"
             ));
         }
-        if overruns_block || end > bytes.len() {
+        if overruns_block || h.end(offset) > bytes.len() {
             // Cut by the end of the file: a torn tail, unless complete
             // records follow its header (then its length is what is
             // damaged, and RocksDB would drop them all).
@@ -81,18 +121,14 @@ pub fn find_damage(bytes: &[u8]) -> Option<String> {
                 )
             });
         }
-        if !checks_out(stored, kind, &bytes[offset + HEADER_BYTES..end]) {
+        if !h.checks_out(bytes, offset) {
             return Some(format!(
                 "the record at offset {offset} ({length} bytes) fails its crc32c"
             ));
         }
-        offset = end;
+        offset = h.end(offset);
     }
     None
-}
-
-fn checks_out(stored: u32, kind: u8, payload: &[u8]) -> bool {
-    crc32c::crc32c_append(crc32c::crc32c(&[kind]), payload) == unmask(stored)
 }
 
 /// The offset of the first complete record of a known type whose crc32c
@@ -100,20 +136,13 @@ fn checks_out(stored: u32, kind: u8, payload: &[u8]) -> bool {
 /// block). The bytes of a torn record's payload hold none but by a 2^-32
 /// chance.
 fn record_after(bytes: &[u8], from: usize) -> Option<usize> {
-    (from..bytes.len().saturating_sub(HEADER_BYTES - 1)).find(|&at| {
-        let header = &bytes[at..at + HEADER_BYTES];
-        let length = u16::from_le_bytes([header[4], header[5]]) as usize;
-        let kind = header[6];
-        let end = at + HEADER_BYTES + length;
-        let block_left = BLOCK_BYTES - at % BLOCK_BYTES;
-        (FIRST_TYPE..=LAST_TYPE).contains(&kind)
-            && HEADER_BYTES + length <= block_left
-            && end <= bytes.len()
-            && checks_out(
-                u32::from_le_bytes(header[..4].try_into().expect("4 bytes")),
-                kind,
-                &bytes[at + HEADER_BYTES..end],
-            )
+    (from..bytes.len()).find(|&at| {
+        Header::at(bytes, at).is_some_and(|h| {
+            h.is_known_kind()
+                && h.fits_block(at)
+                && h.end(at) <= bytes.len()
+                && h.checks_out(bytes, at)
+        })
     })
 }
 

@@ -789,10 +789,8 @@ fn open_db_with(
 fn repair_and_open(dir: &Path, opts: &OpenOptions) -> Result<DB> {
     assert!(!opts.read_only, "a read-only open never repairs");
     DB::repair(&db_options(false), dir).map_err(rocks_err(dir))?;
-    let mut o = db_options(false);
-    o.create_missing_column_families(true);
     let others = families_to_open(dir, opts);
-    DB::open_cf_descriptors(&o, dir, cf_descriptors(&others)).map_err(rocks_err(dir))
+    open_db_with(dir, false, &others, &db_options(false)).map_err(rocks_err(dir))
 }
 
 /// Verifies `db`; when RocksDB reported corrupt blocks and the open is

@@ -19,19 +19,24 @@ fn registering(names: &[&str]) -> OpenOptions {
     }
 }
 
-#[test]
-fn a_new_replica_holds_only_the_storages_own_families() {
+/// A replica as `initialize` makes it, at `path` in a temporary directory
+/// (kept as long as the returned guard lives).
+fn new_replica() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r");
     drop(RocksStorage::initialize(&path, &InitOptions::single_replica("c")).unwrap());
+    (dir, path)
+}
+
+#[test]
+fn a_new_replica_holds_only_the_storages_own_families() {
+    let (_dir, path) = new_replica();
     assert_eq!(families_on_disk(&path), ["default", "log", "meta"]);
 }
 
 #[test]
 fn a_registered_family_is_created_and_then_always_opened() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("r");
-    drop(RocksStorage::initialize(&path, &InitOptions::single_replica("c")).unwrap());
+    let (_dir, path) = new_replica();
 
     let (s, report) = RocksStorage::open(&path, &registering(&["state", "extra"])).unwrap();
     assert!(report.is_clean(), "{:?}", report.damage);
@@ -55,9 +60,7 @@ fn a_registered_family_is_created_and_then_always_opened() {
 
 #[test]
 fn a_read_only_open_creates_no_family() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("r");
-    drop(RocksStorage::initialize(&path, &InitOptions::single_replica("c")).unwrap());
+    let (_dir, path) = new_replica();
     let opts = OpenOptions {
         read_only: true,
         ..registering(&["state"])
@@ -70,9 +73,7 @@ fn a_read_only_open_creates_no_family() {
 
 #[test]
 fn the_storages_own_families_and_duplicates_cannot_be_registered() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("r");
-    drop(RocksStorage::initialize(&path, &InitOptions::single_replica("c")).unwrap());
+    let (_dir, path) = new_replica();
     for own in OWN_COLUMN_FAMILIES.iter().chain(&[""]) {
         match RocksStorage::open(&path, &registering(&[own])) {
             Err(StorageError::Invalid(msg)) => {
