@@ -14,6 +14,7 @@ use crate::benchmark::{self, BenchmarkArgs};
 use crate::cluster::{self, MembersArgs, ReplicaArgs};
 use crate::demo::{self, DemoArgs};
 use crate::inspect::{self, InitializeArgs, ReadArgs, StatusArgs};
+use crate::repair_cmd::{self, RepairArgs};
 use crate::state_cmd::{self, BackupArgs, RecoveryArgs, StateArgs};
 use crate::support::init_tracing;
 
@@ -95,6 +96,13 @@ pub enum Command {
     /// Example: replog recovery --endpoint host1:7101 stage /var/backups/replog/scheduler-backup-2026-11-22-06-00
     /// Example: replog recovery --endpoint host1:7101 delete-tasks --role www --status PENDING
     Recovery(RecoveryArgs),
+    /// The repair coordinator: report a signal, list the open cases and
+    /// the leader's judgment, read the history, cancel a case, pause and
+    /// resume repairs, reset the removal-limit alarm (docs/repair.md).
+    ///
+    /// Example: replog repair --endpoint host1:7101 report --replica 3 --signal fsync_latency
+    /// Example: replog repair --endpoint host1:7101 list
+    Repair(RepairArgs),
     /// Operate the membership of a running cluster: list, add, remove,
     /// promote, demote, replace, transfer-leader.
     ///
@@ -131,6 +139,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Backup(a) => state_cmd::backup(a),
         Command::State(a) => state_cmd::state(a),
         Command::Recovery(a) => state_cmd::recovery(a),
+        Command::Repair(a) => repair_cmd::repair(a),
     }
 }
 

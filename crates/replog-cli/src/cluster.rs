@@ -79,7 +79,8 @@ pub struct ReplicaArgs {
     /// µs on a VM); `0s` parks at once. An idle replica never spins.
     #[arg(long, env = "REPLOG_IDLE_SPIN", default_value = "100us", value_parser = humantime::parse_duration)]
     pub idle_spin: Duration,
-    /// Serve Prometheus metrics over HTTP on this address (`/metrics`).
+    /// Serve HTTP on this address: Prometheus metrics (`/metrics`), the
+    /// repair admin API (`/repair`, `/repairs`), `/livez` and `/readyz`.
     #[arg(long, env = "REPLOG_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
     /// Run the scheduler-state store on the log and serve its API
@@ -122,6 +123,8 @@ pub struct ReplicaArgs {
     /// Newest backups kept in --backup-dir (older ones are deleted).
     #[arg(long, env = "REPLOG_MAX_SAVED_BACKUPS", default_value_t = 48, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_saved_backups: u64,
+    #[command(flatten)]
+    pub repair: crate::repair_cmd::RepairFlags,
 }
 
 #[derive(Debug, clap::Args)]
@@ -220,6 +223,7 @@ pub fn replica(a: ReplicaArgs) -> Result<()> {
     config.backup_interval = a.backup_interval;
     config.max_saved_backups = a.max_saved_backups as usize;
     config.metrics_listen = a.metrics_listen;
+    config.repair = a.repair.options(a.ping_timeout, a.max_ping_timeouts)?;
     if a.state {
         config.state = Some(replog_server::StoreOptions {
             snapshot_interval_entries: a.snapshot_interval_entries,
@@ -307,6 +311,8 @@ struct StatusRow {
     last_index: Option<u64>,
     lag: Option<u64>,
     disk_bytes: Option<u64>,
+    /// The leader's count of voters it can still lose (None: not judged).
+    failure_tolerance: Option<i32>,
     members: Vec<MemberRow>,
 }
 
@@ -320,6 +326,8 @@ struct MemberRow {
     last_heard_ms: i64,
     missed_pings: u32,
     reachable: bool,
+    /// The leader's failure detector's judgment (empty elsewhere).
+    health: String,
 }
 
 fn status_name(v: i32) -> String {
@@ -340,6 +348,7 @@ fn member_rows(s: &StatusResponse) -> Vec<MemberRow> {
             last_heard_ms: m.last_heard_ms,
             missed_pings: m.missed_pings,
             reachable: m.reachable,
+            health: m.health.clone(),
         })
         .collect()
 }
@@ -383,6 +392,7 @@ pub async fn status_endpoints_async(endpoints: &[String], json: bool) -> Result<
                     last_index: Some(s.last_index),
                     lag: Some(max_commit.saturating_sub(s.applied)),
                     disk_bytes: Some(s.disk_bytes),
+                    failure_tolerance: Some(s.failure_tolerance).filter(|t| *t >= 0 || s.is_leader),
                     members: member_rows(&s),
                 },
                 Err(e) => StatusRow {
@@ -401,6 +411,7 @@ pub async fn status_endpoints_async(endpoints: &[String], json: bool) -> Result<
                     last_index: None,
                     lag: None,
                     disk_bytes: None,
+                    failure_tolerance: None,
                     members: Vec::new(),
                 },
             })
@@ -440,6 +451,7 @@ pub async fn status_endpoints_async(endpoints: &[String], json: bool) -> Result<
     if let Some(leader) = rows.iter().find(|r| r.is_leader == Some(true)) {
         println!();
         print_members(&leader.members);
+        println!("\n{}", describe_tolerance(leader.failure_tolerance));
     } else {
         println!("\nno replica reports itself leader");
     }
@@ -461,12 +473,26 @@ fn print_members(members: &[MemberRow]) {
             m.lag,
             m.last_heard_ms,
             m.missed_pings,
-            if m.reachable {
-                "reachable"
-            } else {
-                "UNREACHABLE"
+            match (m.health.as_str(), m.reachable) {
+                ("", true) => "reachable",
+                ("", false) => "UNREACHABLE",
+                (judged, _) => judged,
             }
         );
+    }
+}
+
+/// The failure tolerance line of `replog status`.
+fn describe_tolerance(tolerance: Option<i32>) -> String {
+    match tolerance {
+        Some(t) if t >= 0 => format!(
+            "failure tolerance: {t} (the cluster can lose {t} more voter{} and keep a quorum)",
+            if t == 1 { "" } else { "s" }
+        ),
+        Some(_) => "failure tolerance: none (fewer healthy voters than a quorum, or the leader's \
+                    re-register grace is on)"
+            .to_string(),
+        None => "failure tolerance: unknown (no leader answered)".to_string(),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod cluster;
 mod cluster_demo;
 mod demo;
 mod inspect;
+pub mod repair_cmd;
 pub mod state_cmd;
 pub mod support;
 

@@ -59,7 +59,7 @@ impl Endpoint {
     }
 
     /// The URI a channel connects to.
-    pub(crate) fn uri(&self) -> String {
+    pub fn uri(&self) -> String {
         format!("http://{}", self.0)
     }
 }

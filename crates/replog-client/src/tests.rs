@@ -134,6 +134,13 @@ impl ReplogClient for LogFake {
         self.0.answer()?;
         Ok(Response::new(TransferLeaderResponse {}))
     }
+
+    async fn repair(
+        &self,
+        _r: Request<replog_proto::client::RepairRequest>,
+    ) -> Result<Response<replog_proto::client::RepairResponse>, Status> {
+        Err(Status::unimplemented("the log fake has no repair API"))
+    }
 }
 
 #[tonic::async_trait]

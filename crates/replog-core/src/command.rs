@@ -1,6 +1,6 @@
 //! What a log entry carries: the commands of the replicated log, and how
-//! entries are classified for readers (application entries versus no-ops
-//! and membership changes, which readers never see).
+//! entries are classified for readers (application entries versus no-ops,
+//! membership changes and repair records, which readers never see).
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -14,6 +14,9 @@ pub enum Command {
     Append(Bytes),
     /// Remove every position before this one, on every replica.
     Truncate(u64),
+    /// A record of the repair memory (replog-repair's encoded `Record`):
+    /// every replica folds it into its repair state; readers never see it.
+    Repair(Bytes),
 }
 
 impl Command {
@@ -22,6 +25,7 @@ impl Command {
         let command = match self {
             Command::Append(b) => log_command::Command::Append(b.clone()),
             Command::Truncate(to) => log_command::Command::Truncate(*to),
+            Command::Repair(b) => log_command::Command::Repair(b.clone()),
         };
         LogCommand {
             command: Some(command),
@@ -68,6 +72,9 @@ pub fn classify(e: &Entry) -> Result<EntryContent, BadEntry> {
                 }
                 Some(log_command::Command::Truncate(to)) => {
                     Ok(EntryContent::Command(Command::Truncate(to)))
+                }
+                Some(log_command::Command::Repair(b)) => {
+                    Ok(EntryContent::Command(Command::Repair(b)))
                 }
                 None => Err(BadEntry {
                     index: e.index,

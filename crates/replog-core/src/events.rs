@@ -237,4 +237,6 @@ pub enum CoreError {
     Storage(#[from] replog_storage::StorageError),
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
+    #[error("the stored repair state is unreadable: {0}")]
+    RepairState(replog_repair::Rejected),
 }

@@ -387,6 +387,17 @@ impl Log {
         self.shared.failure.lock().clone()
     }
 
+    /// The replicated repair memory as of this replica's applied position
+    /// (see `replog_repair::RepairState`).
+    pub fn repair_state(&self) -> Result<replog_repair::RepairState> {
+        let bytes = replog_storage::LogStorage::repair_state(&self.storage);
+        if bytes.is_empty() {
+            return Ok(replog_repair::RepairState::default());
+        }
+        replog_repair::RepairState::decode(&bytes)
+            .map_err(|e| LogError::Core(replog_core::CoreError::RepairState(e)))
+    }
+
     /// The replica's metadata record.
     pub fn meta(&self) -> ReplicaMeta {
         replog_storage::LogStorage::meta(&self.storage)
@@ -531,6 +542,13 @@ impl Writer {
             });
         }
         self.propose(Command::Truncate(to.value())).await
+    }
+
+    /// Writes a record of the repair memory (see `replog_repair`); returns
+    /// its position once committed. Fenced like every write: it fails with
+    /// `LeadershipLost` unless this replica still leads in the writer's term.
+    pub async fn append_repair(&self, record: &replog_repair::Record) -> Result<Position> {
+        self.propose(Command::Repair(record.encode().into())).await
     }
 
     async fn propose(&self, command: Command) -> Result<Position> {

@@ -19,11 +19,13 @@
 mod backups;
 mod catch_up;
 mod metrics;
+pub mod repair;
 mod service;
 mod state_service;
 
 pub use backups::{BackupConfig, DEFAULT_BACKUP_INTERVAL, DEFAULT_MAX_SAVED_BACKUPS};
 
+pub use repair::RepairOptions;
 pub use state_service::StateService;
 
 use std::collections::BTreeMap;
@@ -79,8 +81,13 @@ pub struct ServerConfig {
     pub backup_interval: Duration,
     /// Newest backups kept in [`Self::backup_dir`] (default 48).
     pub max_saved_backups: usize,
-    /// Serve Prometheus metrics over HTTP on this address (`GET /metrics`).
+    /// Serve HTTP on this address: Prometheus metrics (`GET /metrics`),
+    /// the repair admin API (`POST /repair...`, `GET /repairs`) and the
+    /// probes (`GET /livez`, `GET /readyz`).
     pub metrics_listen: Option<SocketAddr>,
+    /// The failure detector and the repair coordinator (by default: the
+    /// detector's defaults, `listen` mode, no repairs).
+    pub repair: RepairOptions,
 }
 
 impl ServerConfig {
@@ -108,6 +115,7 @@ impl ServerConfig {
             backup_interval: DEFAULT_BACKUP_INTERVAL,
             max_saved_backups: DEFAULT_MAX_SAVED_BACKUPS,
             metrics_listen: None,
+            repair: RepairOptions::default(),
         }
     }
 
@@ -166,7 +174,20 @@ impl ServerConfig {
                 "--max-entry-size must be at least {MIN_MAX_ENTRY_BYTES} bytes"
             ));
         }
+        let (voters, members) = self.initial_membership();
+        self.repair
+            .config
+            .check(voters, &members)
+            .map_err(|e| ServerError::Config(e.to_string()))?;
         Ok(())
+    }
+
+    /// The voters and member ids the configuration names: this replica and
+    /// its `--peers` (the membership a cluster starts with).
+    fn initial_membership(&self) -> (usize, Vec<u64>) {
+        let mut members: Vec<u64> = self.peers.keys().copied().collect();
+        members.push(self.replica_id);
+        (members.len(), members)
     }
 
     fn advertised(&self) -> String {
@@ -233,6 +254,9 @@ pub struct ReplicaServer {
     store: Option<Arc<SchedulerStore>>,
     /// The scheduled-backup task, when [`ServerConfig::backup_dir`] is set.
     backups: Option<JoinHandle<()>>,
+    repairs: Arc<repair::Repairs>,
+    /// The repair coordinator's rounds (they act only while leading).
+    repair_rounds: Option<JoinHandle<()>>,
 }
 
 /// A data directory that is missing or empty becomes an EMPTY replica of
@@ -428,7 +452,17 @@ impl ReplicaServer {
         let (transport, log) = open_replica(&config, &registry).await?;
         let status = log.meta().status;
         let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
-        let client = ClientService::new(log.clone(), stopping_rx);
+        let (voters, members) = config.initial_membership();
+        let repairs = repair::Repairs::new(
+            log.clone(),
+            config.repair.clone(),
+            voters,
+            &members,
+            &registry,
+        )
+        .map_err(ServerError::Config)?;
+        let repair_rounds = repairs.spawn(stopping_tx.subscribe());
+        let client = ClientService::new(log.clone(), stopping_rx).with_repairs(repairs.clone());
         let client = if config.state.is_some() {
             client.for_state_log()
         } else {
@@ -485,6 +519,7 @@ impl ReplicaServer {
             log: log.clone(),
             registry: registry.clone(),
             store: store.clone(),
+            repairs: repairs.clone(),
         });
         let (metrics_http, metrics_addr) = match config.metrics_listen {
             Some(addr) => {
@@ -508,12 +543,19 @@ impl ReplicaServer {
             serving: Some(serving),
             store,
             backups,
+            repairs,
+            repair_rounds: Some(repair_rounds),
         })
     }
 
     /// The embedded log (writer, reader, leadership watch).
     pub fn log(&self) -> &Arc<Log> {
         &self.log
+    }
+
+    /// The health checks and the repair coordinator.
+    pub fn repairs(&self) -> &Arc<repair::Repairs> {
+        &self.repairs
     }
 
     /// The scheduler-state store, when the server runs one
@@ -612,6 +654,11 @@ impl ReplicaServer {
                 warn!("the backup task is still running after {SHUTDOWN_GRACE:?}; dropping it");
                 backups.abort();
             }
+        }
+        if let Some(rounds) = self.repair_rounds.take() {
+            // It saw `stopping`; a repair command under way is left to its
+            // own task (its outcome is recorded by a later leader as unknown).
+            rounds.abort();
         }
         Ok(())
     }

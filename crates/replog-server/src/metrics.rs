@@ -1,5 +1,12 @@
-//! The replica's Prometheus metrics, and the HTTP endpoint that serves
-//! them (`GET /metrics` on [`crate::ServerConfig::metrics_listen`]).
+//! The replica's Prometheus metrics, and the HTTP port that serves them
+//! (`GET /metrics` on [`crate::ServerConfig::metrics_listen`]) with the
+//! repair admin API (`POST /repair`, `POST /repair/{cancel,pause,resume,
+//! reset}`, `GET /repairs`; see [`crate::repair`]) and the probes:
+//! - `GET /livez`: 200 while the replica runs (503 once it stopped on a
+//!   fatal error: its process should be restarted);
+//! - `GET /readyz`: 200 when the replica is VOTING, knows a leader, and has
+//!   applied all but at most [`READY_MAX_UNAPPLIED`] of the positions it
+//!   holds; else 503 with the reason.
 //!
 //! The transport's and the backups' counters live in the server's
 //! registry; the replica's state (status, term, positions, members, the
@@ -20,6 +27,25 @@ pub(crate) struct Metrics {
     pub(crate) log: Arc<Log>,
     pub(crate) registry: prometheus::Registry,
     pub(crate) store: Option<Arc<SchedulerStore>>,
+    pub(crate) repairs: Arc<crate::repair::Repairs>,
+}
+
+/// Positions a ready replica may hold but not have applied yet.
+pub const READY_MAX_UNAPPLIED: u64 = 1_000;
+
+/// Why the replica is not ready (`None`: it is).
+fn not_ready(p: &replog_log::Progress) -> Option<String> {
+    if p.status != ReplicaStatus::Voting {
+        return Some(format!("replica is {}", p.status));
+    }
+    if p.leader.is_none() {
+        return Some("no leader known".into());
+    }
+    let unapplied = p.last_index.saturating_sub(p.applied);
+    if unapplied > READY_MAX_UNAPPLIED {
+        return Some(format!("{unapplied} positions held but not applied yet"));
+    }
+    None
 }
 
 impl Metrics {
@@ -80,20 +106,110 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `addr` until `stopping` turns true; returns
+fn routes(metrics: Arc<Metrics>) -> axum::Router {
+    use axum::extract::{Path, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::{get, post};
+    let m = metrics.clone();
+    let probes = metrics.clone();
+    let ready = metrics.clone();
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = m.clone();
+                async move { metrics.text().await }
+            }),
+        )
+        .route(
+            "/livez",
+            get(move || {
+                let m = probes.clone();
+                async move {
+                    match m.log.failure() {
+                        None => (StatusCode::OK, "ok\n".to_string()),
+                        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("stopped: {why}\n")),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let m = ready.clone();
+                async move {
+                    match not_ready(&m.log.progress()) {
+                        None => (StatusCode::OK, "ready\n".to_string()),
+                        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/repairs",
+            get(|State(m): State<Arc<Metrics>>, headers: HeaderMap| async move {
+                admin(&m, "list", &[], &headers).await
+            }),
+        )
+        .route(
+            "/repair",
+            post(|State(m): State<Arc<Metrics>>, headers: HeaderMap, body: axum::body::Bytes| async move {
+                admin(&m, "report", &body, &headers).await
+            }),
+        )
+        .route(
+            "/repair/{op}",
+            post(
+                |State(m): State<Arc<Metrics>>,
+                 Path(op): Path<String>,
+                 headers: HeaderMap,
+                 body: axum::body::Bytes| async move {
+                    match op.as_str() {
+                        "cancel" | "pause" | "resume" | "reset" => admin(&m, &op, &body, &headers).await,
+                        _ => json_answer(404, br#"{"error":"no such repair operation"}"#.to_vec()),
+                    }
+                },
+            ),
+        )
+        .layer(axum::extract::DefaultBodyLimit::max(4 * crate::repair::intake::MAX_BODY_BYTES))
+        .with_state(metrics)
+}
+
+/// One admin request through [`crate::repair::Repairs::handle`].
+async fn admin(
+    m: &Metrics,
+    op: &str,
+    body: &[u8],
+    headers: &axum::http::HeaderMap,
+) -> axum::response::Response {
+    let auth = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let token = crate::repair::intake::bearer(auth);
+    let (status, body) = m.repairs.handle(op, body, token, false).await;
+    json_answer(status, body)
+}
+
+fn json_answer(status: u16, body: Vec<u8>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let status = axum::http::StatusCode::from_u16(status)
+        .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+/// Serves the HTTP port on `addr` until `stopping` turns true; returns
 /// the task and the address bound (the real port when `addr`'s is 0).
 pub(crate) async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(JoinHandle<()>, SocketAddr), ServerError> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let metrics = metrics.clone();
-            async move { metrics.text().await }
-        }),
-    );
+    let app = routes(metrics);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Bind { addr, source })?;

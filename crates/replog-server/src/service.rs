@@ -17,9 +17,9 @@ use replog_log::{Log, LogError, MembershipChange, Position, Writer};
 use replog_proto::client::replog_client_server::{ReplogClient, ReplogClientServer};
 use replog_proto::client::{
     AppendRequest, AppendResponse, ChangeMembershipRequest, ChangeMembershipResponse, Entry,
-    Leadership, MemberStatus, MembershipOp, ReadRequest, ReadResponse, StatusRequest,
-    StatusResponse, TransferLeaderRequest, TransferLeaderResponse, TruncateRequest,
-    TruncateResponse, WatchLeadershipRequest,
+    Leadership, MemberStatus, MembershipOp, ReadRequest, ReadResponse, RepairRequest,
+    RepairResponse, StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    TruncateRequest, TruncateResponse, WatchLeadershipRequest,
 };
 use replog_proto::wire::{self, ErrorCode, LeaderHint};
 use replog_storage::Member;
@@ -41,6 +41,8 @@ pub struct ClientService {
     /// truncations are refused (the store writes its own records, and only
     /// its compaction may truncate, after making the state durable).
     state_log: bool,
+    /// The repair admin API behind the `Repair` RPC.
+    repairs: Option<Arc<crate::repair::Repairs>>,
 }
 
 /// The stable error code of a log error (`replog-error` metadata).
@@ -72,7 +74,14 @@ impl ClientService {
             writer: Arc::new(Mutex::new(None)),
             stopping,
             state_log: false,
+            repairs: None,
         }
+    }
+
+    /// Serves the `Repair` RPC with `repairs` (without: unavailable).
+    pub fn with_repairs(mut self, repairs: Arc<crate::repair::Repairs>) -> Self {
+        self.repairs = Some(repairs);
+        self
     }
 
     /// Refuses raw appends and truncations: the log belongs to the
@@ -258,6 +267,11 @@ impl ReplogClient for ClientService {
         .await
         .unwrap_or(0);
         let p = s.progress;
+        let judgment = self
+            .repairs
+            .as_ref()
+            .map(|r| r.judgment())
+            .filter(|j| j.leader);
         Ok(Response::new(StatusResponse {
             cluster_id: meta.cluster_id,
             replica_id: meta.replica_id,
@@ -282,9 +296,41 @@ impl ReplogClient for ClientService {
                     last_heard_ms: m.last_heard.map(|d| d.as_millis() as i64).unwrap_or(-1),
                     missed_pings: m.missed_pings,
                     reachable: m.reachable,
+                    health: judgment
+                        .as_ref()
+                        .and_then(|j| j.health.get(&m.id))
+                        .map(describe_health)
+                        .unwrap_or_default(),
                 })
                 .collect(),
             disk_bytes,
+            failure_tolerance: judgment
+                .as_ref()
+                .and_then(|j| j.failure_tolerance)
+                .map_or(-1, |t| t as i32),
+        }))
+    }
+
+    async fn repair(
+        &self,
+        req: Request<RepairRequest>,
+    ) -> Result<Response<RepairResponse>, Status> {
+        let Some(repairs) = &self.repairs else {
+            return Err(Status::unavailable(
+                "this server runs no repair coordinator",
+            ));
+        };
+        let r = req.into_inner();
+        if r.body.len() > crate::repair::intake::MAX_BODY_BYTES {
+            return Ok(Response::new(RepairResponse {
+                http_status: 400,
+                body: br#"{"error":"body too large"}"#.to_vec().into(),
+            }));
+        }
+        let (http_status, body) = repairs.handle(&r.op, &r.body, &r.token, r.forwarded).await;
+        Ok(Response::new(RepairResponse {
+            http_status: u32::from(http_status),
+            body: body.into(),
         }))
     }
 
@@ -399,4 +445,16 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(f(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// The detector's judgment as `replog status` shows it.
+fn describe_health(h: &replog_repair::Health) -> String {
+    match h {
+        replog_repair::Health::Healthy => "healthy".into(),
+        replog_repair::Health::Grace => "grace".into(),
+        replog_repair::Health::Unhealthy { reasons } => {
+            let names: Vec<&str> = reasons.iter().map(|r| r.signal()).collect();
+            format!("unhealthy: {}", names.join(", "))
+        }
+    }
 }

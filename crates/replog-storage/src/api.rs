@@ -35,6 +35,10 @@ pub struct LogUpdate {
     pub applied: Option<u64>,
     /// New replica status.
     pub status: Option<ReplicaStatus>,
+    /// The replicated repair memory as of `applied` (replog-repair's
+    /// encoded `RepairState`), stored under its own key and carried by the
+    /// snapshots this replica sends. Opaque to the storage.
+    pub repair_state: Option<Vec<u8>>,
     /// Make this write, and every write before it, durable before `write`
     /// returns (the write and its fsync in one call), instead of at a later
     /// [`LogStorage::sync`]. Ignored when durability was turned off.
@@ -58,6 +62,7 @@ impl LogUpdate {
             && self.snapshot.is_none()
             && self.compact_to.is_none()
             && self.status.is_none()
+            && self.repair_state.is_none()
     }
 }
 
@@ -78,6 +83,9 @@ pub trait LogStorage: raft::Storage + Clone + Send + Sync + 'static {
     fn sync(&self) -> Result<()>;
     /// A copy of the metadata record as it is now.
     fn meta(&self) -> ReplicaMeta;
+    /// The repair state last written (empty: none yet). A snapshot this
+    /// storage makes carries it as its data.
+    fn repair_state(&self) -> Vec<u8>;
     /// Gives the space of removed entries back to the filesystem (a no-op for
     /// storage that holds none).
     fn reclaim_space(&self) -> Result<()>;

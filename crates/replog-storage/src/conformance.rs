@@ -75,6 +75,7 @@ pub fn run_all<H: Harness>(h: &mut H) {
     install_snapshot(h);
     rejects_bad_appends(h);
     synced_writes_survive_reopen(h);
+    repair_state_is_kept_and_carried_by_snapshots(h);
 }
 
 fn fresh_bounds<H: Harness>(h: &mut H) {
@@ -502,4 +503,48 @@ fn synced_writes_survive_reopen<H: Harness>(h: &mut H) {
         entries(2..=50, 2, 64),
         "entries survive reopen byte for byte"
     );
+}
+
+/// The repair state is written with its update, survives a restart, is
+/// left alone by updates without one, and is the data of every snapshot.
+fn repair_state_is_kept_and_carried_by_snapshots<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    assert!(
+        s.repair_state().is_empty(),
+        "a fresh replica has no repair state"
+    );
+    append(&s, entries(2..=4, 1, 8));
+    s.write(LogUpdate {
+        applied: Some(3),
+        repair_state: Some(b"state at 3".to_vec()),
+        ..Default::default()
+    })
+    .expect("write with a repair state");
+    assert_eq!(s.repair_state(), b"state at 3");
+    append(&s, entries(5..=6, 1, 8));
+    assert_eq!(
+        s.repair_state(),
+        b"state at 3",
+        "an update without one keeps it"
+    );
+    let s = restart(h, s);
+    assert_eq!(s.repair_state(), b"state at 3", "lost in a restart");
+    s.write(LogUpdate {
+        compact_to: Some(4),
+        ..Default::default()
+    })
+    .expect("compact");
+    let snap = s.snapshot(3, 0).expect("snapshot");
+    assert_eq!(
+        &snap.data[..],
+        b"state at 3",
+        "a snapshot carries the repair state"
+    );
+    s.write(LogUpdate {
+        repair_state: Some(Vec::new()),
+        ..Default::default()
+    })
+    .expect("an empty repair state");
+    let s = restart(h, s);
+    assert!(s.repair_state().is_empty());
 }

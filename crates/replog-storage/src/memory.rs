@@ -20,6 +20,7 @@ struct State {
     meta: ReplicaMeta,
     /// entries[i] is at position snapshot_index + 1 + i.
     entries: VecDeque<Entry>,
+    repair_state: Vec<u8>,
 }
 
 impl State {
@@ -59,6 +60,7 @@ impl MemoryStorage {
         let st = State {
             meta,
             entries: VecDeque::new(),
+            repair_state: Vec::new(),
         };
         MemoryStorage {
             shared: Arc::new(Mutex::new(Shared {
@@ -157,6 +159,7 @@ impl raft::Storage for MemoryStorage {
             md.index = st.meta.snapshot_index;
             md.term = st.meta.snapshot_term;
             md.set_conf_state(st.meta.snapshot_conf_for(to));
+            s.data = st.repair_state.clone().into();
             Ok(s)
         })
     }
@@ -238,6 +241,9 @@ impl LogStorage for MemoryStorage {
         if let Some(a) = u.applied {
             st.meta.applied_index = a;
         }
+        if let Some(rs) = u.repair_state {
+            st.repair_state = rs;
+        }
         if let Some(s) = u.status {
             st.meta.status = s;
         }
@@ -258,6 +264,10 @@ impl LogStorage for MemoryStorage {
 
     fn meta(&self) -> ReplicaMeta {
         self.with(|st| st.meta.clone())
+    }
+
+    fn repair_state(&self) -> Vec<u8> {
+        self.with(|st| st.repair_state.clone())
     }
 
     fn reclaim_space(&self) -> Result<()> {

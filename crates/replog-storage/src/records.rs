@@ -24,6 +24,10 @@ use crate::model::{decode_entry, encode_entry, position_key, ReplicaIdentity, Re
 pub(crate) const META_KEY: &[u8] = b"replica";
 /// Largest metadata record read.
 pub(crate) const META_LIMIT: usize = 16 * 1024 * 1024;
+/// Key of the repair state record in the `meta` column family.
+pub(crate) const REPAIR_STATE_KEY: &[u8] = b"repair-state";
+/// Largest repair state record read (replog-repair bounds the state to 4 MiB).
+pub(crate) const REPAIR_STATE_LIMIT: usize = 8 * 1024 * 1024;
 /// Key the identity file's frame checksum covers.
 const IDENTITY_KEY: &[u8] = b"replog/identity";
 /// Largest identity file read.
@@ -39,6 +43,17 @@ pub fn encode_meta(meta: &ReplicaMeta) -> Vec<u8> {
 pub fn decode_meta(value: &[u8], location: impl Fn() -> String) -> Result<ReplicaMeta> {
     let payload = frame::decode(META_KEY, value, META_LIMIT, &location)?;
     ReplicaMeta::decode(payload, &location())
+}
+
+/// The stored value of a repair state record (framed under its key).
+pub fn encode_repair_state(state: &[u8]) -> Vec<u8> {
+    frame::encode(REPAIR_STATE_KEY, state)
+}
+
+/// Checks a stored repair state record value and returns its payload.
+pub fn decode_repair_state(value: &[u8], location: impl Fn() -> String) -> Result<Vec<u8>> {
+    let payload = frame::decode(REPAIR_STATE_KEY, value, REPAIR_STATE_LIMIT, &location)?;
+    Ok(payload.to_vec())
 }
 
 /// The stored value of the log entry `e` (framed under its position's key).

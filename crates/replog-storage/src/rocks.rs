@@ -47,7 +47,7 @@ use crate::model::{
     key_position, now_unix_ms, position_key, Member, ReplicaIdentity, ReplicaMeta, ReplicaStatus,
     FORMAT_VERSION,
 };
-use crate::records::{self, META_KEY};
+use crate::records::{self, META_KEY, REPAIR_STATE_KEY};
 
 const CF_META: &str = "meta";
 const CF_LOG: &str = "log";
@@ -141,6 +141,8 @@ impl RecoveryReport {
 struct State {
     meta: ReplicaMeta,
     last_index: u64,
+    /// The repair state record's payload (empty: none).
+    repair_state: Vec<u8>,
 }
 
 struct Inner {
@@ -398,21 +400,21 @@ impl RocksStorage {
         // 2. RocksDB; 3. and 4. the metadata record and every log record.
         let db = open_db(dir, opts, &mut damage)?;
         let (db, verified) = verify_repairing(db, dir, ident.as_ref(), opts, &mut damage)?;
+        let repair_state = verified.repair_state.clone();
         let (meta, last_index) = keep_intact_prefix(verified, dir, opts.strict, &mut damage)?;
-        let storage = Self::from_open_db(db, dir, opts, meta, last_index);
+        let state = State {
+            meta,
+            last_index,
+            repair_state,
+        };
+        let storage = Self::from_open_db(db, dir, opts, state);
         if !damage.is_empty() && !opts.read_only {
             storage.persist_recovery(last_index, ident.is_none())?;
         }
         Ok((storage, RecoveryReport { damage, last_index }))
     }
 
-    fn from_open_db(
-        db: DB,
-        dir: &Path,
-        opts: &OpenOptions,
-        meta: ReplicaMeta,
-        last_index: u64,
-    ) -> Self {
+    fn from_open_db(db: DB, dir: &Path, opts: &OpenOptions, state: State) -> Self {
         RocksStorage {
             inner: Arc::new(Inner {
                 db: Arc::new(db),
@@ -420,7 +422,7 @@ impl RocksStorage {
                 fsync_enabled: opts.sync,
                 read_only: opts.read_only,
                 max_record_bytes: opts.max_record_bytes,
-                state: RwLock::new(State { meta, last_index }),
+                state: RwLock::new(state),
                 fsync_count: AtomicU64::new(0),
                 fetch_budget: FetchBudget::new(DEFAULT_FETCH_BUDGET_BYTES),
             }),
@@ -898,6 +900,7 @@ fn check_identity(
 /// What verifying a replica's RocksDB data found.
 struct Verified {
     meta: ReplicaMeta,
+    repair_state: Vec<u8>,
     last_index: u64,
     /// First bad position and why.
     bad: Option<(u64, String)>,
@@ -915,11 +918,13 @@ fn verify(
     ident: Option<&ReplicaIdentity>,
     opts: &OpenOptions,
 ) -> Result<Verified> {
-    // 3. The metadata record.
-    let read = read_meta(db, dir, ident, opts)?;
+    // 3. The metadata record, and the repair state record beside it.
+    let mut read = read_meta(db, dir, ident, opts)?;
+    let repair_state = read_repair_state(db, dir, ident, opts, &mut read)?;
     // 4. Every log record: checksum, decoding, contiguity, terms.
     let scan = scan_log(db, dir, &read.meta, opts.max_record_bytes)?;
     Ok(Verified {
+        repair_state,
         meta: read.meta,
         last_index: scan.last_index,
         bad: scan.bad,
@@ -997,6 +1002,51 @@ fn read_meta(
         }
     }
     Ok(read)
+}
+
+/// Reads the repair state record (none: empty). A damaged one is an error
+/// when strict; non-strict, the replica is rebuilt as when its metadata is
+/// unreadable (RECOVERING, no log): it then folds the repair records again
+/// from the leader's log or snapshot, and never acts on a partial memory.
+fn read_repair_state(
+    db: &DB,
+    dir: &Path,
+    ident: Option<&ReplicaIdentity>,
+    opts: &OpenOptions,
+    read: &mut MetaRead,
+) -> Result<Vec<u8>> {
+    let location = || {
+        format!(
+            "{} (column family meta, key {})",
+            dir.display(),
+            String::from_utf8_lossy(REPAIR_STATE_KEY)
+        )
+    };
+    let cf = db.cf_handle(CF_META).expect("read_meta checked it");
+    let result = match db.get_pinned_cf(cf, REPAIR_STATE_KEY) {
+        Ok(None) => return Ok(Vec::new()),
+        Ok(Some(v)) => records::decode_repair_state(&v, location),
+        Err(e) => Err(rocks_err(dir)(e)),
+    };
+    let e = match result {
+        Ok(state) => return Ok(state),
+        Err(e) if opts.strict => return Err(e),
+        Err(e) => e,
+    };
+    let Some(i) = ident else {
+        return Err(StorageError::corrupt(
+            location(),
+            format!(
+                "the repair state record is unreadable ({e}) and so is the REPLICA-IDENTITY file"
+            ),
+        ));
+    };
+    read.meta = meta_from_identity(i);
+    read.damage = Some(format!(
+        "{e}; the replica rejoins with no log and rebuilds its repair state"
+    ));
+    read.rocks_corruption |= matches!(e, StorageError::Rocks { .. });
+    Ok(Vec::new())
 }
 
 /// The metadata of a replica whose record was lost: who it is, RECOVERING,
@@ -1176,6 +1226,7 @@ impl raft::Storage for RocksStorage {
         md.index = st.meta.snapshot_index;
         md.term = st.meta.snapshot_term;
         md.set_conf_state(st.meta.snapshot_conf_for(to));
+        s.data = st.repair_state.clone().into();
         Ok(s)
     }
 }
@@ -1352,7 +1403,7 @@ fn record_unchecked_fields(meta: &mut ReplicaMeta, u: LogUpdate) {
 }
 
 impl LogStorage for RocksStorage {
-    fn write(&self, u: LogUpdate) -> Result<()> {
+    fn write(&self, mut u: LogUpdate) -> Result<()> {
         let inner = &self.inner;
         if inner.read_only {
             return Err(StorageError::ReadOnly(inner.dir.clone()));
@@ -1366,6 +1417,7 @@ impl LogStorage for RocksStorage {
         let mut next = State {
             meta: st.meta.clone(),
             last_index: st.last_index,
+            repair_state: Vec::new(),
         };
         let mut batch = WriteBatch::default();
         self.stage_snapshot(&u, &mut next, &mut batch)?;
@@ -1376,10 +1428,22 @@ impl LogStorage for RocksStorage {
             self.stage_compaction(to, &u.entries, &mut next, &mut batch)?;
         }
         let (installed, sync) = (u.snapshot.map(|(index, _)| index), u.sync);
+        let repair_state = u.repair_state.take();
+        if let Some(rs) = &repair_state {
+            batch.put_cf(
+                self.meta_cf(),
+                REPAIR_STATE_KEY,
+                records::encode_repair_state(rs),
+            );
+        }
         record_unchecked_fields(&mut next.meta, u);
         assert_write_keeps_invariants(&st.meta, &next.meta, next.last_index, installed);
         batch.put_cf(self.meta_cf(), META_KEY, records::encode_meta(&next.meta));
         self.write_batch(batch, sync)?;
+        next.repair_state = match repair_state {
+            Some(rs) => rs,
+            None => std::mem::take(&mut st.repair_state),
+        };
         *st = next;
         Ok(())
     }
@@ -1397,6 +1461,10 @@ impl LogStorage for RocksStorage {
 
     fn meta(&self) -> ReplicaMeta {
         self.inner.state.read().meta.clone()
+    }
+
+    fn repair_state(&self) -> Vec<u8> {
+        self.inner.state.read().repair_state.clone()
     }
 
     fn reclaim_space(&self) -> Result<()> {

@@ -15,6 +15,7 @@
 
 use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType};
 use raft::StateRole;
+use replog_repair::state::Applied;
 use replog_storage::{decode_membership_context, LogStorage, LogUpdate, Promotion};
 use tracing::{info, warn};
 
@@ -151,9 +152,28 @@ impl<S: LogStorage> ReplicaCore<S> {
                 let cur = update.compact_to.unwrap_or(0);
                 update.compact_to = Some(cur.max(to));
             }
+            Ok(EntryContent::Command(Command::Repair(bytes))) => {
+                self.apply_repair(e.index, &bytes, update);
+            }
             Ok(EntryContent::Command(Command::Append(_))) | Ok(EntryContent::Membership) => {}
             Err(bad) => warn!(%bad, "skipping an entry that holds no valid command"),
         }
+    }
+
+    /// Folds the repair record at `position` into the repair state; the
+    /// new state rides in the update with the applied position covering it.
+    /// A refused record changes the state too (its history and refusal
+    /// count): every replica refuses it alike.
+    fn apply_repair(&mut self, position: u64, bytes: &[u8], update: &mut LogUpdate) {
+        match self.repair.apply_entry(position, bytes) {
+            Applied::Skipped => return,
+            Applied::Changed => {}
+            Applied::Refused(why) => {
+                warn!(replica = self.id, position, %why, "repair record refused");
+            }
+        }
+        debug_assert_eq!(self.repair.applied_through, position);
+        update.repair_state = Some(self.repair.encode());
     }
 
     /// Reports the outcome of the proposal waiting at `e`'s position, if

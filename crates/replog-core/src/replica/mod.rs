@@ -64,6 +64,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use raft::eraftpb::{Message, MessageType};
 use raft::{Config, RawNode, StateRole};
+use replog_repair::RepairState;
 use replog_storage::bugs::{self, InjectedBug};
 use replog_storage::{LogStorage, LogUpdate, ReplicaStatus};
 use tracing::{debug, info, warn};
@@ -117,6 +118,10 @@ pub struct ReplicaCore<S: LogStorage> {
     /// here. A non-VOTING request of that incarnation from a voter was sent
     /// before it applied its promotion, and is stale.
     promoted_incarnations: BTreeMap<u64, u64>,
+    /// The replicated repair memory, folded from the repair records applied
+    /// here (or adopted from a snapshot); persisted with the applied
+    /// position that covers it. An isolated replica is never promoted.
+    repair: RepairState,
     /// The tick at which this leader first found each caught-up learner
     /// with no known incarnation (an unnamed promotion waits for it to
     /// announce one for two recover rounds).
@@ -181,9 +186,24 @@ fn raft_config(id: u64, applied: u64, c: &CoreConfig) -> Config {
 
 impl<S: LogStorage> ReplicaCore<S> {
     /// Starts the core on an opened storage, whatever its status.
+    /// The repair state the storage holds (none: empty).
+    fn stored_repair_state(storage: &S) -> Result<RepairState, CoreError> {
+        let bytes = storage.repair_state();
+        if bytes.is_empty() {
+            return Ok(RepairState::default());
+        }
+        RepairState::decode(&bytes).map_err(CoreError::RepairState)
+    }
+
+    /// The replicated repair memory as of the applied position.
+    pub fn repair_state(&self) -> &RepairState {
+        &self.repair
+    }
+
     pub fn new(storage: S, config: &CoreConfig) -> Result<Self, CoreError> {
         let meta = storage.meta();
         let node = Self::new_node(&storage, config, meta.replica_id, meta.applied_index)?;
+        let repair = Self::stored_repair_state(&storage)?;
         let mut core = ReplicaCore {
             node,
             storage,
@@ -200,6 +220,7 @@ impl<S: LogStorage> ReplicaCore<S> {
             seen_as_learner: is_learner(&meta.conf_state, meta.replica_id),
             learner_incarnations: BTreeMap::new(),
             promoted_incarnations: BTreeMap::new(),
+            repair,
             unnamed_since: BTreeMap::new(),
             incarnation: config.incarnation,
             deferred: None,

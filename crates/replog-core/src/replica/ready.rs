@@ -19,9 +19,10 @@
 
 use raft::eraftpb::{ConfState, Message, MessageType};
 use raft::{Ready, SnapshotStatus, StateRole};
+use replog_repair::RepairState;
 use replog_storage::bugs::{self, InjectedBug};
 use replog_storage::{LogStorage, LogUpdate, ReplicaStatus};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::ReplicaCore;
 use crate::events::{CoreError, Output, Progress};
@@ -260,6 +261,7 @@ impl<S: LogStorage> ReplicaCore<S> {
             let md = rd.snapshot().get_metadata();
             update.snapshot = Some((md.index, md.term));
             update.conf_state = Some(md.get_conf_state().clone());
+            self.adopt_snapshot_repair_state(&rd.snapshot().data, &mut update);
             installed = Some((md.index, md.get_conf_state().clone()));
             info!(
                 replica = self.id,
@@ -277,6 +279,27 @@ impl<S: LogStorage> ReplicaCore<S> {
             self.note_own_membership(cs, false, None, &mut update);
         }
         (update, installed.map(|(index, _)| index))
+    }
+
+    /// A snapshot carries its sender's repair state, folded through a
+    /// position at or past the snapshot's (the sender applied further): it
+    /// replaces this replica's when it is further along; the entries after
+    /// the snapshot then skip the records it already holds. An undecodable
+    /// one is ignored (logged): this replica keeps its own.
+    fn adopt_snapshot_repair_state(&mut self, data: &[u8], update: &mut LogUpdate) {
+        if data.is_empty() {
+            return;
+        }
+        match RepairState::decode(data) {
+            Ok(state) if state.applied_through > self.repair.applied_through => {
+                update.repair_state = Some(data.to_vec());
+                self.repair = state;
+            }
+            Ok(_) => {}
+            Err(why) => {
+                warn!(replica = self.id, %why, "a snapshot's repair state is unreadable; kept this replica's")
+            }
+        }
     }
 
     /// An earlier ready's deferred update goes first, within this write

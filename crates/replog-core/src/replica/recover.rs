@@ -334,6 +334,7 @@ impl<S: LogStorage> ReplicaCore<S> {
             .iter()
             .copied()
             .filter(|id| raft.prs().get(*id).is_some_and(|p| p.matched >= committed))
+            .filter(|id| !self.repair.holds_isolated(*id))
             .collect();
         let grace_over = self.unnamed_grace_over(&caught_up);
         let Some((id, promotion)) =
