@@ -66,6 +66,10 @@ pub struct RepairFlags {
     /// A file holding the bearer token the repair admin API requires.
     #[arg(long, env = "REPLOG_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// The self-monitor's config (JSON: the statistics, their envelopes,
+    /// the collection interval; docs/repair.md).
+    #[arg(long, env = "REPLOG_MONITOR_CONFIG")]
+    pub monitor_config: Option<PathBuf>,
 }
 
 impl RepairFlags {
@@ -81,6 +85,11 @@ impl RepairFlags {
             .map(config::parse_rate_limit)
             .transpose()?;
         let admin_token = self.admin_token().context("--admin-token-file")?;
+        let monitor = self
+            .monitor_config
+            .as_deref()
+            .map(read_monitor_config)
+            .transpose()?;
         Ok(RepairOptions {
             config: RepairConfig {
                 order: steps,
@@ -100,6 +109,7 @@ impl RepairFlags {
                 lag_period: self.lag_period,
             },
             admin_token,
+            monitor,
             ..Default::default()
         })
     }
@@ -110,6 +120,14 @@ impl RepairFlags {
         };
         read_token(path).map(Some)
     }
+}
+
+/// Reads and checks a `--monitor-config` file.
+fn read_monitor_config(path: &std::path::Path) -> Result<replog_repair::monitor::MonitorConfig> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("--monitor-config: cannot read {}", path.display()))?;
+    replog_repair::monitor::MonitorConfig::parse(&bytes)
+        .map_err(|e| anyhow::anyhow!("--monitor-config {}: {e}", path.display()))
 }
 
 /// The first line of a token file, which must not be empty.
@@ -297,6 +315,10 @@ mod tests {
             (
                 &["--admin-token-file", "/nonexistent/token"],
                 "--admin-token-file",
+            ),
+            (
+                &["--monitor-config", "/nonexistent/monitor.json"],
+                "--monitor-config",
             ),
         ];
         for (args, want) in rows {

@@ -408,6 +408,16 @@ impl Log {
         &self.recovery
     }
 
+    /// The longest fsync since the last call (resets it) and the count of
+    /// damaged records reads found since open: the self-monitor's
+    /// `fsync_latency_ms` and `storage_errors`.
+    pub fn storage_health(&self) -> (Duration, u64) {
+        (
+            Duration::from_micros(self.storage.take_max_fsync_us()),
+            self.storage.read_error_count(),
+        )
+    }
+
     /// Number of fsyncs done since open (group commit makes it far smaller
     /// than the number of appends under concurrency).
     pub fn sync_count(&self) -> u64 {

@@ -15,6 +15,8 @@
 //!   decoding.
 //! - [`state`]: the replicated repair memory, a deterministic fold of the
 //!   records.
+//! - [`monitor`]: the replica's self-monitor (`--monitor-config`): envelopes
+//!   held for their duration become signals, reported again while they last.
 //! - [`coordinator`]: the decisions: which step next, when a step timed out,
 //!   when to isolate, re-admit, close a case or raise the alarm.
 //!
@@ -31,6 +33,7 @@
 pub mod config;
 pub mod coordinator;
 pub mod health;
+pub mod monitor;
 pub mod record;
 pub mod state;
 

@@ -156,6 +156,11 @@ struct Inner {
     /// fsyncs done since open ([`LogStorage::sync`], and writes with
     /// [`LogUpdate::sync`]).
     fsync_count: AtomicU64,
+    /// Longest fsync since [`RocksStorage::take_max_fsync_us`] last read it.
+    max_fsync_us: AtomicU64,
+    /// Reads that found a damaged record (checksum, size, decoding) or
+    /// failed in RocksDB, since open.
+    read_errors: AtomicU64,
     /// Budget of the reads for sends to followers, per core turn.
     fetch_budget: FetchBudget,
 }
@@ -424,6 +429,8 @@ impl RocksStorage {
                 max_record_bytes: opts.max_record_bytes,
                 state: RwLock::new(state),
                 fsync_count: AtomicU64::new(0),
+                max_fsync_us: AtomicU64::new(0),
+                read_errors: AtomicU64::new(0),
                 fetch_budget: FetchBudget::new(DEFAULT_FETCH_BUDGET_BYTES),
             }),
         }
@@ -542,7 +549,29 @@ impl RocksStorage {
             .map_err(rocks_err(&self.inner.dir))?;
         let Some(v) = got else { return Ok(None) };
         let loc = || log_location(&self.inner.dir, index);
-        records::decode_log_entry(index, &v, self.inner.max_record_bytes, loc).map(Some)
+        let decoded = records::decode_log_entry(index, &v, self.inner.max_record_bytes, loc);
+        if decoded.is_err() {
+            self.inner.read_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        decoded.map(Some)
+    }
+
+    /// The longest fsync since the last call, in µs (the self-monitor's
+    /// `fsync_latency_ms`); resets it.
+    pub fn take_max_fsync_us(&self) -> u64 {
+        self.inner.max_fsync_us.swap(0, Ordering::Relaxed)
+    }
+
+    /// Reads that found a damaged record since open (the self-monitor's
+    /// `storage_errors`).
+    pub fn read_error_count(&self) -> u64 {
+        self.inner.read_errors.load(Ordering::Relaxed)
+    }
+
+    fn note_fsync(&self, started: std::time::Instant) {
+        let us = started.elapsed().as_micros() as u64;
+        self.inner.max_fsync_us.fetch_max(us, Ordering::Relaxed);
+        self.inner.fsync_count.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The error for an entry that should be present but is not: compacted
@@ -1372,12 +1401,13 @@ impl RocksStorage {
         let synced = sync && inner.fsync_enabled && !inner.read_only;
         let mut wo = WriteOptions::default();
         wo.set_sync(synced);
+        let started = std::time::Instant::now();
         inner
             .db
             .write_opt(batch, &wo)
             .map_err(rocks_err(&inner.dir))?;
         if synced {
-            inner.fsync_count.fetch_add(1, Ordering::Relaxed);
+            self.note_fsync(started);
         }
         Ok(())
     }
@@ -1450,11 +1480,12 @@ impl LogStorage for RocksStorage {
 
     fn sync(&self) -> Result<()> {
         if self.inner.fsync_enabled && !self.inner.read_only {
+            let started = std::time::Instant::now();
             self.inner
                 .db
                 .flush_wal(true)
                 .map_err(rocks_err(&self.inner.dir))?;
-            self.inner.fsync_count.fetch_add(1, Ordering::Relaxed);
+            self.note_fsync(started);
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! - [`intake`]: the admin API's requests, checked (token, body, replica).
 //! - [`executor`]: runs a repair command with its environment and timeout.
 //! - [`round`]: the leader's rounds: observe, judge, decide, act.
+//! - `monitor`: the replica's self-monitor (`--monitor-config`).
 //!
 //! Every replica serves the admin API (HTTP `POST /repair...`,
 //! `GET /repairs`, and the `Repair` RPC); one that does not lead forwards
@@ -14,6 +15,7 @@
 
 pub mod executor;
 pub mod intake;
+mod monitor;
 mod round;
 
 use std::collections::BTreeMap;
@@ -40,6 +42,8 @@ pub struct RepairOptions {
     pub admin_token: Option<String>,
     /// How often the leader runs a round of decisions.
     pub round_interval: Duration,
+    /// The self-monitor's config (`--monitor-config`); none: no monitor.
+    pub monitor: Option<replog_repair::monitor::MonitorConfig>,
 }
 
 impl Default for RepairOptions {
@@ -49,6 +53,7 @@ impl Default for RepairOptions {
             detector: DetectorConfig::default(),
             admin_token: None,
             round_interval: Duration::from_secs(1),
+            monitor: None,
         }
     }
 }
@@ -117,8 +122,12 @@ impl Repairs {
         self.judgment.lock().clone()
     }
 
-    /// Starts the leader's rounds until `stopping` turns true.
+    /// Starts the leader's rounds, and the self-monitor if configured,
+    /// until `stopping` turns true.
     pub fn spawn(self: &Arc<Self>, stopping: tokio::sync::watch::Receiver<bool>) -> JoinHandle<()> {
+        if let Some(config) = self.opts.monitor.clone() {
+            tokio::spawn(monitor::run(self.clone(), config, stopping.clone()));
+        }
         let me = self.clone();
         tokio::spawn(async move { round::run(me, stopping).await })
     }
