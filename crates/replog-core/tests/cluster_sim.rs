@@ -52,6 +52,8 @@ use replog_storage::{LogStorage, MemoryStorage, ReplicaStatus};
 const CLUSTER: &str = "sim";
 /// Simulated time units per raft tick.
 const TICK: u64 = 10;
+/// Time units between two rounds of the repair coordinator on the leader.
+const REPAIR_ROUND: u64 = 50;
 
 #[derive(Clone)]
 enum Msg {
@@ -196,6 +198,20 @@ struct Sim {
     /// An add of the removed replica was proposed.
     readding: bool,
     membership_changes: u32,
+    /// The repair coordinator of the current leader (its term), run on
+    /// the replicated repair state (see `repair_round`).
+    coordinator: Option<(u64, replog_repair::Coordinator)>,
+    /// When the current leadership's coordinator started (its grace).
+    coordinator_since: u64,
+    /// Repair decisions the coordinators proposed.
+    repair_decisions: u32,
+    /// Run the repair coordinator (off in the scripted scenarios, whose
+    /// timing it would change).
+    repairs: bool,
+    /// The leader's last position after its latest repair proposals: the
+    /// next round waits until they are applied (or the term changed), as
+    /// the server's rounds wait for their writes.
+    repair_wait: Option<(u64, u64)>,
 }
 
 impl Sim {
@@ -273,6 +289,11 @@ impl Sim {
             removed: None,
             readding: false,
             membership_changes: 0,
+            coordinator: None,
+            coordinator_since: 0,
+            repair_decisions: 0,
+            repairs: false,
+            repair_wait: None,
         };
         for i in 0..sim.nodes.len() {
             sim.start(i);
@@ -691,7 +712,190 @@ impl Sim {
         }
         self.fault(faults);
         self.membership(faults);
+        if self.repairs && self.now.is_multiple_of(REPAIR_ROUND) {
+            self.repair_round(faults);
+        }
         self.check_one_leader_per_term();
+    }
+
+    /// The repair coordinator's configuration in the harness: one repair
+    /// at a time, two steps, demotion on exhaustion, a removal limit of
+    /// one isolation per reset.
+    fn repair_config(&self) -> replog_repair::RepairConfig {
+        let step = |id: &str| replog_repair::RepairStep {
+            id: id.into(),
+            command: "true".into(),
+            scope: replog_repair::Scope::Leader,
+            timeout: std::time::Duration::from_millis(300),
+            mode: replog_repair::Mode::Execute,
+        };
+        replog_repair::RepairConfig {
+            order: vec![step("restart"), step("reimage")],
+            num_allowed_repairs: 1,
+            removal_limit: 1.0 / self.nodes.len() as f64,
+            healthy_period: std::time::Duration::from_millis(400),
+            mode: replog_repair::Mode::Execute,
+            signal_ttl: std::time::Duration::from_millis(600),
+            ..Default::default()
+        }
+    }
+
+    /// One round of the repair coordinator on the leader: random signals
+    /// (while faults run), the coordinator's decisions proposed as repair
+    /// records through the core (its commands "run" at once with a random
+    /// outcome, its demotions become membership changes), and the limits
+    /// checked on the leader's replicated repair state. The harness's
+    /// time units stand in for milliseconds.
+    fn repair_round(&mut self, faults: bool) {
+        let Some(i) = self.leader() else {
+            self.coordinator = None;
+            return;
+        };
+        let core = self.nodes[i].core.as_ref().unwrap();
+        let term = core.progress().term;
+        if let Some((t, last)) = self.repair_wait {
+            if t == term && core.progress().applied < last {
+                return; // its own decisions are not applied yet
+            }
+        }
+        let state = core.repair_state().clone();
+        let members = core.members();
+        self.check_repair_limits(&state);
+        if self.coordinator.as_ref().is_none_or(|(t, _)| *t != term) {
+            let config = self.repair_config();
+            let limits = config
+                .check(self.nodes.len(), &[])
+                .expect("a valid repair config");
+            self.coordinator = Some((term, replog_repair::Coordinator::new(config, limits)));
+            self.coordinator_since = self.now;
+        }
+        let leader_id = self.nodes[i].id;
+        let view = replog_repair::View {
+            now_ms: self.now,
+            term,
+            grace: self.now < self.coordinator_since + 200,
+            members: members
+                .iter()
+                .map(|m| {
+                    let up =
+                        self.nodes[Self::idx(m.id)].core.is_some() && !self.cut(leader_id, m.id);
+                    replog_repair::MemberView {
+                        id: m.id,
+                        address: String::new(),
+                        voter: m.voter,
+                        health: if up {
+                            replog_repair::Health::Healthy
+                        } else {
+                            replog_repair::Health::Unhealthy {
+                                reasons: vec![replog_repair::Reason::Unreachable { silent_ms: 1 }],
+                            }
+                        },
+                        caught_up: true,
+                    }
+                })
+                .collect(),
+        };
+        let mut records = Vec::new();
+        if faults && self.rng.gen_bool(0.2) {
+            let target = members[self.rng.gen_range(0..members.len())].id;
+            records.push(replog_repair::Record::Signal(
+                replog_repair::record::Signal {
+                    replica: target,
+                    signal: "disk_free".into(),
+                    details: String::new(),
+                    outside_ms: 0,
+                    source: "sim".into(),
+                    reported_at_ms: self.now,
+                    expires_at_ms: self.now + self.rng.gen_range(100..800),
+                },
+            ));
+        }
+        if !faults && state.alarm.is_some() {
+            // The operator looked at the alarm and reset it.
+            records.push(replog_repair::Record::Reset { at_ms: self.now });
+        }
+        let (_, coordinator) = self.coordinator.as_mut().unwrap();
+        for action in coordinator.decide(&view, &state) {
+            match action {
+                replog_repair::Action::Propose(r) => records.push(r),
+                replog_repair::Action::Run { started, .. } => {
+                    let result = if self.rng.gen_bool(0.5) {
+                        replog_repair::StepResult::Succeeded
+                    } else {
+                        replog_repair::StepResult::Failed
+                    };
+                    records.push(replog_repair::Record::StepFinished(
+                        replog_repair::record::StepFinished {
+                            replica: started.replica,
+                            attempt: started.attempt,
+                            result,
+                            exit_code: None,
+                            output: String::new(),
+                            finished_at_ms: self.now,
+                        },
+                    ));
+                }
+                replog_repair::Action::Demote { id } => {
+                    let id_p = self.next_id;
+                    self.next_id += 1;
+                    self.input(
+                        i,
+                        Input::ChangeMembership {
+                            id: id_p,
+                            changes: vec![MembershipChange::AddLearner(id)],
+                            addresses: Vec::new(),
+                        },
+                    );
+                }
+                replog_repair::Action::AddLearner { .. } | replog_repair::Action::Remove { .. } => {
+                    unreachable!("no spares are configured")
+                }
+            }
+        }
+        let proposing = !records.is_empty();
+        for r in records {
+            self.repair_decisions += 1;
+            let id = self.next_id;
+            self.next_id += 1;
+            if self.nodes[i].core.is_none() {
+                return;
+            }
+            self.input(
+                i,
+                Input::Propose {
+                    id,
+                    command: Command::Repair(r.encode().into()),
+                    writer_term: None,
+                },
+            );
+        }
+        if proposing {
+            if let Some(core) = self.nodes[i].core.as_ref() {
+                self.repair_wait = Some((term, core.progress().last_index));
+            }
+        }
+    }
+
+    /// The limits, on a replica's replicated repair state: never more
+    /// steps without an outcome than allowed at once, never more counted
+    /// isolations than the removal limit allows.
+    fn check_repair_limits(&self, state: &replog_repair::RepairState) {
+        let running = state
+            .cases
+            .values()
+            .filter(|c| c.unfinished().is_some())
+            .count();
+        assert!(
+            running <= 1,
+            "seed {}: {running} repair steps at once: {state:?}",
+            self.seed
+        );
+        assert!(
+            state.removals_since_reset <= 1,
+            "seed {}: {} isolations since the last reset, 1 allowed",
+            self.seed,
+            state.removals_since_reset
+        );
     }
 
     /// Every replica's status, positions and membership, for failures.
@@ -777,6 +981,22 @@ impl Sim {
 
     fn final_checks(&self) {
         let seed = self.seed;
+        // Every replica folded the same repair records into the same state
+        // (also those that lost their disk and caught up by snapshot).
+        let repair_states: BTreeSet<Vec<u8>> = self
+            .nodes
+            .iter()
+            .map(|n| n.storage.repair_state())
+            .collect();
+        assert_eq!(
+            repair_states.len(),
+            1,
+            "seed {seed}: the replicas' repair states differ: {:?}",
+            repair_states
+                .iter()
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect::<Vec<_>>()
+        );
         let logs: Vec<_> = (0..self.nodes.len())
             .map(|i| self.committed_log(i))
             .collect();
@@ -888,6 +1108,7 @@ fn run_seed(seed: u64, size: u64) -> RunStats {
 /// violation.
 fn run_seed_with(seed: u64, size: u64, bug: Option<InjectedBug>) -> RunStats {
     let mut sim = Sim::new(seed, size, bug);
+    sim.repairs = true;
     let load = sim.rng.gen_range(0.05..0.4);
     for _ in 0..6_000 {
         sim.step(true, load);

@@ -25,7 +25,9 @@
 //!
 //! Every new step and isolation passes two guards: at most
 //! `num_allowed_repairs` in progress, and the voters still available (healthy
-//! and not under repair) stay at least a quorum of the voters left. An
+//! and not under repair) stay at least a quorum of the voters left; a
+//! demotion needs one more (the voters left must survive another failure).
+//! An
 //! isolation also passes the removal limit (past it: the alarm) and the
 //! rate limit (past it: wait).
 
@@ -122,6 +124,19 @@ impl Budget {
             self.voters.len()
         };
         voters > 0 && available >= quorum(voters)
+    }
+
+    /// True when demoting `replica` leaves voters that can still lose one
+    /// more and keep a quorum. A demotion makes the cluster smaller for
+    /// good (the learner is held until re-admitted, and re-admission needs
+    /// a leader): demoting one of three voters would leave two, and the
+    /// next failure would leave no quorum and no way back (the
+    /// deterministic cluster harness found exactly that, seed 286). Without
+    /// a spare, a cluster of three therefore never demotes.
+    fn can_demote(&self, replica: u64) -> bool {
+        let available = self.available.iter().filter(|v| **v != replica).count();
+        let voters = self.voters.iter().filter(|v| **v != replica).count();
+        voters > 0 && available > quorum(voters)
     }
 
     /// Counts a decision on `replica`: one more in progress, and the
@@ -397,6 +412,7 @@ impl Coordinator {
             started_at_ms: view.now_ms,
             deadline_ms: view.now_ms.saturating_add(step.timeout.as_millis() as u64),
             term: view.term,
+            max_in_progress: Some(self.config.num_allowed_repairs),
         })));
     }
 
@@ -441,7 +457,12 @@ impl Coordinator {
         let spare = self.free_spare(view, state);
         let voter = view.member(case.replica).is_some_and(|m| m.voter);
         let demotes = spare.is_none() && voter;
-        if budget.in_progress >= budget.allowed || !budget.keeps_quorum(case.replica, demotes) {
+        let safe = if demotes {
+            budget.can_demote(case.replica)
+        } else {
+            budget.keeps_quorum(case.replica, false)
+        };
+        if budget.in_progress >= budget.allowed || !safe {
             return true;
         }
         budget.take(case.replica, demotes);
@@ -455,6 +476,11 @@ impl Coordinator {
             mode,
             at_ms: view.now_ms,
             term: view.term,
+            max_removals: Some(self.limits.removals_allowed),
+            rate_limit: self
+                .config
+                .removal_rate_limit
+                .map(|r| (r.count, r.period.as_millis() as u64)),
         })));
         true
     }
@@ -512,7 +538,7 @@ impl Coordinator {
                     return;
                 };
                 if m.voter {
-                    if budget.keeps_quorum(case.replica, true) {
+                    if budget.can_demote(case.replica) {
                         out.push(Action::Demote { id: case.replica });
                     }
                 } else if m.health.is_healthy() && self.healthy_for_period(view, m.id) {

@@ -59,6 +59,12 @@ pub struct StepStarted {
     pub deadline_ms: u64,
     /// Term of the leader that decided.
     pub term: u64,
+    /// The `--num-allowed-repairs` it was decided under: the state refuses
+    /// the start when that many steps are already without an outcome (a
+    /// decision taken on a state that lacked a late-committed start never
+    /// breaks the limit).
+    #[serde(default)]
+    pub max_in_progress: Option<u32>,
 }
 
 /// How a step ended.
@@ -105,6 +111,14 @@ pub struct Isolated {
     pub mode: Mode,
     pub at_ms: u64,
     pub term: u64,
+    /// The removal limit it was decided under (isolations since the last
+    /// reset): the state refuses an isolation past it.
+    #[serde(default)]
+    pub max_removals: Option<u32>,
+    /// The rate limit it was decided under (count, period in ms): the state
+    /// refuses an isolation past it.
+    #[serde(default)]
+    pub rate_limit: Option<(u32, u64)>,
 }
 
 /// One record of the repair memory.
@@ -314,6 +328,7 @@ mod tests {
                 started_at_ms: 5,
                 deadline_ms: 9,
                 term: 4,
+                max_in_progress: Some(2),
             }),
             Record::StepFinished(StepFinished {
                 replica: 3,
@@ -330,6 +345,8 @@ mod tests {
                 mode: Mode::Execute,
                 at_ms: 8,
                 term: 4,
+                max_removals: Some(2),
+                rate_limit: Some((1, 600_000)),
             }),
             Record::AlarmRaised {
                 at_ms: 1,

@@ -143,6 +143,8 @@ pub enum Rejected {
     NotIsolated(u64),
     #[error("the alarm is raised")]
     Alarm,
+    #[error("{0}")]
+    Limit(String),
     #[error("bound exceeded: {0}")]
     Bound(&'static str),
     #[error("undecodable record: {0}")]
@@ -333,6 +335,16 @@ impl RepairState {
         if case.attempts.len() >= MAX_ATTEMPTS_PER_CASE {
             return Err(Rejected::Bound("attempts of one replica"));
         }
+        let running = self
+            .cases
+            .values()
+            .filter(|c| c.unfinished().is_some())
+            .count();
+        if let Some(max) = s.max_in_progress.filter(|max| running >= *max as usize) {
+            return Err(Rejected::Limit(format!(
+                "{running} steps without an outcome; {max} allowed at once"
+            )));
+        }
         self.fence(s.term)?;
         let case = self.case_mut(s.replica)?;
         case.attempts.push(Attempt {
@@ -375,6 +387,9 @@ impl RepairState {
         if self.alarm.is_some() {
             return Err(Rejected::Alarm);
         }
+        if i.mode == Mode::Execute {
+            self.check_removal_limits(i)?;
+        }
         self.fence(i.term)?;
         if i.mode == Mode::Execute {
             self.removals_since_reset += 1;
@@ -384,6 +399,28 @@ impl RepairState {
             self.recent_removals_ms.push_back(i.at_ms);
         }
         self.case_mut(i.replica)?.isolation = Some(i.clone());
+        Ok(())
+    }
+
+    /// The limits an isolation was decided under, against the state now.
+    fn check_removal_limits(&self, i: &Isolated) -> Result<(), Rejected> {
+        if let Some(max) = i
+            .max_removals
+            .filter(|max| self.removals_since_reset >= *max)
+        {
+            return Err(Rejected::Limit(format!(
+                "{} isolations since the last reset; the removal limit allows {max}",
+                self.removals_since_reset
+            )));
+        }
+        if let Some((count, period_ms)) = i.rate_limit {
+            let within = self.removals_within(i.at_ms, period_ms);
+            if within >= count as usize {
+                return Err(Rejected::Limit(format!(
+                    "{within} isolations within {period_ms} ms; the rate limit allows {count}"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -459,6 +496,7 @@ mod tests {
             started_at_ms: 10,
             deadline_ms: 20,
             term,
+            max_in_progress: None,
         })
     }
 
@@ -481,6 +519,8 @@ mod tests {
             mode,
             at_ms: 30,
             term,
+            max_removals: None,
+            rate_limit: None,
         })
     }
 
@@ -663,6 +703,57 @@ mod tests {
                 "{records:?} -> {results:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_limits_a_decision_carries_hold_in_the_state() {
+        let mut limited = start(3, 1, 1);
+        if let Record::StepStarted(s) = &mut limited {
+            s.max_in_progress = Some(1);
+        }
+        let (_, results) = fold(vec![
+            signal(2, "d", 1, 9),
+            signal(3, "d", 1, 9),
+            start(2, 1, 1),
+            limited,
+        ]);
+        assert_eq!(
+            results.last().unwrap(),
+            "1 steps without an outcome; 1 allowed at once"
+        );
+        let capped = |replica, max_removals, rate_limit| {
+            Record::Isolated(Isolated {
+                replica,
+                spare: None,
+                spare_address: String::new(),
+                mode: Mode::Execute,
+                at_ms: 30,
+                term: 1,
+                max_removals,
+                rate_limit,
+            })
+        };
+        let (s, results) = fold(vec![
+            signal(2, "d", 1, 9),
+            signal(3, "d", 1, 9),
+            capped(2, Some(1), None),
+            capped(3, Some(1), None),
+        ]);
+        assert_eq!(
+            results.last().unwrap(),
+            "1 isolations since the last reset; the removal limit allows 1"
+        );
+        assert_eq!(s.removals_since_reset, 1);
+        let (_, results) = fold(vec![
+            signal(2, "d", 1, 9),
+            signal(3, "d", 1, 9),
+            capped(2, None, Some((1, 100))),
+            capped(3, None, Some((1, 100))),
+        ]);
+        assert_eq!(
+            results.last().unwrap(),
+            "1 isolations within 100 ms; the rate limit allows 1"
+        );
     }
 
     #[test]

@@ -911,3 +911,155 @@ fn a_later_answer_never_overtakes_an_earlier_pending_fsync() {
     c.drive(&mut out).unwrap();
     assert_eq!(acked(&out), Some(last + 1), "{out:?}");
 }
+
+fn repair(id: u64, record: &replog_repair::Record) -> Input {
+    Input::Propose {
+        id,
+        command: Command::Repair(record.encode().into()),
+        writer_term: None,
+    }
+}
+
+fn signal(replica: u64) -> replog_repair::Record {
+    replog_repair::Record::Signal(replog_repair::record::Signal {
+        replica,
+        signal: "disk_free".into(),
+        details: String::new(),
+        outside_ms: 0,
+        source: "test".into(),
+        reported_at_ms: 1,
+        expires_at_ms: 1_000,
+    })
+}
+
+fn isolate(replica: u64) -> replog_repair::Record {
+    replog_repair::Record::Isolated(replog_repair::record::Isolated {
+        replica,
+        spare: None,
+        spare_address: String::new(),
+        mode: replog_repair::Mode::Execute,
+        at_ms: 2,
+        term: 1,
+        max_removals: None,
+        rate_limit: None,
+    })
+}
+
+/// Repair records are folded into the repair state with the applied
+/// position that covers them, survive a restart and the truncation of
+/// every entry that carried them, and a bad one is refused, not fatal.
+#[test]
+fn repair_records_fold_into_a_state_that_outlives_their_entries() {
+    let s = MemoryStorage::new_initialized("t", 1, vec![1]);
+    let mut c = leader(&s);
+    let mut out = Vec::new();
+    c.step(repair(1, &signal(3)), &mut out).unwrap();
+    c.step(
+        Input::Propose {
+            id: 2,
+            command: Command::Repair(Bytes::from_static(b"not a record")),
+            writer_term: None,
+        },
+        &mut out,
+    )
+    .unwrap();
+    c.step(append(3, "x"), &mut out).unwrap();
+    let acked = pump(&mut c, true);
+    let positions: Vec<u64> = committed(&acked).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(positions.len(), 3, "all three commit: {acked:?}");
+    let state = c.repair_state().clone();
+    assert!(state.cases.contains_key(&3));
+    assert_eq!(state.refused, 1);
+    assert_eq!(state.applied_through, positions[1]);
+    assert_eq!(
+        replog_repair::RepairState::decode(&s.repair_state()).unwrap(),
+        state,
+        "persisted"
+    );
+    // Readers never see repair records.
+    let data: Vec<Entry> = raft::Storage::entries(
+        &s,
+        positions[0],
+        positions[2] + 1,
+        None,
+        raft::GetEntriesContext::empty(false),
+    )
+    .unwrap();
+    let app: Vec<_> = data
+        .iter()
+        .filter(|e| matches!(classify(e), Ok(EntryContent::Command(Command::Append(_)))))
+        .collect();
+    assert_eq!(app.len(), 1);
+    // Truncate past every repair entry, restart: the state is still there.
+    c.step(
+        Input::Propose {
+            id: 4,
+            command: Command::Truncate(positions[2] + 1),
+            writer_term: None,
+        },
+        &mut out,
+    )
+    .unwrap();
+    pump(&mut c, true);
+    drop(c);
+    let c = ReplicaCore::new(s.clone(), &CoreConfig::default()).unwrap();
+    assert_eq!(c.repair_state(), &state, "the state outlives its entries");
+    // A snapshot of this replica carries it.
+    let snap = raft::Storage::snapshot(&s, 0, 0).unwrap();
+    assert_eq!(
+        replog_repair::RepairState::decode(&snap.data).unwrap(),
+        state
+    );
+}
+
+/// A learner an isolation holds is never promoted, however caught up;
+/// once re-admitted, the lifecycle promotes it again.
+#[test]
+fn an_isolated_learner_is_not_promoted_until_readmitted() {
+    let mut c = leader_with_learner_2(CoreConfig {
+        peers: vec![2],
+        ..Default::default()
+    });
+    let mut out = Vec::new();
+    c.step(repair(10, &signal(2)), &mut out).unwrap();
+    c.step(repair(11, &isolate(2)), &mut out).unwrap();
+    pump(&mut c, true);
+    assert!(c.repair_state().holds_isolated(2));
+    let request = PeerMessage::RecoverRequest {
+        status: ReplicaStatus::Recovering,
+        last_index: 0,
+        incarnation: 4,
+    };
+    peer(&mut c, 2, request);
+    let caught_up = |c: &mut ReplicaCore<MemoryStorage>| {
+        let committed = c.node.raft.raft_log.committed;
+        c.node.raft.mut_prs().get_mut(2).unwrap().matched = committed;
+    };
+    caught_up(&mut c);
+    for _ in 0..50 {
+        c.step(Input::Tick, &mut out).unwrap();
+        assert!(
+            !c.node.raft.has_pending_conf(),
+            "an isolated learner was promoted"
+        );
+    }
+    c.step(
+        repair(
+            12,
+            &replog_repair::Record::Readmitted {
+                replica: 2,
+                at_ms: 3,
+            },
+        ),
+        &mut out,
+    )
+    .unwrap();
+    pump(&mut c, true);
+    assert!(!c.repair_state().holds_isolated(2));
+    caught_up(&mut c);
+    let promoted = (0..50).any(|_| {
+        c.step(Input::Tick, &mut out).unwrap();
+        c.node.raft.has_pending_conf()
+    });
+    assert!(promoted, "a re-admitted learner is promoted again");
+}

@@ -372,27 +372,27 @@ fn exhaust(w: &mut World, r: u64) {
 
 #[test]
 fn the_removal_limit_raises_the_alarm_and_only_a_reset_clears_it() {
-    let mut w = World::new(config()); // 0.4 of 5 voters: 2 isolations
-    for r in [2, 3] {
-        w.set_health(r, unreachable());
-        exhaust(&mut w, r);
-        assert_eq!(w.round(), vec![Action::Demote { id: r }]);
-        w.view.members.iter_mut().find(|m| m.id == r).unwrap().voter = false;
-    }
-    assert_eq!(w.state.removals_since_reset, 2);
-    w.set_health(4, unreachable());
-    exhaust(&mut w, 4);
+    let mut cfg = config();
+    cfg.removal_limit = 0.2; // of 5 voters: 1 isolation
+    let mut w = World::new(cfg);
+    w.set_health(2, unreachable());
+    exhaust(&mut w, 2);
+    assert_eq!(w.round(), vec![Action::Demote { id: 2 }]);
+    w.view.members.iter_mut().find(|m| m.id == 2).unwrap().voter = false;
+    assert_eq!(w.state.removals_since_reset, 1);
+    w.set_health(3, unreachable());
+    exhaust(&mut w, 3);
     let alarm = w.state.alarm.clone().expect("the alarm");
     assert!(
-        alarm.reason.contains("allows 2 (floor(0.4 x 5 voters))"),
+        alarm.reason.contains("allows 1 (floor(0.2 x 5 voters))"),
         "{}",
         alarm.reason
     );
-    assert!(w.state.cases[&4].isolation.is_none());
+    assert!(w.state.cases[&3].isolation.is_none());
     w.advance_s(3_600);
     w.round();
     assert!(
-        w.state.cases[&4].isolation.is_none(),
+        w.state.cases[&3].isolation.is_none(),
         "the alarm holds until a reset"
     );
     w.apply(Record::Reset {
@@ -401,7 +401,7 @@ fn the_removal_limit_raises_the_alarm_and_only_a_reset_clears_it() {
     w.round();
     assert!(w.state.alarm.is_none());
     assert!(
-        w.state.cases[&4].isolation.is_some(),
+        w.state.cases[&3].isolation.is_some(),
         "after the reset it continues"
     );
 }
@@ -410,13 +410,17 @@ fn the_removal_limit_raises_the_alarm_and_only_a_reset_clears_it() {
 fn the_rate_limit_spaces_isolations() {
     let mut cfg = config();
     cfg.removal_limit = 1.0;
+    cfg.num_allowed_repairs = 2;
     cfg.removal_rate_limit = Some(RateLimit {
         count: 1,
         period: Duration::from_secs(600),
     });
     let mut w = World::new(cfg);
-    w.set_health(2, unreachable());
-    w.set_health(3, unreachable());
+    // Two of seven voters signalled (still replicating): both exhaust
+    // their order; the margin allows both demotions, the rate only one.
+    for id in 6..=7 {
+        w.view.members.push(member(id));
+    }
     exhaust(&mut w, 2);
     exhaust(&mut w, 3);
     assert!(w.state.cases[&2].isolation.is_some());
@@ -503,19 +507,25 @@ fn a_case_closes_once_healthy_for_the_period() {
 }
 
 #[test]
-fn a_demotion_that_would_lose_the_quorum_waits() {
-    // Three voters, one repair allowed: 3 unreachable and exhausted; 2
-    // unreachable too. Demoting 3 would leave voters {1, 2} with 1
-    // available, below a quorum of 2.
+fn a_demotion_keeps_room_for_one_more_failure() {
+    // Three voters, no spare: demoting one would leave two, which cannot
+    // lose another; the replica stays a voter, its case open.
     let mut cfg = config();
     cfg.num_allowed_repairs = 1;
     cfg.removal_limit = 1.0;
-    let mut w = World::new(cfg);
+    let mut w = World::new(cfg.clone());
     w.view.members.truncate(3);
     w.set_health(3, unreachable());
     exhaust(&mut w, 3);
-    w.set_health(2, unreachable());
-    assert_eq!(w.round(), vec![], "no demotion below a quorum");
-    w.set_health(2, Health::Healthy);
+    for _ in 0..3 {
+        assert_eq!(w.round(), vec![], "never demoted in a cluster of three");
+    }
+    assert!(w.state.cases[&3].isolation.is_none());
+    // Five voters: 3 is isolated, but demoted only while the four left
+    // keep a quorum with one to spare.
+    let mut w = World::new(cfg);
+    w.set_health(3, unreachable());
+    exhaust(&mut w, 3);
+    assert!(w.state.cases[&3].isolation.is_some());
     assert_eq!(w.round(), vec![Action::Demote { id: 3 }]);
 }
