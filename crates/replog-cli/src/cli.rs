@@ -76,7 +76,7 @@ pub enum Command {
     ///
     /// Example: replog replica --path /var/lib/replog --listen 0.0.0.0:7101
     ///   --cluster-id prod-1 --replica-id 1 --peers 2=host2:7101,3=host3:7101
-    Replica(ReplicaArgs),
+    Replica(Box<ReplicaArgs>),
     /// Back up the scheduler state of a running cluster into a directory
     /// (for cron), or check a backup file offline.
     ///
@@ -132,7 +132,7 @@ pub fn run(cli: Cli) -> Result<()> {
             cluster::status_endpoints(&a.endpoint, a.json)
         }
         Command::Status(a) => inspect::status(a),
-        Command::Replica(a) => cluster::replica(a),
+        Command::Replica(a) => cluster::replica(*a),
         Command::Members(a) => cluster::members(a),
         Command::Benchmark(a) => benchmark::benchmark(a),
         Command::Demo(a) => demo::demo(a),
