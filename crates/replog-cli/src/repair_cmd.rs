@@ -279,7 +279,10 @@ mod tests {
     }
 
     fn options(args: &[&str]) -> Result<RepairOptions> {
-        let f: Flags = parse_args(args)?;
+        let argv: Vec<&str> = std::iter::once("replica")
+            .chain(args.iter().copied())
+            .collect();
+        let f: Flags = parse_args(&argv)?;
         f.repair.options(Duration::from_secs(1), 3)
     }
 
@@ -310,7 +313,7 @@ mod tests {
                 "more than one global mode",
             ),
             (&["--repair-mode", "run"], "is not listen, react or execute"),
-            (&["--removal-rate-limit", "1/soon"], "unknown unit"),
+            (&["--removal-rate-limit", "1/soon"], "is not a duration"),
             (&["--spares", "6"], "is not id=host:port"),
             (
                 &["--admin-token-file", "/nonexistent/token"],
