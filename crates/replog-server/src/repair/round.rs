@@ -252,11 +252,20 @@ async fn act(r: &Arc<Repairs>, status: &ClusterStatus, action: Action) -> Result
         Action::AddLearner { id, address } => {
             info!(spare = id, %address, "adding the spare as a learner");
             let member = Member { id, address };
-            change(r, vec![MembershipChange::AddLearner(id)], vec![member]).await
+            change(r, vec![MembershipChange::AddLearner(id)], vec![member]).await;
+            Ok(())
+        }
+        Action::Remove { id } | Action::Demote { id } if id == r.log.meta().replica_id => {
+            // The leader cannot remove or demote itself (the log refuses it):
+            // it hands its leadership to a healthy voter, whose coordinator
+            // then acts on the isolation.
+            hand_over(r, status, id);
+            Ok(())
         }
         Action::Remove { id } => {
             info!(replica = id, "removing the replaced replica");
-            change(r, vec![MembershipChange::Remove(id)], Vec::new()).await
+            change(r, vec![MembershipChange::Remove(id)], Vec::new()).await;
+            Ok(())
         }
         Action::Demote { id } => {
             info!(
@@ -264,21 +273,48 @@ async fn act(r: &Arc<Repairs>, status: &ClusterStatus, action: Action) -> Result
                 voters = status.members.iter().filter(|m| m.voter).count(),
                 "demoting the isolated replica to a learner"
             );
-            change(r, vec![MembershipChange::AddLearner(id)], Vec::new()).await
+            change(r, vec![MembershipChange::AddLearner(id)], Vec::new()).await;
+            Ok(())
         }
     }
 }
 
-async fn change(
-    r: &Repairs,
-    changes: Vec<MembershipChange>,
-    addresses: Vec<Member>,
-) -> Result<(), String> {
-    r.log
-        .change_membership(changes, addresses)
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("membership change failed: {e}"))
+/// The leader is the isolated replica: transfers its leadership to a voter
+/// the last round judged healthy, caught up and not isolated itself.
+fn hand_over(r: &Repairs, status: &ClusterStatus, me: u64) {
+    let judgment = r.judgment();
+    let state = r.log.repair_state().unwrap_or_default();
+    let to = status
+        .members
+        .iter()
+        .filter(|m| m.id != me && m.voter && m.reachable && m.lag <= CAUGHT_UP_LAG)
+        .filter(|m| judgment.health.get(&m.id).is_some_and(Health::is_healthy))
+        .find(|m| !state.holds_isolated(m.id));
+    match to {
+        Some(m) => {
+            info!(
+                replica = me,
+                to = m.id,
+                "the isolated replica leads: transferring its leadership first"
+            );
+            if let Err(e) = r.log.transfer_leader(m.id) {
+                warn!(error = %e, to = m.id, "the leadership transfer failed; the next round tries again");
+            }
+        }
+        None => warn!(
+            replica = me,
+            "the isolated replica leads and no healthy voter can take over yet"
+        ),
+    }
+}
+
+/// A membership change of a decision. Its failure (another change in
+/// progress, say) does not stop the round: the other cases' decisions do
+/// not depend on it, and the next round asks for it again.
+async fn change(r: &Repairs, changes: Vec<MembershipChange>, addresses: Vec<Member>) {
+    if let Err(e) = r.log.change_membership(changes.clone(), addresses).await {
+        warn!(error = %e, ?changes, "the membership change failed; the next round tries again");
+    }
 }
 
 /// Runs a committed step and writes its outcome.
