@@ -7,7 +7,8 @@
 //!   replica's; an id missing from the set, or another scope, is an error.
 //! - `--num-allowed-repairs N`: repairs in progress at once. With `V`
 //!   voters the quorum is `V/2+1`, and `N` repairs of healthy voters would
-//!   leave `V-N`; so `N > V - (V/2+1)` is refused, with that arithmetic.
+//!   leave `V-N`; so, outside `listen` mode (which repairs nothing),
+//!   `N > V - (V/2+1)` is refused, with that arithmetic.
 //! - `--removal-limit F` (a fraction of the voters at start-up): past
 //!   `floor(F*V)` isolations since the last reset the coordinator stops and
 //!   raises the alarm. A fraction that rounds to no isolation at all (40%
@@ -396,7 +397,10 @@ impl RepairConfig {
         let quorum = crate::health::quorum(voters);
         let max = voters.saturating_sub(quorum);
         let allowed = self.num_allowed_repairs;
-        if allowed as usize > max {
+        // In `listen` mode nothing is ever repaired or isolated (a step's
+        // mode is capped by the global one), so no limit can cost the
+        // quorum: a replica server of one voter with the defaults starts.
+        if self.mode != Mode::Listen && allowed as usize > max {
             return Err(ConfigError::LosesQuorum {
                 allowed,
                 voters,
@@ -438,6 +442,7 @@ mod tests {
         RepairConfig {
             num_allowed_repairs: allowed,
             removal_limit,
+            mode: Mode::Execute,
             ..Default::default()
         }
     }
@@ -466,6 +471,19 @@ mod tests {
                 "{voters} voters, {allowed} repairs: {r:?}"
             );
         }
+    }
+
+    #[test]
+    fn listen_mode_repairs_nothing_so_no_limit_is_refused() {
+        // The defaults (listen, one repair) on a replica server of one voter.
+        assert!(RepairConfig::default().check(1, &[1]).is_ok());
+        let mut c = config(1, 1.0);
+        assert!(c.check(1, &[1]).is_err(), "execute: refused");
+        c.mode = Mode::React;
+        assert!(
+            c.check(1, &[1]).is_err(),
+            "react decides as execute does: refused"
+        );
     }
 
     #[test]
