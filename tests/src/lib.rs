@@ -1,5 +1,8 @@
 //! Helpers shared by replog's process-level integration tests: the payload
-//! scheme of the crash writer and data-directory utilities.
+//! scheme of the crash writer, data-directory utilities, and [`procs`] (what
+//! the tests that start real `replog` processes share).
+
+pub mod procs;
 
 use std::path::Path;
 

@@ -15,14 +15,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use replog_client::{Client, ClientConfig, ClientError, StatusResponse};
+use replog_tests::procs::{output_text, replog_bin, run, tail, target_bin, tool_command};
 use replog_tests::{check_payload, copy_dir, payload};
 
 /// Replica statuses as the status RPC reports them.
@@ -32,10 +32,6 @@ const VOTING: i32 = 4;
 
 /// How long any one wait may take before the test fails.
 const WAIT: Duration = Duration::from_secs(60);
-
-/// The tests start several processes each; running them one at a time keeps
-/// the machine from being the thing under test.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 fn status_name(s: i32) -> &'static str {
     match s {
@@ -47,72 +43,14 @@ fn status_name(s: i32) -> &'static str {
     }
 }
 
-/// The `replog` binary of this target directory.
-fn replog_bin() -> PathBuf {
-    target_bin("replog", "replog-cli", "REPLOG_BIN")
+/// A free port (see [`replog_tests::procs::free_port`]).
+fn free_port() -> u16 {
+    replog_tests::procs::free_port(0)
 }
 
 /// The `replog-bench` binary (the load generator) of this target directory.
 fn replog_bench_bin() -> PathBuf {
     target_bin("replog-bench", "replog-bench", "REPLOG_BENCH_BIN")
-}
-
-/// Binary `name` of `package`, built in this target directory; `env`
-/// overrides where it is looked for.
-fn target_bin(name: &str, package: &str, env: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(env) {
-        return p.into();
-    }
-    // target/debug/deps/cluster_processes-HASH -> target/debug/NAME
-    let exe = std::env::current_exe().expect("the test's own path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test binary lives in <target>/<profile>/deps");
-    let bin = dir.join(name);
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first with `cargo build -p {package} --bin {name}` \
-         (same CARGO_TARGET_DIR), or point {env} at it",
-        bin.display()
-    );
-    bin
-}
-
-/// A port nobody listens on, outside Linux's ephemeral range (32768-60999),
-/// so that no outgoing connection takes it while a replica is down between
-/// a kill and its restart. Ports are handed out once per test process.
-fn free_port() -> u16 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    const BASE: u32 = 20_000;
-    const SPAN: u32 = 12_000;
-    let start = std::process::id().wrapping_mul(7919) % SPAN;
-    for _ in 0..SPAN {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let port = (BASE + (start + n) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port between {BASE} and {}", BASE + SPAN);
-}
-
-/// Runs a test body on a multi-threaded runtime, one test at a time.
-fn run<F: std::future::Future<Output = ()>>(body: F) {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(body);
-}
-
-/// The last `n` lines of a file.
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("<cannot read: {e}>"));
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 struct Node {
@@ -575,25 +513,6 @@ impl Cluster {
 
 /// A command of one of the workspace's binaries, without the caller's
 /// `REPLOG_*` variables.
-fn tool_command(bin: &Path) -> Command {
-    let mut cmd = Command::new(bin);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("REPLOG_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("NO_COLOR", "1").stdin(Stdio::null());
-    cmd
-}
-
-fn output_text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Writers appending `payload(seq)` through one client, each recording what
 /// was acknowledged.
 struct Load {

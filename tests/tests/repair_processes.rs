@@ -21,14 +21,14 @@
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Child, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use replog_client::{Client, ClientConfig, StatusResponse};
+use replog_tests::procs::{output_text, replog_bin, run, tail, tool_command};
 use serde_json::Value;
 
 const VOTING: i32 = 4;
@@ -36,54 +36,10 @@ const VOTING: i32 = 4;
 /// How long any one wait may take before the test fails.
 const WAIT: Duration = Duration::from_secs(90);
 
-/// One test at a time: each starts five replicas on a small machine.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn replog_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("REPLOG_BIN") {
-        return p.into();
-    }
-    // target/debug/deps/repair_processes-HASH -> target/debug/replog
-    let exe = std::env::current_exe().expect("the test's own path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test binary lives in <target>/<profile>/deps")
-        .join("replog");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first with `cargo build -p replog-cli --bin replog` \
-         (same CARGO_TARGET_DIR), or point REPLOG_BIN at it",
-        bin.display()
-    );
-    bin
-}
-
-/// A port nobody listens on, outside Linux's ephemeral range, handed out
-/// once per test process (as in cluster_processes.rs, another offset).
+/// A free port (see [`replog_tests::procs::free_port`]), from another
+/// offset than cluster_processes.rs.
 fn free_port() -> u16 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    const BASE: u32 = 20_000;
-    const SPAN: u32 = 12_000;
-    let start = (std::process::id().wrapping_mul(7919) + 6007) % SPAN;
-    for _ in 0..SPAN {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let port = (BASE + (start + n) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port between {BASE} and {}", BASE + SPAN);
-}
-
-fn run<F: std::future::Future<Output = ()>>(body: F) {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(body);
+    replog_tests::procs::free_port(6007)
 }
 
 fn now_ms() -> u64 {
@@ -91,32 +47,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
-}
-
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("<cannot read: {e}>"));
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn output_text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// A command of the `replog` binary without the caller's `REPLOG_*` variables.
-fn tool_command(bin: &Path) -> Command {
-    let mut cmd = Command::new(bin);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("REPLOG_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("NO_COLOR", "1").stdin(Stdio::null());
-    cmd
 }
 
 /// The step script every repair id of these tests runs.
