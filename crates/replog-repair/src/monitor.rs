@@ -265,7 +265,8 @@ mod tests {
     #[test]
     fn envelopes_as_a_table() {
         // (stats, expected violated stats)
-        let rows: Vec<(Vec<(&'static str, f64)>, Vec<&str>)> = vec![
+        type Row = (Vec<(&'static str, f64)>, Vec<&'static str>);
+        let rows: Vec<Row> = vec![
             (vec![("disk_free_bytes", 999.0)], vec!["disk_free_bytes"]),
             (vec![("disk_free_bytes", 1000.0)], vec![]),
             (vec![("storage_errors", 1.0)], vec!["storage_errors"]),

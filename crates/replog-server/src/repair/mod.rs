@@ -76,6 +76,8 @@ pub struct Judgment {
 /// The repair side of a replica server.
 pub struct Repairs {
     log: Arc<Log>,
+    /// This replica's id (read once: `Log::meta` copies the whole record).
+    me: u64,
     opts: RepairOptions,
     limits: Limits,
     judgment: Mutex<Judgment>,
@@ -108,6 +110,7 @@ impl Repairs {
             .map_err(|e| e.to_string())?;
         let metrics = round::RepairMetrics::register(registry).map_err(|e| e.to_string())?;
         Ok(Arc::new(Repairs {
+            me: log.meta().replica_id,
             log,
             opts,
             limits,
@@ -181,10 +184,6 @@ impl Repairs {
     /// The record an operation writes, checked against the state now.
     async fn record_for(&self, op: &str, body: &[u8]) -> Result<Record, AdminError> {
         let now = now_ms();
-        let state = self
-            .log
-            .repair_state()
-            .map_err(|e| AdminError::unavailable(e.to_string()))?;
         Ok(match op {
             "report" => {
                 let members: Vec<u64> = self
@@ -204,6 +203,10 @@ impl Repairs {
                 )?)
             }
             "cancel" => {
+                let state = self
+                    .log
+                    .repair_state()
+                    .map_err(|e| AdminError::unavailable(e.to_string()))?;
                 let open: Vec<u64> = state.cases.keys().copied().collect();
                 Record::Cancelled {
                     replica: intake::cancel(body, &open)?,
@@ -228,7 +231,7 @@ impl Repairs {
             .map_err(|e| AdminError::unavailable(e.to_string()))?;
         let p = self.log.progress();
         let doc = serde_json::json!({
-            "replica": self.log.meta().replica_id,
+            "replica": self.me,
             "is_leader": p.is_leader,
             "leader": p.leader,
             "mode": self.opts.config.mode,

@@ -32,7 +32,7 @@ pub(super) async fn run(
     let ttl_ms = monitor.report_ttl().as_millis() as u64;
     let mut tick = tokio::time::interval(monitor.config().interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let me = r.log.meta().replica_id;
+    let me = r.me;
     info!(
         interval_ms = monitor.config().interval.as_millis() as u64,
         envelopes = monitor.config().envelopes.len(),

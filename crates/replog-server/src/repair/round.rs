@@ -164,7 +164,7 @@ async fn round(
 ) -> Result<(), String> {
     let status = r.log.cluster_status().await.map_err(|e| e.to_string())?;
     let now = now_ms();
-    let me = r.log.meta().replica_id;
+    let me = r.me;
     let view = observe(&status, term, now, me, detector);
     judge(r, &view);
     let state = r.log.repair_state().map_err(|e| e.to_string())?;
@@ -255,7 +255,7 @@ async fn act(r: &Arc<Repairs>, status: &ClusterStatus, action: Action) -> Result
             change(r, vec![MembershipChange::AddLearner(id)], vec![member]).await;
             Ok(())
         }
-        Action::Remove { id } | Action::Demote { id } if id == r.log.meta().replica_id => {
+        Action::Remove { id } | Action::Demote { id } if id == r.me => {
             // The leader cannot remove or demote itself (the log refuses it):
             // it hands its leadership to a healthy voter, whose coordinator
             // then acts on the isolation.
