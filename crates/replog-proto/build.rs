@@ -15,6 +15,7 @@ const FILES: &[&str] = &[
     "replog/snapshot/v1/snapshot.proto",
     "replog/state/v1/state.proto",
     "replog/store/v1/store.proto",
+    "grpc/health/v1/health.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

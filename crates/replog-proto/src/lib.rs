@@ -39,6 +39,12 @@ pub use generated::replog::state::v1 as state;
 /// (`proto/replog/store/v1/store.proto`).
 pub use generated::replog::store::v1 as store;
 
+/// The standard gRPC health checking protocol (`grpc.health.v1`,
+/// `proto/grpc/health/v1/health.proto`), served on every replica's gRPC
+/// port: `health::health_server::HealthServer`, and the client
+/// `health::health_client::HealthClient` for probes and tests.
+pub use generated::grpc::health::v1 as health;
+
 pub use prost::Message;
 
 pub mod wire;

@@ -18,6 +18,7 @@
 
 mod backups;
 mod catch_up;
+pub mod health;
 mod metrics;
 pub mod repair;
 mod service;
@@ -490,9 +491,18 @@ impl ReplicaServer {
             )?),
             _ => None,
         };
+        let mut served = vec![
+            "replog.replica.v1.ReplicaTransport",
+            "replog.client.v1.ReplogClient",
+        ];
+        if store.is_some() {
+            served.push("replog.store.v1.SchedulerState");
+        }
+        let health = health::HealthService::new(log.clone(), served);
         let router = replog_transport::server_builder()
             .add_service(transport.service())
             .add_service(client.into_server())
+            .add_service(health.into_server())
             .add_optional_service(
                 store
                     .clone()

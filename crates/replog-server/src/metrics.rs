@@ -4,9 +4,10 @@
 //! reset}`, `GET /repairs`; see [`crate::repair`]) and the probes:
 //! - `GET /livez`: 200 while the replica runs (503 once it stopped on a
 //!   fatal error: its process should be restarted);
-//! - `GET /readyz`: 200 when the replica is VOTING, knows a leader, and has
-//!   applied all but at most [`READY_MAX_UNAPPLIED`] of the positions it
-//!   holds; else 503 with the reason.
+//! - `GET /readyz`: 200 when the replica is ready by the rule of
+//!   [`crate::health`] (VOTING, a leader known, caught up, not stopped),
+//!   the same rule the gRPC port's `grpc.health.v1` service answers; else
+//!   503 with the reason.
 //!
 //! The transport's and the backups' counters live in the server's
 //! registry; the replica's state (status, term, positions, members, the
@@ -28,24 +29,6 @@ pub(crate) struct Metrics {
     pub(crate) registry: prometheus::Registry,
     pub(crate) store: Option<Arc<SchedulerStore>>,
     pub(crate) repairs: Arc<crate::repair::Repairs>,
-}
-
-/// Positions a ready replica may hold but not have applied yet.
-pub const READY_MAX_UNAPPLIED: u64 = 1_000;
-
-/// Why the replica is not ready (`None`: it is).
-fn not_ready(p: &replog_log::Progress) -> Option<String> {
-    if p.status != ReplicaStatus::Voting {
-        return Some(format!("replica is {}", p.status));
-    }
-    if p.leader.is_none() {
-        return Some("no leader known".into());
-    }
-    let unapplied = p.last_index.saturating_sub(p.applied);
-    if unapplied > READY_MAX_UNAPPLIED {
-        return Some(format!("{unapplied} positions held but not applied yet"));
-    }
-    None
 }
 
 impl Metrics {
@@ -138,7 +121,7 @@ fn routes(metrics: Arc<Metrics>) -> axum::Router {
             get(move || {
                 let m = ready.clone();
                 async move {
-                    match not_ready(&m.log.progress()) {
+                    match crate::health::not_ready(&m.log) {
                         None => (StatusCode::OK, "ready\n".to_string()),
                         Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
                     }

@@ -328,6 +328,107 @@ async fn the_server_serves_its_metrics_over_http() {
     assert!(get().await.is_err(), "still serving after shutdown");
 }
 
+/// The standard gRPC health service on the replica port: a replica with no
+/// leader is NOT_SERVING, SERVING once its cluster has one, NOT_SERVING
+/// again when it loses it; a watch sees each change; unknown service names
+/// are refused as the protocol asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_grpc_health_service_follows_readiness() {
+    use replog_proto::health::health_check_response::ServingStatus;
+    use replog_proto::health::health_client::HealthClient;
+    use replog_proto::health::HealthCheckRequest;
+    let tmp = tempfile::tempdir().unwrap();
+    let addrs: BTreeMap<u64, SocketAddr> = (1..=2).map(|i| (i, free_port())).collect();
+    let members: Vec<Member> = addrs
+        .iter()
+        .map(|(id, a)| Member {
+            id: *id,
+            address: a.to_string(),
+        })
+        .collect();
+    let mut dirs = BTreeMap::new();
+    for id in 1..=2u64 {
+        let dir = tmp.path().join(format!("r{id}"));
+        RocksStorage::initialize(
+            &dir,
+            &InitOptions {
+                cluster_id: "h".into(),
+                replica_id: id,
+                members: members.clone(),
+            },
+        )
+        .unwrap();
+        dirs.insert(id, dir);
+    }
+    let one = ReplicaServer::start(config(&dirs[&1], "h", 1, &addrs))
+        .await
+        .unwrap();
+    let mut health = HealthClient::connect(format!("http://{}", addrs[&1]))
+        .await
+        .unwrap();
+    let check = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let serving = ServingStatus::Serving as i32;
+    let not_serving = ServingStatus::NotServing as i32;
+
+    // Alone, one of two voters has no leader: not serving.
+    let r = health.check(check("")).await.unwrap().into_inner();
+    assert_eq!(r.status, not_serving);
+    let mut watch = health.watch(check("")).await.unwrap().into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status, not_serving);
+
+    // With its peer, a leader is elected: serving, and the watch says so.
+    let two = ReplicaServer::start(config(&dirs[&2], "h", 2, &addrs))
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(30), watch.message())
+        .await
+        .expect("the watch reports the change")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status, serving);
+    for service in [
+        "",
+        "replog.client.v1.ReplogClient",
+        "replog.replica.v1.ReplicaTransport",
+    ] {
+        let r = health.check(check(service)).await.unwrap().into_inner();
+        assert_eq!(r.status, serving, "{service:?}");
+    }
+
+    // Unknown names: NOT_FOUND from Check, SERVICE_UNKNOWN from Watch.
+    let e = health.check(check("no.such.Service")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    let e = health
+        .check(check("replog.store.v1.SchedulerState"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "no state store here: {e}");
+    let mut unknown = health
+        .watch(check("no.such.Service"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        unknown.message().await.unwrap().unwrap().status,
+        ServingStatus::ServiceUnknown as i32
+    );
+
+    // The peer goes: the quorum is lost, the leader steps down, and the
+    // watch reports not serving again.
+    two.shutdown().await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(30), watch.message())
+        .await
+        .expect("the watch reports the loss")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status, not_serving);
+    let r = health.check(check("")).await.unwrap().into_inner();
+    assert_eq!(r.status, not_serving);
+    one.shutdown().await.unwrap();
+}
+
 /// The rules of a configuration, refused before anything is touched.
 #[test]
 fn invalid_configurations_are_refused_with_the_flag_to_fix() {
