@@ -225,11 +225,29 @@ impl Cluster {
     /// `n` replicas initialized and started with the repair flags and
     /// `extra`, serving under a leader whose re-register grace is over.
     async fn start(n: u64, extra: &[&str]) -> Cluster {
+        Cluster::start_with_spares(n, 0, extra).await
+    }
+
+    /// [`Cluster::start`] plus `spares` EMPTY replicas (ids n+1...), named
+    /// by every voter's `--spares` and started without it themselves (a
+    /// spare may not name itself). Voters do not list the spares in
+    /// `--peers`: a spare's address reaches them with the membership change
+    /// that adds it.
+    async fn start_with_spares(n: u64, spares: u64, extra: &[&str]) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         std::fs::write(root.path().join("step.sh"), STEP_SCRIPT).unwrap();
         std::fs::write(root.path().join("run"), "").unwrap();
         std::fs::write(root.path().join("calls"), "").unwrap();
-        let flags = repair_flags(root.path(), extra);
+        let ports: BTreeMap<u64, u16> = (1..=n + spares).map(|id| (id, free_port())).collect();
+        let spare_flag: Vec<String> = (n + 1..=n + spares)
+            .map(|id| format!("{id}=127.0.0.1:{}", ports[&id]))
+            .collect();
+        let spare_flag = spare_flag.join(",");
+        let mut with_spares: Vec<&str> = extra.to_vec();
+        if spares > 0 {
+            with_spares.extend(["--spares", spare_flag.as_str()]);
+        }
+        let flags = repair_flags(root.path(), &with_spares);
         let mut c = Cluster {
             root,
             bin: replog_bin(),
@@ -246,9 +264,10 @@ impl Cluster {
             ),
             started: Instant::now(),
         };
-        let ports: BTreeMap<u64, u16> = (1..=n).map(|id| (id, free_port())).collect();
-        for id in 1..=n {
-            let peers = ports
+        let voters: BTreeMap<u64, u16> = ports.range(1..=n).map(|(i, p)| (*i, *p)).collect();
+        for id in 1..=n + spares {
+            let peers = if id <= n { &voters } else { &ports };
+            let peers = peers
                 .iter()
                 .filter(|(p, _)| **p != id)
                 .map(|(p, port)| (*p, *port))
@@ -264,12 +283,14 @@ impl Cluster {
                     child: Mutex::new(None),
                 },
             );
-            c.initialize(id, &ports);
+            if id <= n {
+                c.initialize(id, &voters);
+            }
         }
-        for id in 1..=n {
+        for id in 1..=n + spares {
             c.start_replica(id);
         }
-        for id in 1..=n {
+        for id in 1..=n + spares {
             c.wait(&format!("replica {id} to serve"), async || {
                 c.status(id).await
             })
@@ -403,7 +424,26 @@ impl Cluster {
             peers.join(","),
         ];
         args.extend(self.flags.iter().cloned());
+        if self.is_spare(id) {
+            // A spare may not name itself in --spares.
+            if let Some(i) = args.iter().position(|a| a == "--spares") {
+                args.drain(i..i + 2);
+            }
+        }
         args
+    }
+
+    /// Whether `id` was started as a spare (never initialized).
+    fn is_spare(&self, id: u64) -> bool {
+        let voters = self.nodes.len() as u64 - self.spare_count();
+        id > voters
+    }
+
+    fn spare_count(&self) -> u64 {
+        match self.flags.iter().position(|a| a == "--spares") {
+            Some(i) => self.flags[i + 1].split(',').count() as u64,
+            None => 0,
+        }
     }
 
     fn start_replica(&self, id: u64) {
@@ -1408,5 +1448,238 @@ fn an_isolated_leader_hands_over_its_leadership_and_is_demoted() {
         .await;
         let starts: Vec<u64> = c.starts().iter().map(|s| s.replica).collect();
         assert_eq!(starts, vec![leader, other], "{:?}", c.calls());
+    });
+}
+
+/// Appends one after another through every voter's endpoint until stopped,
+/// writing again when an outcome is unknown; keeps the acknowledged
+/// positions and how many failed for good.
+struct Writes {
+    acked: std::sync::Arc<Mutex<Vec<u64>>>,
+    failed: std::sync::Arc<Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writes {
+    fn start(endpoints: Vec<String>) -> Writes {
+        use std::sync::atomic::Ordering;
+        let acked = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let failed = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let client = Client::with_config(
+            endpoints,
+            ClientConfig {
+                connect_timeout: Duration::from_secs(1),
+                request_timeout: Duration::from_secs(5),
+                ..Default::default()
+            },
+        );
+        let task = tokio::spawn({
+            let (acked, failed, stop) = (acked.clone(), failed.clone(), stop.clone());
+            async move {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    match client.append(format!("w{i}").into_bytes()).await {
+                        Ok(r) => acked.lock().unwrap().push(r.position),
+                        Err(replog_client::ClientError::OutcomeUnknown { .. })
+                        | Err(replog_client::ClientError::NoLeader { .. }) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await
+                        }
+                        Err(e) => failed.lock().unwrap().push(e.to_string()),
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        });
+        Writes {
+            acked,
+            failed,
+            stop,
+            task,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits until `more` writes beyond the current count are acknowledged.
+    async fn wait_more(&self, c: &Cluster, what: &str, more: usize) {
+        let want = self.count() + more;
+        c.wait(
+            &format!("{more} more acknowledged writes {what}"),
+            async || (self.count() >= want).then_some(()),
+        )
+        .await;
+    }
+
+    /// Stops the writer; returns the acknowledged positions.
+    async fn stop(self) -> (Vec<u64>, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap();
+        let acked = self.acked.lock().unwrap().clone();
+        let failed = self.failed.lock().unwrap().clone();
+        (acked, failed)
+    }
+}
+
+/// The membership as the leader sees it: (id, voter) of every member.
+async fn membership(c: &Cluster) -> Option<Vec<(u64, bool)>> {
+    let (_, s) = c.leader().await?;
+    Some(s.members.iter().map(|m| (m.id, m.voter)).collect())
+}
+
+/// Test: with a spare configured, an exhausted order replaces the sick
+/// replica: the spare is added as a learner, catches up, is promoted, and
+/// only then is the sick replica removed; the cluster never has fewer than
+/// five voters and acknowledges writes all along.
+#[test]
+fn an_isolated_replica_is_replaced_by_a_spare_while_writes_go_on() {
+    run(async {
+        let c = Cluster::start_with_spares(5, 1, &["--repair-order", "fence:leader:30s"]).await;
+        let spare = 6;
+        c.script("fence", 0, 1); // fails: the order is exhausted at once
+        assert_eq!(
+            c.voter(spare).await,
+            None,
+            "the spare starts outside the cluster"
+        );
+        let writes = Writes::start((1..=5).map(|id| c.endpoint(id)).collect());
+        writes.wait_more(&c, "before the signal", 50).await;
+        let (_, followers) = c.followers().await;
+        let sick = *followers.iter().find(|id| **id <= 5).unwrap();
+        c.note(&format!("signalling replica {sick}"));
+        c.report_recorded(sick, "storage_errors", Some(3_000)).await;
+
+        // Watch the membership until the sick replica is gone; keep it sick.
+        let mut seen: Vec<Vec<(u64, bool)>> = Vec::new();
+        let mut acked_at_change: Vec<usize> = Vec::new();
+        c.wait(
+            &format!("replica {sick} to be replaced by {spare}"),
+            async || {
+                c.report(1, sick, "storage_errors", Some(3_000));
+                let m = membership(&c).await?;
+                if seen.last() != Some(&m) {
+                    c.note(&format!("membership {m:?}"));
+                    seen.push(m.clone());
+                    acked_at_change.push(writes.count());
+                }
+                let gone = !m.iter().any(|(id, _)| *id == sick);
+                if gone {
+                    Some(())
+                } else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    None
+                }
+            },
+        )
+        .await;
+        writes.wait_more(&c, "after the replacement", 50).await;
+
+        // Add before remove: the spare was a learner, then a voter, and
+        // only then did the sick replica leave; never fewer than 5 voters.
+        let spare_as =
+            |m: &Vec<(u64, bool)>| m.iter().find(|(id, _)| *id == spare).map(|(_, v)| *v);
+        let has_sick = |m: &Vec<(u64, bool)>| m.iter().any(|(id, _)| *id == sick);
+        for m in &seen {
+            let voters = m.iter().filter(|(_, v)| *v).count();
+            assert!(
+                voters >= 5,
+                "only {voters} voters in {m:?}; all seen: {seen:?}"
+            );
+            if !has_sick(m) {
+                assert_eq!(
+                    spare_as(m),
+                    Some(true),
+                    "{sick} removed before {spare} voted: {seen:?}"
+                );
+            }
+        }
+        assert!(
+            seen.iter()
+                .any(|m| spare_as(m) == Some(true) && has_sick(m)),
+            "never saw the spare voting beside the sick replica: {seen:?}"
+        );
+        let final_members = seen.last().unwrap();
+        assert_eq!(final_members.len(), 5, "{final_members:?}");
+        assert!(final_members.iter().all(|(_, v)| *v), "{final_members:?}");
+
+        // Writes were acknowledged between every change of the membership.
+        let total = writes.count();
+        acked_at_change.push(total);
+        assert!(
+            acked_at_change.windows(2).all(|w| w[0] < w[1]),
+            "a membership phase without acknowledged writes: {acked_at_change:?} ({seen:?})"
+        );
+        let (acked, failed) = writes.stop().await;
+        assert!(failed.is_empty(), "writes failed for good: {failed:?}");
+
+        // The history names the spare, and the spare holds every write.
+        let doc = c.leader_repairs().await;
+        let isolations = records(&doc, "isolated");
+        assert_eq!(isolations.len(), 1, "{doc:#}");
+        assert_eq!(isolations[0]["replica"], sick);
+        assert_eq!(isolations[0]["spare"], spare);
+        assert!(refused(&doc).is_empty(), "refused records: {doc:#}");
+        let last = *acked.iter().max().unwrap();
+        c.wait(
+            &format!("spare {spare} to apply every acknowledged write"),
+            async || {
+                let s = c.status(spare).await?;
+                (s.status == VOTING && s.applied >= last).then_some(())
+            },
+        )
+        .await;
+    });
+}
+
+/// Test: a replica demoted because nothing helped, once healthy for
+/// `--healthy-period`, is re-admitted: the case closes, a `readmitted`
+/// record is written and the lifecycle promotes it back to a voter.
+#[test]
+fn a_replica_that_heals_is_readmitted() {
+    run(async {
+        let c = Cluster::start(5, &["--repair-order", "fence:leader:30s"]).await;
+        c.script("fence", 0, 1);
+        let (_, followers) = c.followers().await;
+        let sick = followers[0];
+        c.report_recorded(sick, "fsync_latency", Some(2_000)).await;
+        c.wait(&format!("replica {sick} to be demoted"), async || {
+            c.report(1, sick, "fsync_latency", Some(2_000));
+            match c.voter(sick).await {
+                Some(false) => Some(()),
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    None
+                }
+            }
+        })
+        .await;
+        let demoted_at = Instant::now();
+        c.note(&format!("replica {sick} demoted; no more signals"));
+        // The last signal expires within 2 s, then 3 s of health: back.
+        c.wait(&format!("replica {sick} to be a voter again"), async || {
+            (c.voter(sick).await? && c.status(sick).await?.status == VOTING).then_some(())
+        })
+        .await;
+        assert!(
+            demoted_at.elapsed() >= Duration::from_secs(3),
+            "re-admitted before --healthy-period (3 s) of health"
+        );
+        let doc = c.leader_repairs().await;
+        let readmitted = records(&doc, "readmitted");
+        assert_eq!(readmitted.len(), 1, "{doc:#}");
+        assert_eq!(readmitted[0]["replica"], sick);
+        assert!(refused(&doc).is_empty(), "refused records: {doc:#}");
+        let open = doc["state"]["cases"]
+            .as_object()
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert_eq!(open, 0, "the case stays open: {doc:#}");
+        // It stays a voter: nothing signals it any more.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(c.voter(sick).await, Some(true));
     });
 }
