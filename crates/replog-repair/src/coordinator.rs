@@ -38,6 +38,15 @@ use crate::health::{quorum, Health, Reason};
 use crate::record::{Isolated, Record, Signal, StepFinished, StepResult, StepStarted};
 use crate::state::{Case, RepairState};
 
+/// Longest a recorded judgment of the detector counts. The leader renews it
+/// while the judgment holds (each round, once half its life is gone), so a
+/// replica the detector finds healthy again stops being signalled within
+/// this, not after `--signal-ttl` (that is for reports nobody renews), and
+/// its healthy period starts then. A new leader, which has no detector
+/// history during its re-register grace, still sees the judgment for this
+/// long. `--signal-ttl` caps it.
+pub const DETECTOR_SIGNAL_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The leader's view of one member.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberView {
@@ -266,9 +275,10 @@ impl Coordinator {
 
     /// Records the detector's judgments as signals (source `detector`),
     /// renewed when less than half their time to live is left, so that a
-    /// judgment that ends expires on its own.
+    /// judgment that ends expires on its own within
+    /// [`DETECTOR_SIGNAL_TTL`].
     fn detector_signals(&self, view: &View, state: &RepairState, out: &mut Vec<Action>) {
-        let ttl_ms = self.config.signal_ttl.as_millis() as u64;
+        let ttl_ms = self.config.signal_ttl.min(DETECTOR_SIGNAL_TTL).as_millis() as u64;
         for m in &view.members {
             let Health::Unhealthy { reasons } = &m.health else {
                 continue;

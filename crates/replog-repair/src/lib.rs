@@ -38,7 +38,7 @@ pub mod record;
 pub mod state;
 
 pub use config::{ConfigError, Limits, Mode, RateLimit, RepairConfig, RepairStep, Scope, Spare};
-pub use coordinator::{Action, Coordinator, MemberView, View};
+pub use coordinator::{Action, Coordinator, MemberView, View, DETECTOR_SIGNAL_TTL};
 pub use health::{
     failure_tolerance, quorum, Detector, DetectorConfig, Health, Observation, Reason,
 };

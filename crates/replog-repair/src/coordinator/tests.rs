@@ -474,7 +474,7 @@ fn a_demoted_replica_healthy_for_the_period_is_readmitted() {
     w.round();
     w.view.members.iter_mut().find(|m| m.id == 3).unwrap().voter = false;
     w.set_health(3, Health::Healthy);
-    w.advance_s(6_001); // the signals expired too
+    w.advance_s(6_001); // exhaust's own report (6000 s) expired too
     w.round();
     assert!(w.state.cases.contains_key(&3));
     w.advance_s(30);
@@ -528,4 +528,38 @@ fn a_demotion_keeps_room_for_one_more_failure() {
     exhaust(&mut w, 3);
     assert!(w.state.cases[&3].isolation.is_some());
     assert_eq!(w.round(), vec![Action::Demote { id: 3 }]);
+}
+
+#[test]
+fn a_detector_signal_is_renewed_while_it_holds_and_ends_soon_after() {
+    let mut config = config();
+    config.mode = Mode::Listen; // judgments only: nothing runs
+    let mut w = World::new(config);
+    w.set_health(3, unreachable());
+    let ttl_s = DETECTOR_SIGNAL_TTL.as_secs();
+    let signals = |w: &World| {
+        w.state
+            .history
+            .iter()
+            .filter(|e| matches!(&e.record, Some(Record::Signal(s)) if s.source == "detector"))
+            .count()
+    };
+    for _ in 0..60 {
+        w.round();
+        let active = w.state.cases[&3].active_signals(w.view.now_ms).count();
+        assert_eq!(active, 1, "the judgment holds, so does its signal");
+        w.advance_s(1);
+    }
+    // Renewed at half its life: one record per ttl/2, not one per round.
+    let written = signals(&w);
+    assert!(
+        (60 / (ttl_s / 2) as usize..=60 / (ttl_s / 2) as usize + 2).contains(&written),
+        "{written} detector signals in 60 rounds"
+    );
+    // Healthy again: no longer signalled within the detector's TTL.
+    w.set_health(3, Health::Healthy);
+    w.advance_s(ttl_s);
+    w.round();
+    assert_eq!(w.state.cases[&3].active_signals(w.view.now_ms).count(), 0);
+    assert_eq!(signals(&w), written, "nothing renewed once healthy");
 }
