@@ -526,9 +526,10 @@ impl Coordinator {
                     address: iso.spare_address.clone(),
                 }),
                 Some(s) if s.voter && s.caught_up && sick.is_some() => {
+                    // The spare counts only when available itself (a
+                    // promoted spare may have failed since).
                     let leaves = sick.is_some_and(|m| m.voter);
                     let mut after = budget.available.clone();
-                    after.insert(spare);
                     let voters: BTreeSet<u64> = budget
                         .voters
                         .iter()
