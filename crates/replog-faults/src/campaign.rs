@@ -11,6 +11,15 @@
 //! Safety of the nemesis itself: a wipe takes only a follower, and only
 //! while every replica is VOTING and a voter at the leader (wiping two
 //! replicas of three at once would be a real data loss, not a bug).
+//!
+//! With the repair option ([`CampaignConfig::with_repair`]) the replicas
+//! run the repair coordinator in `execute` mode and the faults drive it
+//! (see [`crate::repair`]): faults are held longer (1-10 s, past the
+//! detector's 2.5 s and the two-step escalation), the settle step waits
+//! longer (every replica a voter means every demoted replica was
+//! re-admitted), the coordinator's isolations reach the rejoin rule (a
+//! demotion is not a rejoin), and the rules of [`crate::repair_check`] run
+//! over its replicated history; their violations join the checker's.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,8 +31,10 @@ use tracing::{error, info, warn};
 use crate::checker::{check_all, Violation};
 use crate::client::{Recorder, Workload, WorkloadConfig};
 use crate::cluster::{Cluster, ClusterConfig, ClusterError, VOTING};
-use crate::history::{Call, FaultRecord, History, Op, Wipe};
+use crate::history::{Call, FaultRecord, History, Isolation, Op, Wipe};
 use crate::nemesis::{Fault, Nemesis};
+use crate::repair::{CoordinatorConfig, RepairDir, RepairWatch, Watched};
+use crate::repair_check::{check_repairs, repair_report, RepairReport};
 
 /// Kinds of fault a mix can hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -85,6 +96,8 @@ pub struct CampaignConfig {
     pub quiet: (Duration, Duration),
     /// How long the end may take to settle before the campaign fails.
     pub settle_timeout: Duration,
+    /// Run the repair coordinator under the faults (`None`: off).
+    pub repair: Option<CoordinatorConfig>,
 }
 
 impl CampaignConfig {
@@ -111,7 +124,17 @@ impl CampaignConfig {
             hold: (Duration::from_millis(500), Duration::from_secs(4)),
             quiet: (Duration::from_millis(500), Duration::from_secs(2)),
             settle_timeout: Duration::from_secs(120),
+            repair: None,
         }
+    }
+
+    /// The same campaign with the repair coordinator on (see the module
+    /// docs): faults held 1-10 s, 180 s to settle.
+    pub fn with_repair(mut self, repair: CoordinatorConfig) -> Self {
+        self.repair = Some(repair);
+        self.hold = (Duration::from_secs(1), Duration::from_secs(10));
+        self.settle_timeout = Duration::from_secs(180);
+        self
     }
 }
 
@@ -134,6 +157,8 @@ pub struct Report {
     pub longest_write_gap_ms: u64,
     pub status_samples: usize,
     pub final_log_entries: usize,
+    /// What the repair coordinator did (with the repair option).
+    pub repair: Option<RepairReport>,
 }
 
 impl Report {
@@ -169,6 +194,9 @@ impl Report {
             self.status_samples,
             self.final_log_entries
         );
+        if let Some(r) = &self.repair {
+            s += &r.table();
+        }
         for v in &self.violations {
             s += &format!("  VIOLATION {:?}: {}\n", v.rule, v.detail);
         }
@@ -309,9 +337,16 @@ pub async fn settle(c: &Cluster, timeout: Duration) -> Result<u64, ClusterError>
     Ok(commit)
 }
 
-/// Logs every replica's status and the tail of its log: the cluster did
-/// not settle after healing (a liveness failure to look into).
-async fn report_unsettled(c: &Cluster) {
+/// Logs every replica's status and the tail of its log, and what the
+/// coordinator did: the cluster did not settle after healing (a liveness
+/// failure to look into).
+async fn report_unsettled(c: &Cluster, watch: Option<&RepairWatch>) {
+    if let Some(w) = watch {
+        error!(
+            "the repair coordinator until then:\n{}",
+            repair_report(&w.seen(), 0, 0).table()
+        );
+    }
     for id in c.ids() {
         let s = c.status(id).await;
         error!(
@@ -401,6 +436,7 @@ pub fn report(cfg: &CampaignConfig, h: &History, from_us: u64, to_us: u64) -> Re
         }) / 1000,
         status_samples: h.statuses.len(),
         final_log_entries: crate::checker::reference_log(h).len(),
+        repair: None,
     }
 }
 
@@ -429,32 +465,90 @@ pub fn fault_records(n: &Nemesis) -> (Vec<FaultRecord>, Vec<Wipe>) {
     (faults, wipes)
 }
 
+/// The cluster of a campaign; with the repair option, the repair script
+/// is written first and the coordinator's flags join the replicas'.
+async fn start_cluster(
+    cfg: &CampaignConfig,
+) -> Result<(Arc<Cluster>, Option<RepairDir>), ClusterError> {
+    let mut cluster = cfg.cluster.clone();
+    let dir = match &cfg.repair {
+        Some(r) => {
+            let dir = RepairDir::create(cfg.cluster.dir.as_deref())?;
+            cluster
+                .flags
+                .extend(r.flags(&dir.script(), &cfg.cluster.flags)?);
+            Some(dir)
+        }
+        None => None,
+    };
+    Ok((Arc::new(Cluster::start(cluster).await?), dir))
+}
+
+/// One fault at a time from the mix until `end`: a quiet spell, the
+/// fault, its hold, the heal.
+async fn inject_until(
+    cfg: &CampaignConfig,
+    cluster: &Cluster,
+    nemesis: &Nemesis,
+    rng: &mut Rng,
+    end: Instant,
+) -> Result<(), ClusterError> {
+    while Instant::now() < end {
+        tokio::time::sleep(rng.duration(cfg.quiet)).await;
+        let kind = *rng.pick(&cfg.mix);
+        let Some(fault) = choose(cluster, rng, kind).await else {
+            continue;
+        };
+        info!(?fault, "injecting");
+        nemesis.inject(fault).await?;
+        tokio::time::sleep(rng.duration(cfg.hold)).await;
+        nemesis.heal().await?;
+        cluster.check_alive()?;
+    }
+    Ok(())
+}
+
+/// The coordinator's demotions on the history's clock.
+fn isolations(w: &Watched) -> Vec<Isolation> {
+    w.seen
+        .demotions()
+        .into_iter()
+        .map(|(replica, at_ms)| Isolation {
+            replica,
+            at_us: at_ms.saturating_sub(w.epoch_ms) * 1000,
+        })
+        .collect()
+}
+
+/// Adds the repair rules' violations and counts to `report`.
+fn add_repair(report: &mut Report, cfg: &CoordinatorConfig, w: &Watched, voters: usize) {
+    if w.seen.gaps > 0 {
+        warn!(
+            gaps = w.seen.gaps,
+            "some repair polls may have missed records: the repair rules saw less"
+        );
+    }
+    report
+        .violations
+        .extend(check_repairs(&w.seen, &cfg.limits(voters)));
+    report.repair = Some(repair_report(&w.seen, w.polls, w.polls_failed));
+}
+
 /// Runs a campaign; see the module docs. Returns the report and the whole
 /// history (for a JSON dump).
 pub async fn run(cfg: &CampaignConfig) -> Result<(Report, History), ClusterError> {
-    let cluster = Arc::new(Cluster::start(cfg.cluster.clone()).await?);
+    let (cluster, repair_dir) = start_cluster(cfg).await?;
     let nemesis = Nemesis::new(cluster.clone());
     let rec = Arc::new(Recorder::default());
     let mut rng = Rng::new(cfg.seed);
     let from_us = cluster.elapsed().as_micros() as u64;
+    let watch = cfg
+        .repair
+        .as_ref()
+        .map(|r| RepairWatch::start(cluster.clone(), r));
     let workload = Workload::start(cluster.clone(), rec.clone(), &cfg.workload);
     let end = Instant::now() + cfg.duration;
-    let result = async {
-        while Instant::now() < end {
-            tokio::time::sleep(rng.duration(cfg.quiet)).await;
-            let kind = *rng.pick(&cfg.mix);
-            let Some(fault) = choose(&cluster, &mut rng, kind).await else {
-                continue;
-            };
-            info!(?fault, "injecting");
-            nemesis.inject(fault).await?;
-            tokio::time::sleep(rng.duration(cfg.hold)).await;
-            nemesis.heal().await?;
-            cluster.check_alive()?;
-        }
-        Ok::<(), ClusterError>(())
-    }
-    .await;
+    let result = inject_until(cfg, &cluster, &nemesis, &mut rng, end).await;
     if let Err(e) = &result {
         warn!(error = %e, "the campaign stopped early");
     }
@@ -467,22 +561,30 @@ pub async fn run(cfg: &CampaignConfig) -> Result<(Report, History), ClusterError
     let commit = match settle(&cluster, cfg.settle_timeout).await {
         Ok(c) => c,
         Err(e) => {
-            report_unsettled(&cluster).await;
+            report_unsettled(&cluster, watch.as_ref()).await;
             return Err(e);
         }
     };
     let final_logs = read_logs(&cluster, commit).await?;
+    let watched = match (watch, &repair_dir) {
+        (Some(w), Some(dir)) => Some(w.finish(&cluster, dir).await?),
+        _ => None,
+    };
     let (faults, wipes) = fault_records(&nemesis);
     let history = History {
         ops: rec.ops(),
         statuses: rec.statuses(),
         faults,
         wipes,
+        isolations: watched.as_ref().map(isolations).unwrap_or_default(),
         state_mode: cfg.cluster.state,
         final_logs,
     };
     drop(nemesis);
-    let report = report(cfg, &history, from_us, to_us);
+    let mut report = report(cfg, &history, from_us, to_us);
+    if let (Some(r), Some(w)) = (&cfg.repair, &watched) {
+        add_repair(&mut report, r, w, cluster.ids().len());
+    }
     Ok((report, history))
 }
 

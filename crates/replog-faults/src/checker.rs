@@ -40,6 +40,22 @@ pub enum Rule {
     RejoinVotesOnlyWhenPromoted,
     /// The state store's puts and gets are linearizable (per key).
     StateLinearizable,
+    /// The repair rules ([`crate::repair_check`]): never more replicas
+    /// under repair at once than `--num-allowed-repairs`.
+    RepairsAtOnce,
+    /// Isolations within the removal limit since each reset and within
+    /// the rate limit in every window.
+    RemovalLimits,
+    /// No step start or isolation applied while the alarm is raised.
+    AlarmStopsDecisions,
+    /// Replicas isolated at once leave voters that survive one more failure.
+    IsolationsKeepQuorum,
+    /// Applied decisions never go back in term.
+    DecisionsFencedByTerm,
+    /// Every repair command ran for an applied step start, at most once.
+    StepsRunAsDecided,
+    /// Every poll shows the same repair record at each log position.
+    RepairHistoriesAgree,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -340,7 +356,9 @@ pub fn one_leader_per_term(statuses: &[StatusSample]) -> Vec<Violation> {
 /// everything acknowledged before the wipe in its log, and no leader of
 /// that term or a later one, having applied at least what the replica had
 /// applied when it first said VOTING, may list it as a learner in a poll
-/// begun after that report completed.
+/// begun after that report completed, and before the repair coordinator
+/// isolated it (its demotion lists it as a learner by design; after a
+/// first isolation of the wiped replica the rule looks no further).
 pub fn rejoin_votes_only_when_promoted(h: &History) -> Vec<Violation> {
     let mut out = Vec::new();
     for w in &h.wipes {
@@ -349,6 +367,13 @@ pub fn rejoin_votes_only_when_promoted(h: &History) -> Vec<Violation> {
             .iter()
             .filter(|n| n.replica == w.replica && n.at_us > w.at_us)
             .map(|n| n.at_us)
+            .min()
+            .unwrap_or(u64::MAX);
+        let isolated = h
+            .isolations
+            .iter()
+            .filter(|i| i.replica == w.replica && i.at_us > w.at_us)
+            .map(|i| i.at_us)
             .min()
             .unwrap_or(u64::MAX);
         let acked_before = acked_appends(h)
@@ -385,6 +410,7 @@ pub fn rejoin_votes_only_when_promoted(h: &History) -> Vec<Violation> {
             l.is_leader
                 && l.replica != w.replica
                 && l.invoke_us > first.complete_us
+                && l.invoke_us < isolated
                 && l.term >= first.term
                 && l.applied >= first.applied
                 && l.members.iter().any(|m| m.id == w.replica && !m.voter)

@@ -57,6 +57,8 @@ pub enum ClusterError {
     Exited { id: u64, status: String },
     #[error("replica {id}: {what}")]
     State { id: u64, what: String },
+    #[error(transparent)]
+    Repair(#[from] crate::repair::RepairError),
 }
 
 /// How to run the cluster.

@@ -163,6 +163,15 @@ pub struct Wipe {
     pub at_us: u64,
 }
 
+/// A replica the repair coordinator isolated (demoted to a learner), at
+/// the time of the decision: from then on a leader may list it as a
+/// learner without any rejoin being wrong.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Isolation {
+    pub replica: u64,
+    pub at_us: u64,
+}
+
 /// A fault as the history keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FaultRecord {
@@ -179,6 +188,8 @@ pub struct History {
     pub statuses: Vec<StatusSample>,
     pub faults: Vec<FaultRecord>,
     pub wipes: Vec<Wipe>,
+    /// The repair coordinator's isolations (empty without `--repair`).
+    pub isolations: Vec<Isolation>,
     /// The log holds state-store records (`--state`), not raw appends: the
     /// rules about appended values do not apply to its entries.
     pub state_mode: bool,

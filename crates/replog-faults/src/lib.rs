@@ -6,6 +6,9 @@
 //! ([`delay`]) and wipes data directories; concurrent clients record a
 //! [`history`] of operations and status polls ([`client`]); the
 //! [`checker`] judges it; a [`campaign`] ties them together and reports.
+//! With the repair option the replicas run the repair coordinator, a
+//! [`repair`] watch follows its replicated history, and
+//! [`repair_check`] judges the coordinator's limits.
 //!
 //! Everything needs root (namespaces, iptables): without it, or without a
 //! working `ip netns`, setup fails with [`netns::NetError`] naming the
@@ -19,4 +22,6 @@ pub mod delay;
 pub mod history;
 pub mod nemesis;
 pub mod netns;
+pub mod repair;
+pub mod repair_check;
 pub mod state_client;

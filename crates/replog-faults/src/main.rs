@@ -1,6 +1,7 @@
 //! `replog-faults campaign`: a long fault campaign against real replica
 //! processes in network namespaces; prints the report as a table and as
-//! JSON, and exits non-zero when the checker found a violation.
+//! JSON, and exits non-zero when the checker (or, with `--repair`, a rule
+//! of the repair coordinator) found a violation.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use replog_faults::campaign::{self, CampaignConfig, FaultKind};
 use replog_faults::cluster::ClusterConfig;
+use replog_faults::repair::CoordinatorConfig;
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +43,20 @@ enum Command {
         /// Run the replicas with --state (the scheduler-state store).
         #[arg(long)]
         state: bool,
+        /// Run the repair coordinator on the replicas, in execute mode,
+        /// driven by the faults: a two-step order of harmless commands
+        /// (restart:replica:2s, reboot:leader:2s, each records its call),
+        /// --num-allowed-repairs 1, --removal-limit 0.6,
+        /// --removal-rate-limit 1/20s, --healthy-period 3s, --signal-ttl 4s,
+        /// --reregister-timeout 2s, HTTP on port 7200. Faults are then held
+        /// 1-10 s and the campaign resets the removal-limit alarm after 2 s;
+        /// the coordinator's limits are checked over its replicated history
+        /// (use 5 replicas: 3 never demote).
+        #[arg(long)]
+        repair: bool,
+        /// The longest a fault is held (default 4 s, 10 s with --repair).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_hold: Option<Duration>,
         /// Keep data directories and replica logs here (default: a
         /// temporary directory, removed at the end).
         #[arg(long)]
@@ -68,6 +84,8 @@ fn main() -> Result<()> {
             seed,
             replicas,
             state,
+            repair,
+            max_hold,
             dir,
             history,
             bin,
@@ -79,7 +97,13 @@ fn main() -> Result<()> {
             };
             cluster.state = state;
             cluster.dir = dir;
-            let cfg = CampaignConfig::new(cluster, duration, mix, seed);
+            let mut cfg = CampaignConfig::new(cluster, duration, mix, seed);
+            if repair {
+                cfg = cfg.with_repair(CoordinatorConfig::default());
+            }
+            if let Some(max) = max_hold {
+                cfg.hold.1 = max.max(cfg.hold.0);
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -1,7 +1,9 @@
 //! Short fault campaigns for CI (under a minute each, one at a time): the
 //! process faults, the network faults, the wipes, and the state store under
 //! kills and partitions, each against a real 3-replica cluster in network
-//! namespaces, checked by the checker. The long ones are
+//! namespaces, checked by the checker; and the repair coordinator on 5
+//! replicas under kills, pauses and partitions, its limits checked over
+//! its replicated history. The long ones are
 //! `replog-faults campaign --duration 1h --mix all` (see
 //! docs/reliability.md).
 //!
@@ -12,29 +14,34 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use replog_faults::campaign::{self, CampaignConfig, FaultKind};
+use replog_faults::campaign::{self, CampaignConfig, FaultKind, Report};
 use replog_faults::cluster::ClusterConfig;
+use replog_faults::repair::CoordinatorConfig;
 
 /// One cluster at a time: the machine has two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn campaign(mix: &str, seed: u64, duration: Duration, state: bool) {
+/// Runs `cfg` and checks what every campaign must show: faults injected,
+/// writes acknowledged, no violation.
+fn run(cfg: CampaignConfig) -> Report {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     replog_faults::netns::preflight().expect("fault campaigns need root and a working `ip netns`");
-    let mut cluster = ClusterConfig::new(3).expect("the replog binary");
-    cluster.state = state;
-    let cfg = CampaignConfig::new(cluster, duration, FaultKind::parse_mix(mix).unwrap(), seed);
+    let (mix, seed) = (cfg.mix.clone(), cfg.seed);
     let (report, _history) = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap()
         .block_on(campaign::run(&cfg))
-        .unwrap_or_else(|e| panic!("campaign {mix} (seed {seed}) did not complete: {e}"));
+        .unwrap_or_else(|e| panic!("campaign {mix:?} (seed {seed}) did not complete: {e}"));
     eprintln!("{}", report.table());
     let faults: u64 = report.faults.values().sum();
     assert!(faults > 0, "no fault was injected: {report:?}");
-    let written = if state { "state-put" } else { "append" };
+    let written = if cfg.cluster.state {
+        "state-put"
+    } else {
+        "append"
+    };
     let acked = report
         .operations
         .get(written)
@@ -48,6 +55,18 @@ fn campaign(mix: &str, seed: u64, duration: Duration, state: bool) {
         report.violations,
         report.excerpts
     );
+    report
+}
+
+fn campaign(mix: &str, seed: u64, duration: Duration, state: bool) {
+    let mut cluster = ClusterConfig::new(3).expect("the replog binary");
+    cluster.state = state;
+    run(CampaignConfig::new(
+        cluster,
+        duration,
+        FaultKind::parse_mix(mix).unwrap(),
+        seed,
+    ));
 }
 
 #[test]
@@ -68,4 +87,23 @@ fn wiped_followers_rejoin() {
 #[test]
 fn state_store_under_kills_and_partitions() {
     campaign("kill,partition", 14, Duration::from_secs(20), true);
+}
+
+/// The coordinator acts on its own detector's judgments of the faults
+/// (held 1-10 s: a step starts after ~3.5 s of silence), and its limits
+/// hold over the whole replicated history.
+#[test]
+fn repair_coordinator_under_kills_pauses_and_partitions() {
+    let cluster = ClusterConfig::new(5).expect("the replog binary");
+    let mix = FaultKind::parse_mix("kill,pause,partition").unwrap();
+    let cfg = CampaignConfig::new(cluster, Duration::from_secs(45), mix, 15)
+        .with_repair(CoordinatorConfig::default());
+    let report = run(cfg);
+    let r = report.repair.expect("the repair report");
+    assert!(r.steps_started > 0, "the coordinator never acted: {r:#?}");
+    assert_eq!(
+        r.history_gaps, 0,
+        "some polls may have missed records: the rules saw less"
+    );
+    assert!(r.polls_failed < r.polls, "no poll of GET /repairs answered");
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use replog_faults::checker::{self, Rule};
 use replog_faults::history::{
-    Call, History, Member, Op, Outcome, ReadEntry, Ret, StatusSample, Wipe,
+    Call, History, Isolation, Member, Op, Outcome, ReadEntry, Ret, StatusSample, Wipe,
 };
 
 fn op(id: u64, invoke_us: u64, complete_us: u64, call: Call, outcome: Outcome) -> Op {
@@ -125,6 +125,7 @@ fn good() -> History {
             replica: 3,
             at_us: 300,
         }],
+        isolations: Vec::new(),
         state_mode: false,
         final_logs: [1, 2, 3].into_iter().map(|r| (r, log(&entries))).collect(),
     }
@@ -260,6 +261,33 @@ fn a_wiped_replica_voting_while_the_leader_lists_it_as_learner_is_found() {
     let v = checker::rejoin_votes_only_when_promoted(&h);
     assert_eq!(rules(&v), [Rule::RejoinVotesOnlyWhenPromoted]);
     assert!(v[0].detail.contains("learner"), "{}", v[0].detail);
+}
+
+#[test]
+fn a_learner_listing_after_the_coordinator_isolated_the_replica_is_no_violation() {
+    let mut h = good();
+    // Replica 3 says VOTING at 330; the coordinator isolated (demoted) it
+    // at 340, so the leader's learner listing at 350 is its demotion.
+    h.statuses.push(sample(3, 330, 4, 3, false, 5));
+    h.isolations.push(Isolation {
+        replica: 3,
+        at_us: 340,
+    });
+    assert!(checker::rejoin_votes_only_when_promoted(&h).is_empty());
+    // An isolation after the listing excuses nothing, nor one of another
+    // replica.
+    h.isolations = vec![
+        Isolation {
+            replica: 3,
+            at_us: 360,
+        },
+        Isolation {
+            replica: 2,
+            at_us: 340,
+        },
+    ];
+    let v = checker::rejoin_votes_only_when_promoted(&h);
+    assert_eq!(rules(&v), [Rule::RejoinVotesOnlyWhenPromoted]);
 }
 
 #[test]

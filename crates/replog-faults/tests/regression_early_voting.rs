@@ -208,6 +208,7 @@ impl Setup {
             statuses: self.rec.statuses(),
             faults,
             wipes,
+            isolations: Vec::new(),
             state_mode: false,
             final_logs,
         };
