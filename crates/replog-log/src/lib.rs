@@ -408,14 +408,15 @@ impl Log {
         &self.recovery
     }
 
-    /// The longest fsync since the last call (resets it) and the count of
-    /// damaged records reads found since open: the self-monitor's
-    /// `fsync_latency_ms` and `storage_errors`.
-    pub fn storage_health(&self) -> (Duration, u64) {
-        (
-            Duration::from_micros(self.storage.take_max_fsync_us()),
-            self.storage.read_error_count(),
-        )
+    /// The storage's health since the last call (the longest fsync is
+    /// reset by it; the counters count since open): what the self-monitor
+    /// collects.
+    pub fn storage_health(&self) -> StorageHealth {
+        StorageHealth {
+            max_fsync: Duration::from_micros(self.storage.take_max_fsync_us()),
+            checksum_errors: self.storage.read_error_count(),
+            io_errors: self.storage.io_error_count(),
+        }
     }
 
     /// Number of fsyncs done since open (group commit makes it far smaller
@@ -648,6 +649,19 @@ impl Reader {
             })?;
         Ok(application_entries(entries))
     }
+}
+
+/// What [`Log::storage_health`] reads: the self-monitor's
+/// `fsync_latency_ms`, `checksum_errors` and `storage_errors` (damaged
+/// records and failed RocksDB operations together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageHealth {
+    /// The longest fsync since the previous reading.
+    pub max_fsync: Duration,
+    /// Reads that found a damaged record (checksum, size, decoding), since open.
+    pub checksum_errors: u64,
+    /// RocksDB operations (reads, writes, fsyncs) that failed, since open.
+    pub io_errors: u64,
 }
 
 /// Keeps the application entries of `entries`, in order.

@@ -33,11 +33,12 @@ use serde::Deserialize;
 use crate::config::parse_duration;
 
 /// The statistics a replica collects.
-pub const STATS: [&str; 5] = [
+pub const STATS: [&str; 6] = [
     "fsync_latency_ms",
     "disk_free_bytes",
     "apply_lag_entries",
     "storage_errors",
+    "checksum_errors",
     "leader_silence_ms",
 ];
 

@@ -158,9 +158,12 @@ struct Inner {
     fsync_count: AtomicU64,
     /// Longest fsync since [`RocksStorage::take_max_fsync_us`] last read it.
     max_fsync_us: AtomicU64,
-    /// Reads that found a damaged record (checksum, size, decoding) or
-    /// failed in RocksDB, since open.
+    /// Reads that found a damaged record (checksum, size, decoding) since
+    /// open.
     read_errors: AtomicU64,
+    /// RocksDB operations (reads, writes, fsyncs, flushes) that failed
+    /// since open.
+    io_errors: AtomicU64,
     /// Budget of the reads for sends to followers, per core turn.
     fetch_budget: FetchBudget,
 }
@@ -221,6 +224,17 @@ fn check_registered_families(names: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+impl Inner {
+    /// [`rocks_err`] for an operation of the open replica, counted in
+    /// [`Inner::io_errors`] (the self-monitor's `storage_errors`).
+    fn io_err(&self) -> impl Fn(rocksdb::Error) -> StorageError + '_ {
+        move |source| {
+            self.io_errors.fetch_add(1, Ordering::Relaxed);
+            rocks_err(&self.dir)(source)
+        }
+    }
 }
 
 fn rocks_err(dir: &Path) -> impl Fn(rocksdb::Error) -> StorageError + '_ {
@@ -431,6 +445,7 @@ impl RocksStorage {
                 fsync_count: AtomicU64::new(0),
                 max_fsync_us: AtomicU64::new(0),
                 read_errors: AtomicU64::new(0),
+                io_errors: AtomicU64::new(0),
                 fetch_budget: FetchBudget::new(DEFAULT_FETCH_BUDGET_BYTES),
             }),
         }
@@ -468,10 +483,7 @@ impl RocksStorage {
         batch.put_cf(self.meta_cf(), META_KEY, records::encode_meta(&st.meta));
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        inner
-            .db
-            .write_opt(batch, &wo)
-            .map_err(rocks_err(&inner.dir))
+        inner.db.write_opt(batch, &wo).map_err(inner.io_err())
     }
 
     fn log_cf(&self) -> &ColumnFamily {
@@ -529,10 +541,8 @@ impl RocksStorage {
             return Err(StorageError::ReadOnly(self.inner.dir.clone()));
         }
         let db = &self.inner.db;
-        db.flush_cf(self.meta_cf())
-            .map_err(rocks_err(&self.inner.dir))?;
-        db.flush_cf(self.log_cf())
-            .map_err(rocks_err(&self.inner.dir))
+        db.flush_cf(self.meta_cf()).map_err(self.inner.io_err())?;
+        db.flush_cf(self.log_cf()).map_err(self.inner.io_err())
     }
 
     /// Bytes the replica occupies on disk.
@@ -546,7 +556,7 @@ impl RocksStorage {
             .inner
             .db
             .get_pinned_cf(self.log_cf(), key)
-            .map_err(rocks_err(&self.inner.dir))?;
+            .map_err(self.inner.io_err())?;
         let Some(v) = got else { return Ok(None) };
         let loc = || log_location(&self.inner.dir, index);
         let decoded = records::decode_log_entry(index, &v, self.inner.max_record_bytes, loc);
@@ -563,9 +573,16 @@ impl RocksStorage {
     }
 
     /// Reads that found a damaged record since open (the self-monitor's
-    /// `storage_errors`).
+    /// `checksum_errors`).
     pub fn read_error_count(&self) -> u64 {
         self.inner.read_errors.load(Ordering::Relaxed)
+    }
+
+    /// RocksDB operations that failed since open (with
+    /// [`RocksStorage::read_error_count`], the self-monitor's
+    /// `storage_errors`).
+    pub fn io_error_count(&self) -> u64 {
+        self.inner.io_errors.load(Ordering::Relaxed)
     }
 
     fn note_fsync(&self, started: std::time::Instant) {
@@ -624,7 +641,7 @@ impl RocksStorage {
         );
         let mut expected = low;
         for item in iter {
-            let (k, v) = item.map_err(rocks_err(&self.inner.dir))?;
+            let (k, v) = item.map_err(self.inner.io_err())?;
             let idx = key_position(&k).ok_or_else(|| {
                 StorageError::corrupt(log_location(&self.inner.dir, expected), "malformed key")
             })?;
@@ -1402,10 +1419,7 @@ impl RocksStorage {
         let mut wo = WriteOptions::default();
         wo.set_sync(synced);
         let started = std::time::Instant::now();
-        inner
-            .db
-            .write_opt(batch, &wo)
-            .map_err(rocks_err(&inner.dir))?;
+        inner.db.write_opt(batch, &wo).map_err(inner.io_err())?;
         if synced {
             self.note_fsync(started);
         }
@@ -1481,10 +1495,7 @@ impl LogStorage for RocksStorage {
     fn sync(&self) -> Result<()> {
         if self.inner.fsync_enabled && !self.inner.read_only {
             let started = std::time::Instant::now();
-            self.inner
-                .db
-                .flush_wal(true)
-                .map_err(rocks_err(&self.inner.dir))?;
+            self.inner.db.flush_wal(true).map_err(self.inner.io_err())?;
             self.note_fsync(started);
         }
         Ok(())
@@ -1553,6 +1564,85 @@ mod tests {
     #[test]
     fn rocks_storage_conformance() {
         conformance::run_all(&mut Rocks { dirs: Vec::new() });
+    }
+
+    #[test]
+    fn a_damaged_record_read_is_counted_as_a_checksum_error() {
+        let mut h = Rocks { dirs: Vec::new() };
+        let s = conformance::Harness::fresh(&mut h);
+        s.write(LogUpdate {
+            entries: conformance::entries(2..=4, 2, 64),
+            sync: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(s.read_entry(3).is_ok());
+        assert_eq!((s.read_error_count(), s.io_error_count()), (0, 0));
+        // Flip one byte of entry 3 in place, under the storage's feet.
+        let db = s.shared_db();
+        let cf = db.cf_handle(CF_LOG).unwrap();
+        let mut raw = db.get_cf(&cf, position_key(3)).unwrap().unwrap();
+        let last = raw.len() - 1;
+        raw[last] ^= 0x01;
+        db.put_cf(&cf, position_key(3), &raw).unwrap();
+        let err = s.read_entry(3).unwrap_err();
+        assert!(err.is_corruption(), "{err}");
+        assert!(s.read_entry(2).is_ok() && s.read_entry(4).is_ok());
+        assert!(s.read_entry(3).is_err());
+        assert_eq!(
+            (s.read_error_count(), s.io_error_count()),
+            (2, 0),
+            "two damaged reads, no failed RocksDB operation"
+        );
+    }
+
+    /// Unmounts its directory on drop.
+    struct Mount(std::path::PathBuf);
+
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    /// A full disk: RocksDB's failed writes are counted as I/O errors (the
+    /// self-monitor's `storage_errors`), not as damaged records. The small
+    /// filesystem is a tmpfs (mounting it needs root, as the fault tests'
+    /// namespaces do).
+    #[test]
+    fn failed_rocksdb_writes_on_a_full_disk_are_counted() {
+        let d = tempfile::tempdir().unwrap();
+        let small = d.path().join("small");
+        std::fs::create_dir(&small).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+            .arg(&small)
+            .status()
+            .expect("mount(8)");
+        assert!(mounted.success(), "mounting a tmpfs needs root");
+        let _mount = Mount(small.clone());
+        let s =
+            RocksStorage::initialize(&small.join("r"), &InitOptions::single_replica("t")).unwrap();
+        let mut failure = None;
+        for i in 0..1_000u64 {
+            let update = LogUpdate {
+                entries: conformance::entries(2 + i..=2 + i, 2, 64 * 1024),
+                sync: true,
+                ..Default::default()
+            };
+            if let Err(e) = s.write(update) {
+                failure = Some(e);
+                break;
+            }
+        }
+        let failure = failure.expect("64 MB never fit in 24 MB");
+        assert!(!failure.is_corruption(), "{failure}");
+        assert!(s.io_error_count() >= 1, "{failure}");
+        assert_eq!(s.read_error_count(), 0);
+        drop(s);
     }
 
     #[test]

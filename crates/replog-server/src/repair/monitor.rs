@@ -9,7 +9,9 @@
 //! Statistics: `fsync_latency_ms` (the longest fsync of the interval),
 //! `disk_free_bytes` (of the data directory's filesystem, for
 //! unprivileged users), `apply_lag_entries` (positions held but not
-//! applied), `storage_errors` (damaged records reads found since open),
+//! applied), `checksum_errors` (damaged records reads found since open),
+//! `storage_errors` (those and the RocksDB operations that failed since
+//! open),
 //! `leader_silence_ms` (time since the leader was last heard from; 0 on
 //! the leader; not collected while no leader is known).
 
@@ -70,8 +72,10 @@ pub(super) async fn run(
 /// This replica's statistics now.
 async fn collect(r: &Repairs) -> BTreeMap<&'static str, f64> {
     let mut stats = BTreeMap::new();
-    let (fsync, storage_errors) = r.log.storage_health();
-    stats.insert("fsync_latency_ms", fsync.as_secs_f64() * 1_000.0);
+    let health = r.log.storage_health();
+    stats.insert("fsync_latency_ms", health.max_fsync.as_secs_f64() * 1_000.0);
+    stats.insert("checksum_errors", health.checksum_errors as f64);
+    let storage_errors = health.checksum_errors.saturating_add(health.io_errors);
     stats.insert("storage_errors", storage_errors as f64);
     let p = r.log.progress();
     stats.insert(
