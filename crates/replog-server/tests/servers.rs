@@ -31,6 +31,37 @@ fn config(
     c
 }
 
+/// Founds the log of a cluster of `addrs` in `root/r<id>` for every id
+/// (what `replog initialize` does); returns the data directories.
+fn initialize_all(
+    root: &std::path::Path,
+    cluster: &str,
+    addrs: &BTreeMap<u64, SocketAddr>,
+) -> BTreeMap<u64, std::path::PathBuf> {
+    let members: Vec<Member> = addrs
+        .iter()
+        .map(|(id, a)| Member {
+            id: *id,
+            address: a.to_string(),
+        })
+        .collect();
+    let mut dirs = BTreeMap::new();
+    for id in addrs.keys() {
+        let dir = root.join(format!("r{id}"));
+        RocksStorage::initialize(
+            &dir,
+            &InitOptions {
+                cluster_id: cluster.into(),
+                replica_id: *id,
+                members: members.clone(),
+            },
+        )
+        .unwrap();
+        dirs.insert(*id, dir);
+    }
+    dirs
+}
+
 /// Appends, writing again when a leader change left the outcome unknown
 /// (fine here: these tests count positions, not payloads).
 async fn append(client: &Client, data: &[u8]) -> u64 {
@@ -59,28 +90,12 @@ where
 async fn a_cluster_serves_clients_and_refuses_another_cluster() {
     let tmp = tempfile::tempdir().unwrap();
     let addrs: BTreeMap<u64, SocketAddr> = (1..=3).map(|i| (i, free_port())).collect();
-    let members: Vec<Member> = addrs
-        .iter()
-        .map(|(id, a)| Member {
-            id: *id,
-            address: a.to_string(),
-        })
-        .collect();
+    let dirs = initialize_all(tmp.path(), "blue", &addrs);
     let mut servers = BTreeMap::new();
-    for id in 1..=3u64 {
-        let dir = tmp.path().join(format!("r{id}"));
-        RocksStorage::initialize(
-            &dir,
-            &InitOptions {
-                cluster_id: "blue".into(),
-                replica_id: id,
-                members: members.clone(),
-            },
-        )
-        .unwrap();
+    for (id, dir) in &dirs {
         servers.insert(
-            id,
-            ReplicaServer::start(config(&dir, "blue", id, &addrs))
+            *id,
+            ReplicaServer::start(config(dir, "blue", *id, &addrs))
                 .await
                 .unwrap(),
         );
@@ -182,27 +197,9 @@ async fn a_cluster_serves_clients_and_refuses_another_cluster() {
 async fn truncation_is_replicated_and_a_lagging_replica_catches_up_by_snapshot() {
     let tmp = tempfile::tempdir().unwrap();
     let addrs: BTreeMap<u64, SocketAddr> = (1..=3).map(|i| (i, free_port())).collect();
-    let members: Vec<Member> = addrs
-        .iter()
-        .map(|(id, a)| Member {
-            id: *id,
-            address: a.to_string(),
-        })
-        .collect();
-    let dirs: BTreeMap<u64, std::path::PathBuf> = (1..=3)
-        .map(|i| (i, tmp.path().join(format!("r{i}"))))
-        .collect();
+    let dirs = initialize_all(tmp.path(), "trunc", &addrs);
     let mut servers = BTreeMap::new();
     for id in 1..=3u64 {
-        RocksStorage::initialize(
-            &dirs[&id],
-            &InitOptions {
-                cluster_id: "trunc".into(),
-                replica_id: id,
-                members: members.clone(),
-            },
-        )
-        .unwrap();
         servers.insert(
             id,
             ReplicaServer::start(config(&dirs[&id], "trunc", id, &addrs))
@@ -296,19 +293,8 @@ async fn the_server_serves_its_metrics_over_http() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let addrs: BTreeMap<u64, SocketAddr> = [(1, free_port())].into();
-    RocksStorage::initialize(
-        dir.path(),
-        &InitOptions {
-            cluster_id: "m".into(),
-            replica_id: 1,
-            members: vec![Member {
-                id: 1,
-                address: addrs[&1].to_string(),
-            }],
-        },
-    )
-    .unwrap();
-    let mut cfg = config(dir.path(), "m", 1, &addrs);
+    let dirs = initialize_all(dir.path(), "m", &addrs);
+    let mut cfg = config(&dirs[&1], "m", 1, &addrs);
     cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     let server = ReplicaServer::start(cfg).await.unwrap();
     let addr = server.metrics_addr().expect("metrics are served");
@@ -339,27 +325,7 @@ async fn the_grpc_health_service_follows_readiness() {
     use replog_proto::health::HealthCheckRequest;
     let tmp = tempfile::tempdir().unwrap();
     let addrs: BTreeMap<u64, SocketAddr> = (1..=2).map(|i| (i, free_port())).collect();
-    let members: Vec<Member> = addrs
-        .iter()
-        .map(|(id, a)| Member {
-            id: *id,
-            address: a.to_string(),
-        })
-        .collect();
-    let mut dirs = BTreeMap::new();
-    for id in 1..=2u64 {
-        let dir = tmp.path().join(format!("r{id}"));
-        RocksStorage::initialize(
-            &dir,
-            &InitOptions {
-                cluster_id: "h".into(),
-                replica_id: id,
-                members: members.clone(),
-            },
-        )
-        .unwrap();
-        dirs.insert(id, dir);
-    }
+    let dirs = initialize_all(tmp.path(), "h", &addrs);
     let one = ReplicaServer::start(config(&dirs[&1], "h", 1, &addrs))
         .await
         .unwrap();
