@@ -594,6 +594,12 @@ pub struct RepairReport {
     /// Refused records by reason (digits replaced by `N`).
     pub refused: BTreeMap<String, u64>,
     pub command_calls: usize,
+    /// Command calls that began after their step's deadline (a step's
+    /// command should be killed at it; see docs/reliability.md).
+    pub commands_after_deadline: usize,
+    /// The latest an outcome was recorded after its step's deadline, in ms
+    /// (0: none after it).
+    pub longest_step_overrun_ms: u64,
     pub most_in_progress_at_once: usize,
     pub most_isolated_at_once: usize,
     pub records_seen: usize,
@@ -636,10 +642,31 @@ fn most_isolated(seen: &Seen) -> usize {
     most
 }
 
+/// The latest an applied outcome came after its step's deadline, in ms.
+fn longest_overrun(seen: &Seen) -> u64 {
+    let applied: Vec<&Record> = seen.applied().map(|(_, r)| r).collect();
+    applied
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match r {
+            Record::StepStarted(s) => outcome_of(s, &applied[i + 1..])
+                .map(|f| f.finished_at_ms.saturating_sub(s.deadline_ms)),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Counts what `seen` holds (the poll counters are the watcher's).
 pub fn repair_report(seen: &Seen, polls: u64, polls_failed: u64) -> RepairReport {
     let mut r = RepairReport {
         command_calls: seen.calls.len(),
+        commands_after_deadline: seen
+            .calls
+            .iter()
+            .filter(|c| c.at_ms > c.deadline_ms)
+            .count(),
+        longest_step_overrun_ms: longest_overrun(seen),
         most_in_progress_at_once: most_at_once(&in_progress_intervals(seen)).0,
         most_isolated_at_once: most_isolated(seen),
         records_seen: seen.events.len(),
@@ -689,8 +716,11 @@ impl RepairReport {
             self.command_calls
         );
         s += &format!(
-            "  most in progress at once {}, most isolated at once {}, refused {:?}\n  records seen \
-             {}, polls {} ({} failed, {} may have missed records), at the end {:?}\n",
+            "  commands begun after their step's deadline {}, longest outcome after a deadline {} \
+             ms\n  most in progress at once {}, most isolated at once {}, refused {:?}\n  records \
+             seen {}, polls {} ({} failed, {} may have missed records), at the end {:?}\n",
+            self.commands_after_deadline,
+            self.longest_step_overrun_ms,
             self.most_in_progress_at_once,
             self.most_isolated_at_once,
             self.refused,

@@ -166,6 +166,27 @@ fn a_correct_history_passes_every_rule_and_is_counted() {
     assert_eq!(r.most_isolated_at_once, 1);
     assert_eq!(r.refused["decision of term N after one of term N"], 1);
     assert_eq!(r.command_calls, 3);
+    assert_eq!(r.commands_after_deadline, 0);
+    assert_eq!(r.longest_step_overrun_ms, 0);
+}
+
+#[test]
+fn commands_and_outcomes_after_their_deadline_are_counted() {
+    let mut s = good();
+    // Replica 3's command began 1 s after its deadline (7,000) and its
+    // outcome came at 9,000.
+    s.calls[2].at_ms = 8_000;
+    s.events.insert(
+        90,
+        Event {
+            position: 90,
+            record: Some(finish(3, 1, "succeeded", 9_000)),
+            refused: None,
+        },
+    );
+    let r = rc::repair_report(&s, 1, 0);
+    assert_eq!(r.commands_after_deadline, 1);
+    assert_eq!(r.longest_step_overrun_ms, 2_000);
 }
 
 #[test]
