@@ -473,6 +473,20 @@ impl Cluster {
         self.note(&format!("started replica {id}"));
     }
 
+    /// Sends `signal` (SIGSTOP, SIGCONT) to replica `id`.
+    fn signal_process(&self, id: u64, signal: i32) {
+        let pid = self.pid(id).expect("a running replica") as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        );
+        self.note(&format!("sent signal {signal} to replica {id}"));
+    }
+
     /// SIGKILLs replica `id` and reaps it.
     fn kill(&self, id: u64) {
         let mut child = self
@@ -1681,5 +1695,77 @@ fn a_replica_that_heals_is_readmitted() {
         // It stays a voter: nothing signals it any more.
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(c.voter(sick).await, Some(true));
+    });
+}
+
+/// Test: a step of scope `replica` on a replica that is paused (SIGSTOP: it
+/// holds its connections but answers nothing) ends at the step's deadline
+/// and the escalation goes on to the next step; the command never starts
+/// late, even when the paused replica resumes and finds the request
+/// waiting (found by the fault campaign: the leader waited for it for up
+/// to 600 s, and the command ran after its deadline).
+#[test]
+fn a_step_on_a_paused_replica_ends_at_its_deadline_and_never_runs_late() {
+    run(async {
+        let c = Cluster::start(
+            5,
+            &["--repair-order", "restart:replica:2s,fence:leader:60s"],
+        )
+        .await;
+        c.script("restart", 0, 0);
+        c.script("fence", 0, 0);
+        let (_, followers) = c.followers().await;
+        let sick = followers[0];
+        c.signal_process(sick, libc::SIGSTOP);
+        // The detector judges it unreachable; restart starts, and must end
+        // by its deadline although the replica cannot answer.
+        let doc = c
+            .wait(
+                "the next step after the paused replica's restart",
+                async || {
+                    let doc = c.leader_repairs().await;
+                    let next = records(&doc, "step_started")
+                        .iter()
+                        .any(|s| s["replica"] == sick && s["repair_id"] == "fence");
+                    next.then_some(doc)
+                },
+            )
+            .await;
+        let restart = records(&doc, "step_started")
+            .into_iter()
+            .find(|s| s["repair_id"] == "restart")
+            .cloned()
+            .unwrap_or_else(|| panic!("no restart step: {doc:#}"));
+        let finished = records(&doc, "step_finished")
+            .into_iter()
+            .find(|f| f["replica"] == sick && f["attempt"] == restart["attempt"])
+            .cloned()
+            .unwrap_or_else(|| panic!("restart has no outcome: {doc:#}"));
+        assert_eq!(finished["result"], "failed", "{finished:#}");
+        assert!(
+            finished["output"]
+                .as_str()
+                .unwrap_or("")
+                .contains("no answer within"),
+            "{finished:#}"
+        );
+        // The replica resumes and finds the request: it refuses it.
+        c.signal_process(sick, libc::SIGCONT);
+        let deadline_ms = restart["deadline_ms"].as_u64().unwrap();
+        c.wait(&format!("replica {sick} to answer again"), async || {
+            c.status(sick).await
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Paused before the step began, it could only have run it late.
+        let restarts: Vec<Call> = c
+            .starts()
+            .into_iter()
+            .filter(|s| s.repair == "restart")
+            .collect();
+        assert!(
+            restarts.is_empty(),
+            "restart ran after its deadline {deadline_ms}: {restarts:?}"
+        );
     });
 }

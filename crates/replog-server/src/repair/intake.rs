@@ -45,6 +45,12 @@ impl AdminError {
             reason: reason.into(),
         }
     }
+    pub fn conflict(reason: impl Into<String>) -> Self {
+        AdminError {
+            status: 409,
+            reason: reason.into(),
+        }
+    }
     pub fn unavailable(reason: impl Into<String>) -> Self {
         AdminError {
             status: 503,

@@ -253,7 +253,7 @@ impl Repairs {
         let Some(leader) = status.leader_address.filter(|a| !a.is_empty()) else {
             return Err(AdminError::unavailable("no leader known; try again"));
         };
-        let response = call(&leader, op, body, token, true).await?;
+        let response = call(&leader, op, body, token, true, FORWARD_TIMEOUT).await?;
         if response.http_status == 200 {
             return Ok(response.body.to_vec());
         }
@@ -264,34 +264,53 @@ impl Repairs {
     }
 }
 
-/// Calls the `Repair` RPC of the replica at `address` (`host:port`).
+/// Longest a follower waits for the leader's answer to an admin request it
+/// forwarded (a paused or cut-off leader must not hold the operator).
+pub(crate) const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest a connection to another replica's `Repair` RPC may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Calls the `Repair` RPC of the replica at `address` (`host:port`); the
+/// whole call, connection included, ends within `within`.
 pub(crate) async fn call(
     address: &str,
     op: &str,
     body: &[u8],
     token: &str,
     forwarded: bool,
+    within: Duration,
 ) -> Result<RepairResponse, AdminError> {
     let unreachable = |e: String| AdminError::unavailable(format!("cannot reach {address}: {e}"));
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| unreachable(e.to_string()))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(600));
-    let channel = endpoint
-        .connect()
+        .connect_timeout(CONNECT_TIMEOUT.min(within))
+        .timeout(within);
+    let request = async {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let mut client = ReplogClientClient::new(channel);
+        let response = client
+            .repair(RepairRequest {
+                op: op.to_string(),
+                body: body.to_vec().into(),
+                token: token.to_string(),
+                forwarded,
+            })
+            .await
+            .map_err(|e| match e.code() {
+                tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
+                    unreachable(format!("no answer within {within:?} ({})", e.message()))
+                }
+                _ => unreachable(e.message().to_string()),
+            })?;
+        Ok(response.into_inner())
+    };
+    tokio::time::timeout(within, request)
         .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let mut client = ReplogClientClient::new(channel);
-    let response = client
-        .repair(RepairRequest {
-            op: op.to_string(),
-            body: body.to_vec().into(),
-            token: token.to_string(),
-            forwarded,
-        })
-        .await
-        .map_err(|e| unreachable(e.message().to_string()))?;
-    Ok(response.into_inner())
+        .unwrap_or_else(|_| Err(unreachable(format!("no answer within {within:?}"))))
 }
 
 fn error_body(e: &AdminError) -> Vec<u8> {

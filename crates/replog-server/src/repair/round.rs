@@ -326,7 +326,15 @@ fn spawn_step(r: Arc<Repairs>, started: StepStarted, step: RepairStep, address: 
         let env = executor::environment(&started, &address);
         let outcome = match step.scope {
             Scope::Leader => executor::run(&step.command, &env, remaining).await,
-            Scope::Replica => run_remote(&r, &address, &step.id, &env, remaining).await,
+            Scope::Replica => {
+                let run = RunBody {
+                    repair_id: step.id.clone(),
+                    env: env.clone(),
+                    timeout_ms: remaining.as_millis() as u64,
+                    deadline_ms: started.deadline_ms,
+                };
+                run_remote(&r, &address, &run, remaining).await
+            }
         };
         r.metrics
             .steps
@@ -356,23 +364,26 @@ struct RunBody {
     repair_id: String,
     env: Vec<(String, String)>,
     timeout_ms: u64,
+    /// The step's deadline (ms since the epoch, the leader's clock); the
+    /// replica starts nothing at or past it. 0: none (an older leader).
+    #[serde(default)]
+    deadline_ms: u64,
 }
 
-async fn run_remote(
-    r: &Repairs,
-    address: &str,
-    repair_id: &str,
-    env: &[(String, String)],
-    timeout: Duration,
-) -> Outcome {
-    let body = RunBody {
-        repair_id: repair_id.to_string(),
-        env: env.to_vec(),
-        timeout_ms: timeout.as_millis() as u64,
-    };
-    let body = serde_json::to_vec(&body).unwrap_or_default();
+/// Time the leader allows past a remote step's deadline for its answer to
+/// travel back (the replica's executor kills the command at the deadline).
+const ANSWER_MARGIN: Duration = Duration::from_secs(1);
+
+/// Runs a step of scope `replica` through the sick replica's `Repair` RPC.
+/// The call ends by the step's deadline plus [`ANSWER_MARGIN`]: a paused or
+/// cut-off replica costs the escalation its step's timeout, never more,
+/// and the command it might still receive late refuses to start
+/// ([`run_budget`]).
+async fn run_remote(r: &Repairs, address: &str, run: &RunBody, remaining: Duration) -> Outcome {
+    let body = serde_json::to_vec(run).unwrap_or_default();
     let token = r.opts.admin_token.clone().unwrap_or_default();
-    match super::call(address, "run", &body, &token, false).await {
+    let within = remaining + ANSWER_MARGIN;
+    match super::call(address, "run", &body, &token, false, within).await {
         Ok(resp) if resp.http_status == 200 => {
             serde_json::from_slice(&resp.body).unwrap_or_else(|e| {
                 Outcome::failed(format!(
@@ -381,11 +392,37 @@ async fn run_remote(
             })
         }
         Ok(resp) => Outcome::failed(format!(
-            "replica {address} refused to run {repair_id}: {}",
+            "replica {address} refused to run {}: {}",
+            run.repair_id,
             super::error_reason(&resp.body)
         )),
         Err(e) => Outcome::failed(e.reason),
     }
+}
+
+/// How long the sick replica may run a step's command: the leader's
+/// `timeout_ms`, capped by the step's own timeout here and by the time left
+/// to the deadline on this replica's clock; `Err` when the deadline has
+/// passed already (the request waited in a paused process or a slow
+/// network): a late command never starts.
+fn run_budget(
+    now_ms: u64,
+    deadline_ms: u64,
+    timeout_ms: u64,
+    step_timeout: Duration,
+) -> Result<Duration, String> {
+    let mut budget_ms = timeout_ms.clamp(1, (step_timeout.as_millis() as u64).max(1));
+    if deadline_ms != 0 {
+        let left_ms = deadline_ms.saturating_sub(now_ms);
+        if left_ms == 0 {
+            return Err(format!(
+                "the request arrived {} ms after the step's deadline; not started",
+                now_ms - deadline_ms
+            ));
+        }
+        budget_ms = budget_ms.min(left_ms);
+    }
+    Ok(Duration::from_millis(budget_ms))
 }
 
 /// Op `run` on the sick replica: runs its own command for the repair id.
@@ -407,7 +444,42 @@ pub(super) async fn run_here(r: &Repairs, body: &[u8]) -> Result<Vec<u8>, AdminE
             "the environment must be REPLOG_* variables",
         ));
     }
-    let timeout = Duration::from_millis(b.timeout_ms.clamp(1, step.timeout.as_millis() as u64));
+    let timeout = run_budget(now_ms(), b.deadline_ms, b.timeout_ms, step.timeout)
+        .map_err(AdminError::conflict)?;
     let outcome = executor::run(&step.command, &b.env, timeout).await;
     Ok(serde_json::to_vec(&outcome).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_budget_as_a_table() {
+        let step = Duration::from_secs(10);
+        // (now, deadline, the leader's timeout, budget in ms or refused)
+        let rows: [(u64, u64, u64, Option<u64>); 7] = [
+            (1_000, 5_000, 4_000, Some(4_000)),
+            // Waited 3 s in a paused process: 1 s left, not 4.
+            (4_000, 5_000, 4_000, Some(1_000)),
+            // At or past the deadline: never started.
+            (5_000, 5_000, 4_000, None),
+            (9_000, 5_000, 4_000, None),
+            // The leader may not ask for more than this replica's step timeout.
+            (0, 60_000, 60_000, Some(10_000)),
+            // An older leader sends no deadline: its timeout, capped.
+            (9_000, 0, 4_000, Some(4_000)),
+            (9_000, 0, 0, Some(1)),
+        ];
+        for (now, deadline, timeout, want) in rows {
+            let got = run_budget(now, deadline, timeout, step);
+            match want {
+                Some(ms) => assert_eq!(got, Ok(Duration::from_millis(ms)), "{now} {deadline}"),
+                None => {
+                    let why = got.unwrap_err();
+                    assert!(why.contains("after the step's deadline"), "{why}");
+                }
+            }
+        }
+    }
 }
