@@ -47,6 +47,9 @@ use crate::state::{Case, RepairState};
 /// long. `--signal-ttl` caps it.
 pub const DETECTOR_SIGNAL_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The `source` of the signals the leader records from its own detector.
+pub const DETECTOR_SOURCE: &str = "detector";
+
 /// The leader's view of one member.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberView {
@@ -220,12 +223,17 @@ impl Coordinator {
             .retain(|id, _| view.member(*id).is_some());
     }
 
+    /// Healthy to this leader now: its detector finds nothing, and no
+    /// reported signal counts. The detector's own recorded signals are
+    /// left out: this leader's live judgment is their source and is newer
+    /// (a replica back from a pause is healthy at once, not when the
+    /// record of its silence expires).
     fn looks_healthy(&self, view: &View, state: &RepairState, id: u64) -> bool {
         let detector_healthy = view.member(id).is_some_and(|m| m.health.is_healthy());
-        let signalled = state
-            .cases
-            .get(&id)
-            .is_some_and(|c| c.active_signals(view.now_ms).next().is_some());
+        let signalled = state.cases.get(&id).is_some_and(|c| {
+            c.active_signals(view.now_ms)
+                .any(|(_, s)| s.source != DETECTOR_SOURCE)
+        });
         detector_healthy && !signalled
     }
 
@@ -302,7 +310,7 @@ impl Coordinator {
                     signal: name.to_string(),
                     details: serde_json::to_string(reason).unwrap_or_default(),
                     outside_ms,
-                    source: "detector".into(),
+                    source: DETECTOR_SOURCE.into(),
                     reported_at_ms: view.now_ms,
                     expires_at_ms: view.now_ms.saturating_add(ttl_ms),
                 })));

@@ -581,3 +581,32 @@ fn a_detector_signal_is_renewed_while_it_holds_and_ends_soon_after() {
     assert_eq!(w.state.cases[&3].active_signals(w.view.now_ms).count(), 0);
     assert_eq!(signals(&w), written, "nothing renewed once healthy");
 }
+
+#[test]
+fn a_replica_the_detector_finds_healthy_again_is_not_escalated_on_its_old_signal() {
+    let mut cfg = config();
+    cfg.order = vec![
+        step("restart", Scope::Replica, 2),
+        step("reimage", Scope::Leader, 20),
+    ];
+    let mut w = World::new(cfg);
+    w.set_health(3, unreachable());
+    // The detector's signal, the start of restart (written), its run.
+    let ran: Vec<(u64, String)> = (0..3).flat_map(|_| runs(&w.round())).collect();
+    assert_eq!(ran, vec![(3, "restart".to_string())], "{:?}", w.attempts(3));
+    w.advance_s(1);
+    w.report(3, 1, StepResult::Succeeded);
+    // Back from its pause: the detector's recorded signal still counts for
+    // a while, but the live judgment is newer.
+    w.set_health(3, Health::Healthy);
+    w.advance_s(2); // restart's deadline passed
+    assert!(w.state.cases[&3].active_signals(w.view.now_ms).count() > 0);
+    assert_eq!(runs(&w.round()), vec![], "escalated a healthy replica");
+    assert_eq!(w.attempts(3).len(), 1);
+    w.advance_s(30);
+    w.round();
+    assert!(
+        !w.state.cases.contains_key(&3),
+        "closed after the healthy period"
+    );
+}
