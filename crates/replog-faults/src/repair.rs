@@ -331,6 +331,12 @@ fn http_addr(c: &Cluster, id: u64) -> SocketAddr {
     SocketAddr::from((c.net().node_addr(id), HTTP_PORT))
 }
 
+/// `GET path` on replica `id`'s HTTP port (`/readyz`, `/livez`, ...): the
+/// status and body.
+pub async fn get(c: &Cluster, id: u64, path: &str) -> Result<(u16, Vec<u8>), RepairError> {
+    http(http_addr(c, id), "GET", path).await
+}
+
 /// Replica `id`'s `GET /repairs`.
 pub async fn fetch(c: &Cluster, id: u64) -> Result<RepairsDoc, RepairError> {
     let addr = http_addr(c, id);

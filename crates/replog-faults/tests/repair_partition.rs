@@ -13,17 +13,13 @@
 //! never skips), and the `replog` binary built in the same target
 //! directory (`cargo build -p replog-cli --bin replog`) or REPLOG_BIN.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
 use replog_faults::cluster::{Cluster, ClusterConfig};
 use replog_faults::nemesis::{Fault, Nemesis};
-use serde_json::Value;
-
-/// The HTTP port of every replica, the same in each namespace.
-const HTTP_PORT: u16 = 7200;
+use replog_faults::repair::{fetch, get, HTTP_PORT};
+use replog_faults::repair_check::Record;
 
 /// How long any one wait may take.
 const WAIT: Duration = Duration::from_secs(90);
@@ -34,32 +30,21 @@ const STEP_SCRIPT: &str = r#"#!/bin/sh
 echo "$REPLOG_REPAIR_ID $REPLOG_REPLICA_ID $REPLOG_SIGNAL $REPLOG_ATTEMPT" >> "$(dirname "$0")/calls"
 "#;
 
-/// `GET path` on a replica's HTTP port: (status, body).
-fn http_get(addr: Ipv4Addr, path: &str) -> Option<(u16, String)> {
-    let mut s =
-        TcpStream::connect_timeout(&(addr, HTTP_PORT).into(), Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(head.as_bytes()).ok()?;
-    let mut answer = Vec::new();
-    s.read_to_end(&mut answer).ok()?;
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, body))
+/// The applied records of the leader's `GET /repairs`.
+async fn leader_records(c: &Cluster) -> Vec<Record> {
+    let (leader, _) = c.leader().await.expect("a leader");
+    let doc = fetch(c, leader).await.expect("GET /repairs");
+    doc.state
+        .history
+        .iter()
+        .filter_map(|e| e.applied().cloned())
+        .collect()
 }
 
-/// The records of `kind` in a `GET /repairs` document's history.
-fn records<'a>(doc: &'a Value, kind: &str) -> Vec<&'a Value> {
-    doc.pointer("/state/history")
-        .and_then(Value::as_array)
-        .map(|h| {
-            h.iter()
-                .filter_map(|e| e.get("record"))
-                .filter(|r| r["kind"] == kind)
-                .collect()
-        })
-        .unwrap_or_default()
+/// Replica `id`'s `GET /readyz`: (status, body).
+async fn readyz(c: &Cluster, id: u64) -> Option<(u16, String)> {
+    let (status, body) = get(c, id, "/readyz").await.ok()?;
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 fn repair_flags(dir: &std::path::Path) -> Vec<String> {
@@ -125,12 +110,11 @@ async fn run(config: ClusterConfig, dir: &std::path::Path) {
     nemesis.inject(Fault::Isolate(cut)).await.unwrap();
 
     // Cut off, the replica itself knows no leader: not ready.
-    let cut_addr = c.net().node_addr(cut);
     c.wait(
         &format!("replica {cut} to report not ready"),
         WAIT,
         async || {
-            let (status, body) = http_get(cut_addr, "/readyz")?;
+            let (status, body) = readyz(&c, cut).await?;
             (status == 503 && body.contains("no leader known")).then_some(())
         },
     )
@@ -148,26 +132,36 @@ async fn run(config: ClusterConfig, dir: &std::path::Path) {
     )
     .await
     .unwrap();
-    let (leader, _) = c.leader().await.expect("a leader");
-    let (status, body) = http_get(c.net().node_addr(leader), "/repairs").expect("GET /repairs");
-    assert_eq!(status, 200, "{body}");
-    let doc: Value = serde_json::from_str(&body).unwrap();
-    let signals = records(&doc, "signal");
+    let records = leader_records(&c).await;
     assert!(
-        signals.iter().any(|s| s["replica"] == cut
-            && s["signal"] == "unreachable"
-            && s["source"] == "detector"),
-        "no detector signal for {cut}: {doc:#}"
+        records.iter().any(
+            |r| matches!(r, Record::Signal { replica, signal, source, .. }
+            if *replica == cut && signal == "unreachable" && source == "detector")
+        ),
+        "no detector signal for {cut}: {records:#?}"
     );
-    let started = records(&doc, "step_started");
-    assert_eq!(started.len(), 1, "{doc:#}");
-    assert_eq!(started[0]["replica"], cut);
-    assert_eq!(started[0]["repair_id"], "probe");
-    let isolated = records(&doc, "isolated");
-    assert_eq!(isolated.len(), 1, "{doc:#}");
-    assert_eq!(isolated[0]["replica"], cut);
-    assert!(isolated[0]["spare"].is_null(), "{doc:#}");
-    let calls = std::fs::read_to_string(dir.join("step.sh").with_file_name("calls")).unwrap();
+    let started: Vec<_> = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::StepStarted(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(started.len(), 1, "{records:#?}");
+    assert_eq!(
+        (started[0].replica, started[0].repair_id.as_str()),
+        (cut, "probe")
+    );
+    let isolated: Vec<_> = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Isolated(i) => Some(i),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(isolated.len(), 1, "{records:#?}");
+    assert_eq!((isolated[0].replica, isolated[0].spare), (cut, None));
+    let calls = std::fs::read_to_string(dir.join("calls")).unwrap();
     assert_eq!(
         calls.lines().collect::<Vec<_>>(),
         vec![format!("probe {cut} unreachable 1")],
@@ -195,14 +189,14 @@ async fn run(config: ClusterConfig, dir: &std::path::Path) {
     )
     .await
     .unwrap();
-    let (leader, _) = c.leader().await.expect("a leader");
-    let (_, body) = http_get(c.net().node_addr(leader), "/repairs").expect("GET /repairs");
-    let doc: Value = serde_json::from_str(&body).unwrap();
-    let readmitted = records(&doc, "readmitted");
-    assert_eq!(readmitted.len(), 1, "{doc:#}");
-    assert_eq!(readmitted[0]["replica"], cut);
+    let readmitted = leader_records(&c)
+        .await
+        .into_iter()
+        .filter(|r| matches!(r, Record::Readmitted { replica, .. } if *replica == cut))
+        .count();
+    assert_eq!(readmitted, 1);
     c.wait(&format!("replica {cut} to be ready"), WAIT, async || {
-        let (status, _) = http_get(cut_addr, "/readyz")?;
+        let (status, _) = readyz(&c, cut).await?;
         (status == 200).then_some(())
     })
     .await
