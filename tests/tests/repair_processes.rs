@@ -1673,6 +1673,13 @@ fn a_replica_that_heals_is_readmitted() {
         .await;
         let demoted_at = Instant::now();
         c.note(&format!("replica {sick} demoted; no more signals"));
+        // An isolated learner is not ready (HTTP and gRPC health alike).
+        let readyz = |id: u64| http(c.node(id).http, "GET", "/readyz", b"", None);
+        c.wait(&format!("replica {sick} to report not ready"), async || {
+            let (status, body) = readyz(sick);
+            (status == 503 && body.contains("learner")).then_some(())
+        })
+        .await;
         // The last signal expires within 2 s, then 3 s of health: back.
         c.wait(&format!("replica {sick} to be a voter again"), async || {
             (c.voter(sick).await? && c.status(sick).await?.status == VOTING).then_some(())
@@ -1682,6 +1689,10 @@ fn a_replica_that_heals_is_readmitted() {
             demoted_at.elapsed() >= Duration::from_secs(3),
             "re-admitted before --healthy-period (3 s) of health"
         );
+        c.wait(&format!("replica {sick} to be ready again"), async || {
+            (readyz(sick).0 == 200).then_some(())
+        })
+        .await;
         let doc = c.leader_repairs().await;
         let readmitted = records(&doc, "readmitted");
         assert_eq!(readmitted.len(), 1, "{doc:#}");

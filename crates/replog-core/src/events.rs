@@ -177,6 +177,10 @@ pub struct Progress {
     pub applied: u64,
     pub first_index: u64,
     pub last_index: u64,
+    /// This replica votes in its current configuration (incoming or
+    /// outgoing); false for a learner (catching up, or isolated by the
+    /// repair coordinator).
+    pub voter: bool,
 }
 
 impl Default for Progress {
@@ -190,6 +194,7 @@ impl Default for Progress {
             applied: 0,
             first_index: 0,
             last_index: 0,
+            voter: false,
         }
     }
 }

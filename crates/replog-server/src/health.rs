@@ -4,8 +4,9 @@
 //!
 //! A replica is ready (`SERVING`) when all of these hold:
 //! - it has not stopped on a fatal error (`/livez` would be 503);
-//! - it is VOTING (not EMPTY, RECOVERING, or an isolated/learner replica
-//!   catching up);
+//! - it is VOTING (not EMPTY or RECOVERING) and a voter of its current
+//!   configuration (not a learner: catching up, or isolated by the repair
+//!   coordinator);
 //! - it knows a leader (it is not in an election or cut off);
 //! - it has applied all but at most [`READY_MAX_UNAPPLIED`] of the
 //!   positions it holds (it is caught up).
@@ -57,6 +58,9 @@ pub fn readiness(p: &Progress, failure: Option<&str>) -> Option<String> {
     }
     if p.status != ReplicaStatus::Voting {
         return Some(format!("replica is {}", p.status));
+    }
+    if !p.voter {
+        return Some("replica is a learner (catching up or isolated)".into());
     }
     if p.leader.is_none() {
         return Some("no leader known".into());
@@ -202,8 +206,13 @@ mod tests {
             leader,
             applied,
             last_index: last,
+            voter: true,
             ..Default::default()
         }
+    }
+
+    fn learner(p: Progress) -> Progress {
+        Progress { voter: false, ..p }
     }
 
     #[test]
@@ -226,6 +235,11 @@ mod tests {
                 progress(Voting, None, 10, 10),
                 None,
                 Some("no leader known"),
+            ),
+            (
+                learner(progress(Voting, Some(1), 10, 10)),
+                None,
+                Some("replica is a learner (catching up or isolated)"),
             ),
             (
                 progress(Empty, Some(1), 0, 0),

@@ -468,6 +468,7 @@ impl<S: LogStorage> ReplicaCore<S> {
             applied: self.applied,
             first_index: raft.raft_log.first_index(),
             last_index: raft.raft_log.last_index(),
+            voter: raft.prs().conf().voters().contains(raft.id),
         }
     }
 }
