@@ -4,9 +4,12 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use replog_client::StatusResponse;
 
 /// The tests of one test binary start several processes each; running
 /// them one at a time keeps the machine from being the thing under test.
@@ -96,4 +99,62 @@ pub fn output_text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Replica status code of a VOTING replica in a `StatusResponse`.
+pub const VOTING: i32 = 4;
+
+/// Fails the test if one of the replica processes exited by itself (a
+/// slot holds a running child; a killed one was taken out of it).
+pub fn check_alive<'a>(children: impl IntoIterator<Item = (u64, &'a Mutex<Option<Child>>)>) {
+    for (id, slot) in children {
+        let mut slot = slot.lock().unwrap();
+        if let Some(child) = slot.as_mut() {
+            if let Some(status) = child.try_wait().unwrap() {
+                slot.take();
+                panic!("replica {id} exited by itself with {status}");
+            }
+        }
+    }
+}
+
+/// Polls `f` every `every` until it gives a value, calling `alive` before
+/// each try (it panics when a process died); fails the test after `limit`.
+pub async fn poll<T>(
+    what: &str,
+    limit: Duration,
+    every: Duration,
+    alive: impl Fn(),
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        alive();
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Of the replicas `ids`, the VOTING one that leads in the highest term,
+/// asking each with `status`.
+pub async fn leader_of(
+    ids: impl IntoIterator<Item = u64>,
+    status: impl AsyncFn(u64) -> Option<StatusResponse>,
+) -> Option<(u64, StatusResponse)> {
+    let mut best: Option<(u64, StatusResponse)> = None;
+    for id in ids {
+        if let Some(s) = status(id).await {
+            if s.is_leader && s.status == VOTING && best.as_ref().is_none_or(|b| b.1.term < s.term)
+            {
+                best = Some((id, s));
+            }
+        }
+    }
+    best
 }

@@ -22,13 +22,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use replog_client::{Client, ClientConfig, ClientError, StatusResponse};
-use replog_tests::procs::{output_text, replog_bin, run, tail, target_bin, tool_command};
+use replog_tests::procs::{
+    self, output_text, replog_bin, run, tail, target_bin, tool_command, VOTING,
+};
 use replog_tests::{check_payload, copy_dir, payload};
 
 /// Replica statuses as the status RPC reports them.
 const EMPTY: i32 = 1;
 const RECOVERING: i32 = 3;
-const VOTING: i32 = 4;
 
 /// How long any one wait may take before the test fails.
 const WAIT: Duration = Duration::from_secs(60);
@@ -343,15 +344,7 @@ impl Cluster {
 
     /// Fails the test if a replica process exited by itself.
     fn check_alive(&self) {
-        for (id, node) in &self.nodes {
-            let mut slot = node.child.lock().unwrap();
-            if let Some(child) = slot.as_mut() {
-                if let Some(status) = child.try_wait().unwrap() {
-                    slot.take();
-                    panic!("replica {id} exited by itself with {status}");
-                }
-            }
-        }
+        procs::check_alive(self.nodes.iter().map(|(id, n)| (*id, &n.child)));
     }
 
     fn log_text(&self, id: u64) -> String {
@@ -371,19 +364,9 @@ impl Cluster {
 
     /// Polls `f` until it gives a value; fails the test after [`WAIT`] or
     /// when a replica process dies.
-    async fn wait<T>(&self, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            self.check_alive();
-            if let Some(v) = f().await {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {WAIT:?} waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    async fn wait<T>(&self, what: &str, f: impl AsyncFnMut() -> Option<T>) -> T {
+        let every = Duration::from_millis(20);
+        procs::poll(what, WAIT, every, || self.check_alive(), f).await
     }
 
     async fn wait_serving(&self, id: u64) {
@@ -395,18 +378,7 @@ impl Cluster {
 
     /// The running replica that leads in the highest term, if any.
     async fn leader(&self) -> Option<(u64, StatusResponse)> {
-        let mut best: Option<(u64, StatusResponse)> = None;
-        for id in self.running() {
-            if let Some(s) = self.status(id).await {
-                if s.is_leader
-                    && s.status == VOTING
-                    && best.as_ref().is_none_or(|b| b.1.term < s.term)
-                {
-                    best = Some((id, s));
-                }
-            }
-        }
-        best
+        procs::leader_of(self.running(), async |id| self.status(id).await).await
     }
 
     /// Waits for a leader that `ok` accepts.

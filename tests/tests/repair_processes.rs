@@ -28,10 +28,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use replog_client::{Client, ClientConfig, StatusResponse};
-use replog_tests::procs::{output_text, replog_bin, run, tail, tool_command};
+use replog_tests::procs::{self, output_text, replog_bin, run, tail, tool_command, VOTING};
 use serde_json::Value;
-
-const VOTING: i32 = 4;
 
 /// How long any one wait may take before the test fails.
 const WAIT: Duration = Duration::from_secs(90);
@@ -502,15 +500,7 @@ impl Cluster {
     }
 
     fn check_alive(&self) {
-        for (id, node) in &self.nodes {
-            let mut slot = node.child.lock().unwrap();
-            if let Some(child) = slot.as_mut() {
-                if let Some(status) = child.try_wait().unwrap() {
-                    slot.take();
-                    panic!("replica {id} exited by itself with {status}");
-                }
-            }
-        }
+        procs::check_alive(self.nodes.iter().map(|(id, n)| (*id, &n.child)));
     }
 
     async fn status(&self, id: u64) -> Option<StatusResponse> {
@@ -519,35 +509,14 @@ impl Cluster {
 
     /// Polls `f` until it gives a value; fails after [`WAIT`] or when a
     /// replica process died.
-    async fn wait<T>(&self, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            self.check_alive();
-            if let Some(v) = f().await {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {WAIT:?} waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    async fn wait<T>(&self, what: &str, f: impl AsyncFnMut() -> Option<T>) -> T {
+        let every = Duration::from_millis(50);
+        procs::poll(what, WAIT, every, || self.check_alive(), f).await
     }
 
     /// The running replica that leads in the highest term.
     async fn leader(&self) -> Option<(u64, StatusResponse)> {
-        let mut best: Option<(u64, StatusResponse)> = None;
-        for id in self.running() {
-            if let Some(s) = self.status(id).await {
-                if s.is_leader
-                    && s.status == VOTING
-                    && best.as_ref().is_none_or(|b| b.1.term < s.term)
-                {
-                    best = Some((id, s));
-                }
-            }
-        }
-        best
+        procs::leader_of(self.running(), async |id| self.status(id).await).await
     }
 
     /// Waits for a leader whose detector judges (its grace is over) and
@@ -608,6 +577,33 @@ impl Cluster {
             async || {
                 let via = *self.running().first()?;
                 (self.report(via, replica, signal, expires_in_ms) == 200).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Reports `signal` on `sick` through `via` every `renew_ms` (each
+    /// report expiring after `ttl_ms`) until the leader counts it as a
+    /// learner.
+    async fn signal_until_demoted(
+        &self,
+        via: u64,
+        sick: u64,
+        signal: &str,
+        ttl_ms: u64,
+        renew_ms: u64,
+    ) {
+        self.wait(
+            &format!("replica {sick} to be demoted to a learner"),
+            async || {
+                self.report(via, sick, signal, Some(ttl_ms));
+                match self.voter(sick).await {
+                    Some(false) => Some(()),
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(renew_ms)).await;
+                        None
+                    }
+                }
             },
         )
         .await;
@@ -692,20 +688,8 @@ fn a_signal_escalates_through_the_order_and_isolates_the_replica() {
             output_text(&out)
         );
         // Keep the replica unhealthy: the report is renewed until isolated.
-        c.wait(
-            &format!("replica {sick} to be demoted to a learner"),
-            async || {
-                c.report(followers[1], sick, "fsync_latency", Some(3_000));
-                match c.voter(sick).await {
-                    Some(false) => Some(()),
-                    _ => {
-                        tokio::time::sleep(Duration::from_millis(1000)).await;
-                        None
-                    }
-                }
-            },
-        )
-        .await;
+        c.signal_until_demoted(followers[1], sick, "fsync_latency", 3_000, 1_000)
+            .await;
         let (leader, _) = c.wait("a leader", async || c.leader().await).await;
         let starts = c.starts();
         let order: Vec<(&str, u64, u32, &str, &str)> = starts
@@ -1660,17 +1644,8 @@ fn a_replica_that_heals_is_readmitted() {
         let (_, followers) = c.followers().await;
         let sick = followers[0];
         c.report_recorded(sick, "fsync_latency", Some(2_000)).await;
-        c.wait(&format!("replica {sick} to be demoted"), async || {
-            c.report(1, sick, "fsync_latency", Some(2_000));
-            match c.voter(sick).await {
-                Some(false) => Some(()),
-                _ => {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    None
-                }
-            }
-        })
-        .await;
+        c.signal_until_demoted(1, sick, "fsync_latency", 2_000, 500)
+            .await;
         let demoted_at = Instant::now();
         c.note(&format!("replica {sick} demoted; no more signals"));
         // An isolated learner is not ready (HTTP and gRPC health alike).
