@@ -158,3 +158,31 @@ pub async fn leader_of(
     }
     best
 }
+
+/// SIGKILLs and reaps every child still in its slot (a test's clean-up;
+/// a poisoned slot is taken too).
+pub fn kill_all<'a>(children: impl IntoIterator<Item = &'a Mutex<Option<Child>>>) {
+    for slot in children {
+        if let Some(mut child) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// For a failing test: prints the last `lines` of each of `logs` that
+/// exists and, with `REPLOG_KEEP_TEST_DIRS` set, keeps `root` (replaced by
+/// a fresh temporary directory) for a post-mortem.
+pub fn post_mortem(logs: &[PathBuf], lines: usize, root: &mut tempfile::TempDir) {
+    for log in logs.iter().filter(|l| l.exists()) {
+        eprintln!(
+            "\n===== tail of {} =====\n{}",
+            log.display(),
+            tail(log, lines)
+        );
+    }
+    if std::env::var_os("REPLOG_KEEP_TEST_DIRS").is_some() {
+        let path = std::mem::replace(root, tempfile::tempdir().unwrap()).keep();
+        eprintln!("kept the test directory {}", path.display());
+    }
+}

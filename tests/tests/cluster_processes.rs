@@ -87,23 +87,11 @@ struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for node in self.nodes.values() {
-            if let Some(mut child) = node.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
+        procs::kill_all(self.nodes.values().map(|n| &n.child));
         if std::thread::panicking() {
             let mut logs: Vec<PathBuf> = self.nodes.values().map(|n| n.log.clone()).collect();
             logs.push(self.root.path().join("cli.log"));
-            for log in logs.iter().filter(|l| l.exists()) {
-                eprintln!("\n===== tail of {} =====\n{}", log.display(), tail(log, 60));
-            }
-            // Keep the directory for a post-mortem when asked to.
-            if std::env::var_os("REPLOG_KEEP_TEST_DIRS").is_some() {
-                let path = std::mem::replace(&mut self.root, tempfile::tempdir().unwrap()).keep();
-                eprintln!("kept the test directory {}", path.display());
-            }
+            procs::post_mortem(&logs, 60, &mut self.root);
         }
     }
 }

@@ -28,7 +28,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use replog_client::{Client, ClientConfig, StatusResponse};
-use replog_tests::procs::{self, output_text, replog_bin, run, tail, tool_command, VOTING};
+use replog_tests::procs::{self, output_text, replog_bin, run, tool_command, VOTING};
 use serde_json::Value;
 
 /// How long any one wait may take before the test fails.
@@ -156,23 +156,12 @@ struct Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(self.root.path().join("run"));
-        for node in self.nodes.values() {
-            if let Some(mut child) = node.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
+        procs::kill_all(self.nodes.values().map(|n| &n.child));
         if std::thread::panicking() {
             let mut logs: Vec<PathBuf> = self.nodes.values().map(|n| n.log.clone()).collect();
             logs.push(self.root.path().join("cli.log"));
             logs.push(self.root.path().join("calls"));
-            for log in logs.iter().filter(|l| l.exists()) {
-                eprintln!("\n===== tail of {} =====\n{}", log.display(), tail(log, 80));
-            }
-            if std::env::var_os("REPLOG_KEEP_TEST_DIRS").is_some() {
-                let path = std::mem::replace(&mut self.root, tempfile::tempdir().unwrap()).keep();
-                eprintln!("kept the test directory {}", path.display());
-            }
+            procs::post_mortem(&logs, 80, &mut self.root);
         }
         // Give a step script that was still looping the time to see `run` gone.
         std::thread::sleep(Duration::from_millis(300));
