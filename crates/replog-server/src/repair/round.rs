@@ -329,7 +329,7 @@ fn spawn_step(r: Arc<Repairs>, started: StepStarted, step: RepairStep, address: 
             Scope::Replica => {
                 let run = RunBody {
                     repair_id: step.id.clone(),
-                    env: env.clone(),
+                    env,
                     timeout_ms: remaining.as_millis() as u64,
                     deadline_ms: started.deadline_ms,
                 };
